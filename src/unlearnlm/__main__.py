@@ -1,0 +1,3 @@
+from unlearnlm.cli import main
+
+main()

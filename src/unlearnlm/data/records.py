@@ -1,0 +1,157 @@
+"""SemEval-2025 Task 4 / LUME rows: loading from jsonl, parquet or a directory, with validation.
+
+A row is ``{id, input, output, task}`` (``split`` optional). Its kind comes from the id suffix,
+exactly as the official script decides it: ``id[:-1]`` ending in ``sc`` is a sentence completion,
+ending in ``qa`` a question.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from unlearnlm.errors import UserError
+
+REQUIRED_FIELDS = ("id", "input", "output", "task")
+
+# The official release file names, so a user can point at the downloaded SemEval directory.
+SEMEVAL_PARQUET_NAMES = {
+    "forget": ("forget_train-00000-of-00001.parquet", "forget_validation-00000-of-00001.parquet"),
+    "retain": ("retain_train-00000-of-00001.parquet", "retain_validation-00000-of-00001.parquet"),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    input: str
+    output: str
+    task: str
+    split: str = ""
+
+    @property
+    def kind(self) -> str:
+        return row_kind(self.id)
+
+    @property
+    def document_id(self) -> str:
+        return self.id[:-3]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def row_kind(row_id: str) -> str:
+    """'sc' or 'qa', decided like the official script; anything else is an error."""
+    stem = row_id[:-1]
+    if stem.endswith("sc"):
+        return "sc"
+    if stem.endswith("qa"):
+        return "qa"
+    raise UserError(f"row id {row_id!r} does not end in 'sc<digit>' or 'qa<digit>', so its kind is unknown")
+
+
+def _validate(raw: dict, where: str) -> Record:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    missing = [name for name in REQUIRED_FIELDS if name not in raw or raw[name] is None]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
+    for name in REQUIRED_FIELDS:
+        if not isinstance(raw[name], str):
+            raise UserError(f"{where}: field {name!r} must be a string")
+    record = Record(
+        id=raw["id"], input=raw["input"], output=raw["output"], task=raw["task"],
+        split=str(raw.get("split") or ""),
+    )
+    try:
+        row_kind(record.id)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    return record
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise UserError(f"{path}: cannot read parquet ({err})") from None
+
+
+def _resolve_directory(directory: Path, split: str) -> list[Path]:
+    for name in (f"{split}.jsonl", f"{split}.parquet"):
+        if (directory / name).is_file():
+            return [directory / name]
+    official = [directory / name for name in SEMEVAL_PARQUET_NAMES.get(split, ()) if (directory / name).is_file()]
+    if official:
+        return official[:1]
+    raise UserError(f"{directory}: no {split}.jsonl, {split}.parquet or SemEval parquet file for the {split} set")
+
+
+def load_records(path: str | Path, split: str = "forget", allow_empty: bool = False) -> list[Record]:
+    """Load and validate rows from a .jsonl file, a .parquet file, or a directory.
+
+    ``split`` only matters for a directory: it picks ``forget.jsonl`` / ``retain.jsonl`` or the
+    official parquet name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    files = _resolve_directory(path, split) if path.is_dir() else [path]
+    records: list[Record] = []
+    for file in files:
+        if file.suffix == ".jsonl" or file.suffix == ".json":
+            raws = _read_jsonl(file)
+        elif file.suffix == ".parquet":
+            raws = _read_parquet(file)
+        else:
+            raise UserError(f"{file}: unsupported file type (use .jsonl or .parquet)")
+        records.extend(_validate(raw, f"{file} row {index + 1}") for index, raw in enumerate(raws))
+    if not records and not allow_empty:
+        raise UserError(f"{path}: the {split} set is empty")
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise UserError(f"{path}: duplicate row id {record.id!r}")
+        seen.add(record.id)
+    return records
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def load_documents(path: str | Path) -> list[str]:
+    """MIA member/nonmember files: one object per line with a ``document`` field (official format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    documents = []
+    for index, raw in enumerate(_read_jsonl(path) if path.suffix != ".parquet" else _read_parquet(path)):
+        if not isinstance(raw, dict) or not isinstance(raw.get("document"), str):
+            raise UserError(f"{path} row {index + 1}: missing string field 'document'")
+        documents.append(raw["document"])
+    if not documents:
+        raise UserError(f"{path}: no documents")
+    return documents

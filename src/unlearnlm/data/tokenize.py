@@ -1,0 +1,79 @@
+"""Tokenization for training and scoring.
+
+A training example is ``input``, a space, ``output``, EOS (method-sugd.md), with labels only on the
+answer (``output`` + EOS). The prompt is tokenized exactly as evaluation tokenizes it (the tokenizer's
+default special tokens), so the model learns to continue the very prompt it will be asked with.
+
+Attention masks come from the true sequence lengths, never from ``input_ids != pad_id``: with
+pad = EOS (the usual setting) that comparison would also mask the real EOS that ends every answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    # Free-form tags the engine and the methods read: role ('forget'/'retain'), cache key, ...
+    meta: dict = field(default_factory=dict)
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """The official protocol pads with EOS; set it when the tokenizer has no pad token."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_example(tokenizer, prompt: str, answer: str, max_length: int | None = None, **meta) -> Example:
+    """``prompt`` + " " + ``answer`` + EOS, labels on the answer and EOS only."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token")
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    if max_length is not None and len(input_ids) > max_length:
+        # Keep the answer: drop prompt tokens from the left, the part the loss never sees.
+        overflow = len(input_ids) - max_length
+        input_ids, labels = input_ids[overflow:], labels[overflow:]
+    return Example(input_ids=input_ids, labels=labels, meta=dict(meta))
+
+
+def encode_document(tokenizer, document: str, max_length: int | None = None) -> Example:
+    """A whole document with labels on every token (the official MIA loss)."""
+    ids = list(tokenizer(document)["input_ids"])
+    if max_length is not None:
+        ids = ids[:max_length]
+    return Example(input_ids=ids, labels=list(ids))
+
+
+def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch; the attention mask marks the first ``len(example)`` positions as real."""
+    width = max(len(example.input_ids) for example in examples)
+    batch_size = len(examples)
+    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        span = slice(0, length) if padding_side == "right" else slice(width - length, width)
+        input_ids[row, span] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, span] = torch.tensor(example.labels, dtype=torch.long)
+        attention_mask[row, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if padding_side == "left":
+        # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
+        batch["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return batch
