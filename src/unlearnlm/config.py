@@ -1,0 +1,245 @@
+"""Typed, validated configuration for unlearning runs: YAML presets plus ``key=value`` overrides.
+
+Resolution order: the dataclass defaults, then the chosen method's defaults, then the YAML file,
+then command-line overrides. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from unlearnlm.errors import UserError
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class LayerSettings:
+    """Which decoder layers train. ``last_k`` and ``indices`` are exclusive; neither means all."""
+
+    last_k: Optional[int] = None
+    indices: Optional[list[int]] = None
+
+
+@dataclass
+class ScheduleSettings:
+    """The data schedule (see data/schedule.py); ``chunk_size: null`` means one chunk of everything."""
+
+    chunk_size: Optional[int] = 32
+    ratio: int = 7
+    epochs_per_chunk: int = 7
+    shuffle_within_chunk: bool = False
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-5
+    batch_size: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    # The authors rebuilt AdamW for every chunk; 'never' keeps one optimizer state across chunks.
+    optimizer_reset: Literal["per_chunk", "never"] = "per_chunk"
+    max_steps: Optional[int] = None
+    time_budget_s: Optional[float] = None
+
+
+@dataclass
+class ValidationSettings:
+    """Checkpoint selection: score held-out sets during unlearning and keep the best state."""
+
+    forget: Optional[str] = None
+    retain: Optional[str] = None
+    members: Optional[str] = None
+    nonmembers: Optional[str] = None
+    general: Optional[str] = None
+    every_steps: Optional[int] = None  # None: after every chunk
+    metric: Literal["final", "task_aggregate", "mia_score", "utility"] = "final"
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+    @property
+    def enabled(self) -> bool:
+        return self.forget is not None and self.retain is not None
+
+
+@dataclass
+class GuardSettings:
+    """Gradient ascent diverges: stop on a non-finite loss or a forget loss above this bound."""
+
+    max_forget_loss: Optional[float] = 30.0
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = "sugd"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    layers: LayerSettings = field(default_factory=LayerSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    max_length: Optional[int] = None
+    seed: int = 0
+    save: Literal["merged", "adapter"] = "merged"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building dataclasses from plain dicts, with errors that name the key ---------------------------
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (arg for arg in args if arg is not type(None)):
+            try:
+                return _check_value(value, option, key)
+            except UserError:
+                continue
+        raise UserError(f"setting {key!r}: {value!r} is not a valid value")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"setting {key!r}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"setting {key!r}: expected a list, got {value!r}")
+        return [_check_value(item, args[0], key) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"setting {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, prefix=key)
+    if annotation is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+        # YAML 1.1 reads '5e-5' (no dot) as a string; accept it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"setting {key!r}: expected a number, got {value!r}") from None
+    if annotation is bool and not isinstance(value, bool):
+        raise UserError(f"setting {key!r}: expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"setting {key!r}: expected an integer, got {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise UserError(f"setting {key!r}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Instantiate ``cls`` from ``data``; unknown or ill-typed keys raise UserError naming the key."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"setting {prefix or cls.__name__!r}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise UserError(f"unknown setting {where!r}")
+    values = {name: _check_value(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    return cls(**values)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "method_args":
+            merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, dict) and key == "method_args":
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``optim.lr=5e-5`` -> {'optim': {'lr': 5e-05}}; the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise UserError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw != "" else None
+    nested: dict = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+PRESET_DIR = resources.files("unlearnlm") / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(config: str) -> Path:
+    """A file path, or a preset name / ``configs/<name>.yaml`` shipped with the package."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    packaged = PRESET_DIR / f"{name}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise UserError(f"config {config!r}: no such file or preset (presets: {', '.join(preset_names())})")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of settings")
+    return data
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> UnlearnConfig:
+    """Resolve defaults < method defaults < YAML < overrides into a validated UnlearnConfig."""
+    from unlearnlm.methods import get_method
+
+    user: dict = read_yaml(resolve_config_path(config)) if config else {}
+    for override in overrides or []:
+        user = deep_merge(user, parse_override(override))
+    method = get_method(str(user.get("method", UnlearnConfig.method)))
+    merged = deep_merge(method.config_defaults, user)
+    merged["method"] = method.name
+    resolved = build_dataclass(UnlearnConfig, merged)
+    # Validate method_args against the method's own settings now, so a typo fails before training.
+    method.build_settings(resolved.method_args)
+    if resolved.layers.last_k is not None and resolved.layers.indices is not None:
+        raise UserError("settings 'layers.last_k' and 'layers.indices' are exclusive")
+    if resolved.schedule.epochs_per_chunk < 1 or resolved.optim.batch_size < 1 or resolved.optim.grad_accum < 1:
+        raise UserError("epochs_per_chunk, batch_size and grad_accum must be at least 1")
+    return resolved

@@ -1,0 +1,222 @@
+"""The tiny benchmark's sets, drawn from a LUME-format directory (benchmark-tiny.md).
+
+A LUME-format directory holds ``train/{forget,retain}.jsonl`` and ``validation/{forget,retain}.jsonl``.
+Rows sharing a document id (``id[:-3]``) form a document, and a document is always used whole.
+
+Draws: the documents of each task in each source file are put in a seeded order, and draw ``d`` takes
+the ``d``-th block of ``n`` documents of that order. Draws of one seed are therefore disjoint (the
+benchmark tunes on draw 1 and reports on draw 0) and the same seed always gives the same documents.
+
+- F (forget): ``n`` documents per task of train forget.
+- R (retain): ``n`` documents per task of train retain.
+- G (general): ``n`` documents per task of validation retain; the target learns them, unlearning never
+  sees them, and the utility score asks their questions.
+- MIA members: the Task3 documents of F, as the target saw them (``input + " " + output`` of their
+  sentence-completion row). Nonmembers: as many Task3 documents of validation forget, never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from unlearnlm.data.records import Record, load_records, write_jsonl
+from unlearnlm.errors import UserError
+
+TASKS = ("Task1", "Task2", "Task3")
+MIA_TASK = "Task3"
+# Utility is a four-way multiple choice whose distractors are other G questions of the same task.
+MIN_GENERAL_QUESTIONS_PER_TASK = 4
+SET_FILES = ("forget.jsonl", "retain.jsonl", "general.jsonl", "mia_members.jsonl", "mia_nonmembers.jsonl")
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    """Documents per task for each set; ``None`` takes every document of the source file.
+
+    ``mia_docs`` caps the MIA members (the first Task3 documents of F) where validation forget has
+    fewer unseen Task3 documents than F has members (``full``); ``None`` uses all of F's Task3 documents.
+    """
+
+    name: str
+    forget_docs: int | None
+    retain_docs: int | None
+    general_docs: int | None
+    mia_docs: int | None = None
+
+
+PRESETS: dict[str, SizePreset] = {
+    preset.name: preset
+    for preset in (
+        # G keeps 4 documents even in micro: Task1 and Task3 have one question per document.
+        SizePreset("micro", forget_docs=1, retain_docs=1, general_docs=4),
+        SizePreset("mini", forget_docs=4, retain_docs=4, general_docs=4),
+        SizePreset("small", forget_docs=10, retain_docs=10, general_docs=8),
+        SizePreset("full", forget_docs=None, retain_docs=None, general_docs=None, mia_docs=34),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    task: str
+    rows: tuple[Record, ...]
+
+    def text(self) -> str:
+        """The whole document as the target was trained on it: its sentence completion, joined."""
+        for row in self.rows:
+            if row.kind == "sc":
+                return row.input + " " + row.output
+        raise UserError(f"document {self.id!r} has no sentence-completion row, so it has no MIA text")
+
+
+@dataclass(frozen=True)
+class BenchmarkSets:
+    preset: SizePreset
+    seed: int
+    draw: int
+    forget: tuple[Document, ...]
+    retain: tuple[Document, ...]
+    general: tuple[Document, ...]
+    mia_members: tuple[Document, ...]
+    mia_nonmembers: tuple[Document, ...]
+
+    @staticmethod
+    def rows(documents: tuple[Document, ...]) -> list[Record]:
+        return [row for document in documents for row in document.rows]
+
+    def training_rows(self) -> list[Record]:
+        """Everything the target learns: F, R and G."""
+        return self.rows(self.forget) + self.rows(self.retain) + self.rows(self.general)
+
+
+def bundled_lume_dir() -> Path:
+    """The LUME copy shipped inside the package (a real directory: the package is never zipped)."""
+    return Path(str(resources.files("unlearnlm") / "resources" / "lume"))
+
+
+def get_preset(name: str) -> SizePreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown size {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def group_documents(rows: list[Record]) -> dict[str, list[Document]]:
+    """Documents per task, in file order."""
+    grouped: dict[str, list[Record]] = {}
+    for row in rows:
+        grouped.setdefault(row.document_id, []).append(row)
+    by_task: dict[str, list[Document]] = {task: [] for task in TASKS}
+    for document_id, members in grouped.items():
+        tasks = {row.task for row in members}
+        if len(tasks) != 1:
+            raise UserError(f"document {document_id!r} mixes tasks {sorted(tasks)}")
+        task = tasks.pop()
+        if task not in by_task:
+            raise UserError(f"document {document_id!r}: unknown task {task!r} (expected one of {', '.join(TASKS)})")
+        by_task[task].append(Document(document_id, task, tuple(members)))
+    return by_task
+
+
+def seeded_order(documents: list[Document], seed: int, source: str) -> list[Document]:
+    # A string seed is hashed the same way in every process, unlike hash(); the source name keeps
+    # the orders of different files independent.
+    shuffled = list(documents)
+    random.Random(f"unlearnlm-sets:{seed}:{source}:{documents[0].task if documents else ''}").shuffle(shuffled)
+    return shuffled
+
+
+def take_block(documents: list[Document], n: int | None, draw: int, seed: int, source: str) -> list[Document]:
+    """Draw ``draw`` of ``n`` documents; ``n=None`` is every document (draw 0 only)."""
+    if n is None:
+        if draw != 0:
+            raise UserError(f"{source}: a preset that takes every document has only draw 0")
+        return list(documents)
+    start = draw * n
+    if start + n > len(documents):
+        task = documents[0].task if documents else "?"
+        raise UserError(
+            f"{source}: {task} has {len(documents)} documents, too few for draw {draw} of {n} documents"
+        )
+    return seeded_order(documents, seed, source)[start:start + n]
+
+
+def draw_split(rows: list[Record], n: int | None, draw: int, seed: int, source: str) -> tuple[Document, ...]:
+    by_task = group_documents(rows)
+    return tuple(document for task in TASKS for document in take_block(by_task[task], n, draw, seed, source))
+
+
+def check_general(general: tuple[Document, ...]) -> None:
+    for task in TASKS:
+        questions = sum(row.kind == "qa" for row in BenchmarkSets.rows(tuple(d for d in general if d.task == task)))
+        if questions < MIN_GENERAL_QUESTIONS_PER_TASK:
+            raise UserError(
+                f"the general set has {questions} {task} questions; utility needs at least "
+                f"{MIN_GENERAL_QUESTIONS_PER_TASK} per task"
+            )
+
+
+def draw_sets(
+    data_dir: str | Path | None = None, size: str | SizePreset = "mini", seed: int = 0, draw: int = 0
+) -> BenchmarkSets:
+    """Draw F, R, G and the MIA documents from a LUME-format directory (default: the bundled copy)."""
+    if draw < 0:
+        raise UserError(f"draw must be >= 0, got {draw}")
+    preset = get_preset(size) if isinstance(size, str) else size
+    root = Path(data_dir) if data_dir is not None else bundled_lume_dir()
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory (expected a LUME-format directory with train/ and validation/)")
+
+    def load(part: str, split: str) -> list[Record]:
+        return load_records(root / part, split)
+
+    forget = draw_split(load("train", "forget"), preset.forget_docs, draw, seed, "train/forget")
+    retain = draw_split(load("train", "retain"), preset.retain_docs, draw, seed, "train/retain")
+    general = draw_split(load("validation", "retain"), preset.general_docs, draw, seed, "validation/retain")
+    check_general(general)
+
+    members = tuple(document for document in forget if document.task == MIA_TASK)[: preset.mia_docs]
+    pool = group_documents(load("validation", "forget"))[MIA_TASK]
+    nonmembers = tuple(take_block(pool, len(members), draw, seed, "validation/forget"))
+    return BenchmarkSets(preset, seed, draw, forget, retain, general, members, nonmembers)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_sets(sets: BenchmarkSets, out_dir: str | Path) -> Path:
+    """Write the five set files and ``manifest.json`` (what was drawn, and each file's sha256)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    row_sets = {"forget.jsonl": sets.forget, "retain.jsonl": sets.retain, "general.jsonl": sets.general}
+    for name, documents in row_sets.items():
+        write_jsonl((row.to_dict() for row in sets.rows(documents)), out / name)
+    mia_sets = {"mia_members.jsonl": sets.mia_members, "mia_nonmembers.jsonl": sets.mia_nonmembers}
+    for name, documents in mia_sets.items():
+        # The official MIA format has only ``document``; the manifest keeps the ids.
+        write_jsonl(({"document": document.text()} for document in documents), out / name)
+
+    manifest = {
+        "preset": asdict(sets.preset),
+        "seed": sets.seed,
+        "draw": sets.draw,
+        "files": {
+            name: {
+                "documents": [document.id for document in documents],
+                "rows": len(sets.rows(documents)) if name in row_sets else len(documents),
+                "sha256": sha256_file(out / name),
+            }
+            for name, documents in {**row_sets, **mia_sets}.items()
+        },
+    }
+    manifest_path = out / MANIFEST_NAME
+    manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return manifest_path

@@ -1,0 +1,450 @@
+"""The one training loop every method runs on, built on accelerate.
+
+One model, one optimizer and one scheduler live for the whole run; chunks are phases of the data
+schedule, not new trainers. The optimizer state can be reset per chunk (as the SUGD authors did)
+without rebuilding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from unlearnlm.config import UnlearnConfig
+from unlearnlm.data.records import Record
+from unlearnlm.data.schedule import FORGET, Item, Phase
+from unlearnlm.data.tokenize import Example, collate, encode_example
+from unlearnlm.methods import get_method
+from unlearnlm.model import count_parameters, is_peft
+from unlearnlm.runstate import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+
+
+@dataclass
+class RunSummary:
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_reason: str = "completed"
+    best: Optional[dict] = None
+    validations: list[dict] = field(default_factory=list)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process and, on a GPU, peak allocated device memory."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
+
+
+def optimizer_steps(n_items: int, global_batch: int, grad_accum: int) -> int:
+    micro_batches = math.ceil(n_items / global_batch)
+    return math.ceil(micro_batches / grad_accum)
+
+
+def lr_factors(phases: list[Phase], steps_per_epoch: list[int], warmup: int, reset_per_chunk: bool) -> list[float]:
+    """Linear warmup then linear decay, per chunk or over the whole run; indexed by global step.
+
+    Steps count optimizer updates of the global batch, so warmup does not depend on the number of
+    processes (a pitfall of frameworks that derive it from the GPU count).
+    """
+    spans: list[int] = []
+    for phase, per_epoch in zip(phases, steps_per_epoch):
+        total = per_epoch * phase.epochs
+        if reset_per_chunk or not spans:
+            spans.append(total)
+        else:
+            spans[-1] += total
+    factors: list[float] = []
+    for span in spans:
+        for step in range(span):
+            if step < warmup:
+                factors.append((step + 1) / (warmup + 1))
+            else:
+                factors.append(max(0.0, (span - step) / max(1, span - warmup)))
+    return factors
+
+
+class Engine:
+    """Runs a method's schedule on a model. Build it once; ``run`` resumes from ``state/`` if asked."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        forget: list[Record],
+        retain: list[Record],
+        config: UnlearnConfig,
+        work_dir: Path,
+        validator: Optional[Callable[[torch.nn.Module], dict]] = None,
+        accelerator: Optional[Accelerator] = None,
+        show_progress: bool = True,
+    ):
+        self.config = config
+        self.method = get_method(config.method)
+        self.settings = self.method.build_settings(config.method_args)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.tokenizer = tokenizer
+        self.work_dir = work_dir
+        self.validator = validator
+        self.show_progress = show_progress and self.accelerator.is_main_process
+        set_seed(config.seed)
+        self.examples = {
+            FORGET: [encode_example(tokenizer, r.input, r.output, config.max_length, key=f"f{i}") for i, r in enumerate(forget)],
+            "retain": [encode_example(tokenizer, r.input, r.output, config.max_length, key=f"r{i}") for i, r in enumerate(retain)],
+        }
+        self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        world = self.accelerator.num_processes
+        self.global_batch = config.optim.batch_size * world
+        self.steps_per_epoch = [optimizer_steps(len(p.items), self.global_batch, config.optim.grad_accum) for p in self.phases]
+        self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps, config.optim.optimizer_reset == "per_chunk")
+        # The scheduler is stepped by us once per optimizer update and never handed to accelerate,
+        # which would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factors[min(step, len(self.factors) - 1)])
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.reference_cache: dict[str, torch.Tensor] = {}
+        self.log_path = work_dir / "unlearn_log.jsonl"
+
+    # --- reference model without a second copy ------------------------------------------------------
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _reference_values(self, batch: dict) -> Optional[list[torch.Tensor]]:
+        if self.method.reference_view is None:
+            return None
+        if is_peft(self.unwrapped):
+            # The original model is the same model with its adapters switched off.
+            with torch.no_grad(), self.unwrapped.disable_adapter():
+                logits = self.unwrapped(**self._model_inputs(batch)).logits
+            return self.method.reference_view(logits, batch["labels"])
+        return [self.reference_cache[key] for key in batch["keys"]]
+
+    def _fill_reference_cache(self) -> None:
+        """Without LoRA, compute the original model's values once, before any weight moves."""
+        if self.method.reference_view is None or is_peft(self.unwrapped) or self.reference_cache:
+            return
+        needed = {(item.role, item.index) for phase in self.phases for item in phase.items}
+        examples = [self.examples[role][index] for role, index in sorted(needed)]
+        self.model.eval()
+        for start in range(0, len(examples), 8):
+            chunk = examples[start:start + 8]
+            batch = self._collate(chunk)
+            with torch.no_grad():
+                logits = self.model(**self._model_inputs(batch)).logits
+            for key, value in zip(batch["keys"], self.method.reference_view(logits, batch["labels"])):
+                self.reference_cache[key] = value.to("cpu", torch.float16 if value.dim() > 0 else torch.float32)
+        self.model.train()
+
+    # --- batches ---------------------------------------------------------------------------------
+
+    def _collate(self, examples: list[Example], weight: float = 1.0) -> dict:
+        batch = collate(examples, self.tokenizer.pad_token_id)
+        batch = {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+        batch["is_forget"] = torch.tensor([e.meta["key"].startswith("f") for e in examples], device=self.accelerator.device)
+        batch["keys"] = [e.meta["key"] for e in examples]
+        batch["share"] = weight
+        return batch
+
+    @staticmethod
+    def _model_inputs(batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _local_batches(self, items: list[Item]) -> list[dict]:
+        """Cut the phase into global batches; this process takes its share of each one.
+
+        Each share is weighted by its size so that averaging gradients over processes gives the
+        mean over the whole global batch, exactly as one process would compute it.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batches = []
+        for start in range(0, len(items), self.global_batch):
+            global_items = items[start:start + self.global_batch]
+            mine = global_items[rank::world]
+            share = len(mine) * world / len(global_items)
+            if not mine:
+                # Nothing left for this rank: run a zero-weight example so collective ops still match.
+                mine, share = global_items[:1], 0.0
+            batches.append(self._collate([self.examples[item.role][item.index] for item in mine], share))
+        return batches
+
+    def _phase_items(self, phase_index: int, epoch: int) -> list[Item]:
+        items = self.phases[phase_index].items
+        if not self.config.schedule.shuffle_within_chunk:
+            return items
+        order = list(items)
+        random.Random(f"{self.config.seed}-{phase_index}-{epoch}").shuffle(order)
+        return order
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> RunSummary:
+        summary = RunSummary()
+        start_phase, elapsed_before = 0, 0.0
+        state_dir = self.work_dir / "state"
+        if resume:
+            position = load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler)
+            start_phase, summary.steps, elapsed_before = position["next_phase"], position["steps"], position["seconds"]
+            summary.best, summary.validations = position.get("best"), position.get("validations", [])
+            self._truncate_log(position["log_bytes"])
+        else:
+            self.log_path.write_text("")
+            self._checkpoint(state_dir, 0, summary, elapsed_before)
+        self._fill_reference_cache()
+        started = time.perf_counter()
+        self.model.train()
+        for phase_index in range(start_phase, len(self.phases)):
+            phase = self.phases[phase_index]
+            if self.config.optim.optimizer_reset == "per_chunk" and phase_index > 0:
+                self.optimizer.state.clear()
+            stop = self._run_phase(phase_index, summary, started, elapsed_before)
+            if stop == "diverged":
+                load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler)
+                break
+            if self.validator is not None:
+                self._validate(phase, summary)
+            self._checkpoint(state_dir, phase_index + 1, summary, elapsed_before + time.perf_counter() - started)
+            if stop:
+                break
+        summary.seconds = elapsed_before + time.perf_counter() - started
+        if summary.best is not None:
+            load_trainable_state(self.unwrapped, trainable_state_from(self.work_dir / "best"))
+        return summary
+
+    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[str]:
+        phase, accum, limits = self.phases[phase_index], self.config.optim.grad_accum, self.config.optim
+        total = self.steps_per_epoch[phase_index] * phase.epochs
+        progress = _progress(self.show_progress)
+        with progress:
+            task = progress.add_task(phase.name, total=total)
+            for epoch in range(phase.epochs):
+                batches = self._local_batches(self._phase_items(phase_index, epoch))
+                for group_start in range(0, len(batches), accum):
+                    group = batches[group_start:group_start + accum]
+                    stats = self._optimizer_step(group)
+                    summary.steps += 1
+                    row = {"phase": phase.name, "chunk": phase.chunk + 1, "epoch": epoch + 1, "step": summary.steps,
+                           **stats, "lr": self.scheduler.get_last_lr()[0],
+                           "seconds": round(elapsed_before + time.perf_counter() - started, 3)}
+                    self._log(row)
+                    progress.update(task, advance=1, description=f"{phase.name} e{epoch + 1} " + _brief(stats))
+                    reason = self._divergence(stats)
+                    if reason:
+                        summary.stopped_reason = f"diverged at step {summary.steps}: {reason}; kept the state before {phase.name}"
+                        self._log({"event": "diverged", "step": summary.steps, "reason": reason})
+                        return "diverged"
+                    if limits.max_steps is not None and summary.steps >= limits.max_steps:
+                        summary.stopped_reason = f"max_steps={limits.max_steps} reached"
+                        return "budget"
+                    if limits.time_budget_s is not None and elapsed_before + time.perf_counter() - started >= limits.time_budget_s:
+                        summary.stopped_reason = f"time budget of {limits.time_budget_s}s reached"
+                        return "budget"
+                    if self.validator is not None and self.config.validation.every_steps and summary.steps % self.config.validation.every_steps == 0:
+                        self._validate(phase, summary)
+        return None
+
+    def _optimizer_step(self, group: list[dict]) -> dict:
+        totals: dict[str, float] = {}
+        for position, batch in enumerate(group):
+            last = position == len(group) - 1
+            context = self.accelerator.no_sync(self.model) if not last else nullcontext()
+            with context:
+                logits = self.model(**self._model_inputs(batch)).logits
+                loss, stats = self.method.loss(logits, batch, self.settings, self._reference_values(batch))
+                self.accelerator.backward(loss * batch["share"] / len(group))
+            for name, value in {"loss": loss.item(), **stats}.items():
+                totals[name] = totals.get(name, 0.0) + value / len(group)
+        if self.config.optim.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {name: round(value, 6) for name, value in totals.items()}
+
+    def _divergence(self, stats: dict) -> Optional[str]:
+        if not all(math.isfinite(value) for value in stats.values()):
+            return "non-finite loss"
+        bound = self.config.guard.max_forget_loss
+        if bound is not None and stats.get("forget_loss", 0.0) > bound:
+            return f"forget loss {stats['forget_loss']:.2f} above max_forget_loss={bound}"
+        return None
+
+    def _validate(self, phase: Phase, summary: RunSummary) -> None:
+        self.model.eval()
+        scores = self.validator(self.unwrapped)
+        self.model.train()
+        metric = self.config.validation.metric
+        record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
+        summary.validations.append(record)
+        self._log(record)
+        if summary.best is None or scores[metric] > summary.best[metric]:
+            summary.best = record
+            save_trainable(self.unwrapped, self.work_dir / "best")
+
+    def _checkpoint(self, state_dir: Path, next_phase: int, summary: RunSummary, seconds: float) -> None:
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
+        position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
+                    "validations": summary.validations, "log_bytes": self.log_path.stat().st_size}
+        save_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, position)
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.log_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def _truncate_log(self, size: int) -> None:
+        if self.accelerator.is_main_process:
+            with self.log_path.open("r+b") as handle:
+                handle.truncate(size)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return count_parameters(self.unwrapped)
+
+
+def save_trainable(model: torch.nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(directory / "trainable.safetensors"))
+
+
+def trainable_state_from(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "trainable.safetensors"))
+
+
+def _brief(stats: dict) -> str:
+    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items() if name.endswith("loss") and name != "loss")
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=False)
+
+
+# --- the public entry point -------------------------------------------------------------------------
+
+
+def unlearn(
+    model_path: str | Path,
+    forget_path: str | Path,
+    retain_path: str | Path,
+    out_dir: str | Path,
+    config: UnlearnConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Unlearn ``forget`` from the model at ``model_path`` and write the result to ``out_dir``.
+
+    The input model is only read. Returns the ``run.json`` contents.
+    """
+    from unlearnlm.data.records import load_records
+    from unlearnlm.model import apply_trainable, load_model_and_tokenizer, save_model
+    from unlearnlm.runstate import finalize_output, prepare_output
+
+    forget = load_records(forget_path, "forget")
+    retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
+    out_dir = Path(out_dir)
+    work_dir = prepare_output(out_dir, [Path(model_path)], resume, overwrite)
+    model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
+    model = apply_trainable(model, config.lora, config.layers)
+    validator = build_validator(config, tokenizer) if config.validation.enabled else None
+    engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, show_progress=show_progress)
+    summary = engine.run(resume=resume)
+    trainable, total = engine.parameter_counts()
+    engine.accelerator.wait_for_everyone()
+    report = {
+        "config": config.to_dict(),
+        "model": str(model_path),
+        "data": {"forget": str(forget_path), "forget_sha256": file_sha256(forget_path), "forget_rows": len(forget),
+                 "retain": str(retain_path), "retain_sha256": file_sha256(retain_path), "retain_rows": len(retain)},
+        "seed": config.seed,
+        "versions": library_versions(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": summary.steps,
+        "phases": len(engine.phases),
+        "world_size": engine.accelerator.num_processes,
+        "wall_seconds": round(summary.seconds, 3),
+        "stopped_reason": summary.stopped_reason,
+        "best": summary.best,
+        **peak_memory_mb(),
+    }
+    if engine.accelerator.is_main_process:
+        save_model(engine.unwrapped, tokenizer, work_dir, config.save)
+        (work_dir / "run.json").write_text(json.dumps(report, indent=2))
+        _drop_resume_state(work_dir)
+        finalize_output(work_dir, out_dir)
+    engine.accelerator.wait_for_everyone()
+    return report
+
+
+def _drop_resume_state(work_dir: Path) -> None:
+    import shutil
+
+    for name in ("state", "best"):
+        if (work_dir / name).exists():
+            shutil.rmtree(work_dir / name)
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    import unlearnlm
+
+    return {"unlearnlm": unlearnlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def build_validator(config: UnlearnConfig, tokenizer) -> Callable[[torch.nn.Module], dict]:
+    """Checkpoint selection: the SemEval scores of held-out sets, in the evaluator's fast mode."""
+    from unlearnlm.data.records import load_documents, load_records
+    from unlearnlm.evaluation.evaluator import quick_scores
+
+    plan = config.validation
+    forget, retain = load_records(plan.forget, "forget"), load_records(plan.retain, "retain")
+    members = load_documents(plan.members) if plan.members else None
+    nonmembers = load_documents(plan.nonmembers) if plan.nonmembers else None
+    general = load_records(plan.general, "retain") if plan.general else None
+
+    def validate(model: torch.nn.Module) -> dict:
+        return quick_scores(model, tokenizer, forget, retain, members, nonmembers, general,
+                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens)
+
+    return validate

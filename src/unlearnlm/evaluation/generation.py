@@ -1,0 +1,122 @@
+"""Greedy generation for the regurgitation and knowledge scores.
+
+Two modes give the same strings (up to floating-point ties):
+
+- official: the organizers' loop, one prompt at a time, ``model.generate(input_ids,
+  do_sample=False, max_new_tokens=256, pad_token_id=eos)``;
+- batched: prompts sorted by length, left-padded, with an attention mask that hides the padding and
+  position ids counted over real tokens only, so each row sees the positions it would see alone.
+  ``generate`` keeps finished rows padded while the others run on; each row is cut at its first EOS.
+
+Either way only the new tokens are decoded, with ``skip_special_tokens=True`` and the
+``clean_up_tokenization_spaces=True`` clean-up (see :func:`decode_new_tokens`). Prompts are token ids from
+:func:`unlearnlm.data.tokenize.encode_prompt` (the tokenizer's default special tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from unlearnlm.data.tokenize import Example, collate
+from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, length_sorted_batches, model_device
+
+MAX_NEW_TOKENS = 256
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids ``generate`` stops at: the model's generation config, as in the official run, else the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an EOS token")
+    return list(configured) if isinstance(configured, (list, tuple)) else [configured]
+
+
+def _greedy_settings(model, tokenizer, max_new_tokens: int) -> dict:
+    return {
+        "do_sample": False,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.eos_token_id,
+        "eos_token_id": stop_token_ids(model, tokenizer),
+    }
+
+
+def decode_new_tokens(tokenizer, new_ids: Sequence[int]) -> str:
+    """``decode(skip_special_tokens=True, clean_up_tokenization_spaces=True)`` as transformers 4 ran it.
+
+    transformers 5 silently skips the clean-up for BPE tokenizers (OLMo's among them), but the
+    official strings went through it, so it is applied here explicitly, for every tokenizer.
+    """
+    text = tokenizer.decode(list(new_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer.clean_up_tokenization(text)
+
+
+def cut_at_stop(new_ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """The tokens up to and including the first stop token: what a lone, stopped generation holds."""
+    for position, token in enumerate(new_ids):
+        if token in stop_ids:
+            return list(new_ids[: position + 1])
+    return list(new_ids)
+
+
+def generate_official(
+    model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = MAX_NEW_TOKENS, progress: Progress | None = None
+) -> list[str]:
+    """The organizers' loop: one unpadded prompt per ``generate`` call."""
+    device = model_device(model)
+    settings = _greedy_settings(model, tokenizer, max_new_tokens)
+    texts = []
+    with evaluation_mode(model):
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **settings)
+            texts.append(decode_new_tokens(tokenizer, output[0, len(prompt):].tolist()))
+            if progress is not None:
+                progress(1)
+    return texts
+
+
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    batch_size: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Left-padded batches of similar-length prompts; same strings as :func:`generate_official`."""
+    device = model_device(model)
+    settings = _greedy_settings(model, tokenizer, max_new_tokens)
+    texts: list[str | None] = [None] * len(prompts)
+    with evaluation_mode(model):
+        for batch_indices in length_sorted_batches([len(prompt) for prompt in prompts], batch_size):
+            batch = collate([Example(prompts[index], list(prompts[index])) for index in batch_indices], tokenizer.eos_token_id, "left")
+            width = batch["input_ids"].shape[1]
+            output = model.generate(
+                batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device),
+                **settings,
+            )
+            for row, index in enumerate(batch_indices):
+                texts[index] = decode_new_tokens(tokenizer, cut_at_stop(output[row, width:].tolist(), settings["eos_token_id"]))
+            if progress is not None:
+                progress(len(batch_indices))
+    return texts  # type: ignore[return-value]
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    official: bool = False,
+    batch_size: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: Progress | None = None,
+) -> list[str]:
+    if official:
+        return generate_official(model, tokenizer, prompts, max_new_tokens, progress)
+    return generate_batched(model, tokenizer, prompts, batch_size, max_new_tokens, progress)

@@ -1,0 +1,151 @@
+"""Tokenization shared across models, and batched forward passes that score text.
+
+Shared by generation, the MIA attacks, the utility score and MMLU. Batches are built from
+length-sorted examples (less padding), and the results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate
+
+Progress = Callable[[int], None]
+
+
+def _fingerprint(tokenizer) -> object:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # A fast tokenizer is fully described by its serialized pipeline; a slow one only by identity.
+    return (type(tokenizer).__name__, backend.to_str()) if backend is not None else id(tokenizer)
+
+
+class TokenCache:
+    """Token ids of texts, kept per tokenizer: models that share a tokenizer tokenize the data once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, list[list[int]]] = {}
+
+    def encode(self, tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """``tokenizer(text, add_special_tokens=...)["input_ids"]`` for each text."""
+        key = (_fingerprint(tokenizer), add_special_tokens, tuple(texts))
+        if key not in self._entries:
+            encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+            self._entries[key] = [list(ids) for ids in encoded]
+        return self._entries[key]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], cache: TokenCache | None = None, add_special_tokens: bool = True) -> list[list[int]]:
+    return (cache or TokenCache()).encode(tokenizer, texts, add_special_tokens)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+@contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, then the caller's train/eval state back (the engine evaluates mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first so memory trouble shows at once."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per scored token: its log-probability and, optionally, the mean and standard deviation of
+    the log-probability over the model's whole next-token distribution (for Min-K%++)."""
+
+    logprobs: np.ndarray
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+
+    @property
+    def mean_loss(self) -> float:
+        return float(-self.logprobs.mean())
+
+
+def stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_distribution: bool) -> TokenStats:
+    """``logits[t]`` predicts ``targets[t]``; upcast to float32 as transformers' own loss does."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    target_logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_distribution:
+        return TokenStats(target_logprobs.cpu().numpy())
+    probs = log_probs.exp()
+    mu = (probs * log_probs).sum(-1)
+    variance = (probs * log_probs.square()).sum(-1) - mu.square()
+    return TokenStats(target_logprobs.cpu().numpy(), mu.cpu().numpy(), variance.clamp(min=0).sqrt().cpu().numpy())
+
+
+def token_statistics(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    batch_size: int,
+    with_distribution: bool = False,
+    progress: Progress | None = None,
+) -> list[TokenStats]:
+    """Statistics of every labelled token (``labels != IGNORE_INDEX``) of each example.
+
+    Right padding: a causal model's real tokens never see the padding after them, so no position
+    ids are needed. The vocabulary-sized log-softmax is taken one row at a time to bound memory.
+    """
+    device = model_device(model)
+    results: list[TokenStats | None] = [None] * len(examples)
+    with evaluation_mode(model):
+        for batch_indices in length_sorted_batches([len(example.input_ids) for example in examples], batch_size):
+            batch = collate([examples[index] for index in batch_indices], pad_id, padding_side="right")
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            for row, index in enumerate(batch_indices):
+                labels = batch["labels"][row, 1:].to(device)
+                scored = labels != IGNORE_INDEX
+                results[index] = stats_from_logits(logits[row, :-1][scored], labels[scored], with_distribution)
+            if progress is not None:
+                progress(len(batch_indices))
+    return results  # type: ignore[return-value]
+
+
+def next_token_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    pad_id: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Float32 logits of the token after each prompt, shape ``(len(prompts), vocab)``.
+
+    Left padding with position ids counted over real tokens, so a padded prompt is seen exactly as
+    it would be alone and its last position is the last column.
+    """
+    device = model_device(model)
+    rows: list[torch.Tensor | None] = [None] * len(prompts)
+    with evaluation_mode(model):
+        for batch_indices in length_sorted_batches([len(prompt) for prompt in prompts], batch_size):
+            batch = collate([Example(prompts[index], list(prompts[index])) for index in batch_indices], pad_id, "left")
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device),
+            ).logits[:, -1].float().cpu()
+            for row, index in enumerate(batch_indices):
+                rows[index] = logits[row]
+            if progress is not None:
+                progress(len(batch_indices))
+    return torch.stack(rows)  # type: ignore[arg-type]

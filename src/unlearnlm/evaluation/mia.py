@@ -1,0 +1,159 @@
+"""Membership inference on member (forget) and nonmember documents.
+
+The official attack is the loss attack: each document's mean token cross-entropy with labels = the
+input ids over the whole document (what ``model(ids, labels=ids).loss`` returns), score ``-loss``.
+Three stronger, reference-free attacks are reported next to it, each as an AUC and as the
+``1 - 2|AUC - 0.5|`` score; only the loss attack enters the official results.
+
+- zlib: log-likelihood divided by the zlib-compressed length of the text (Carlini et al., 2021).
+- Min-K% prob: mean log-probability of the k% least likely tokens (Shi et al., 2024).
+- Min-K%++: the same over tokens standardized against the model's next-token distribution,
+  ``(log p(x_t) - mu_t) / sigma_t`` (Zhang et al., 2024).
+
+Every score is oriented so that higher means "member".
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from unlearnlm.data.records import Record, load_documents, load_records
+from unlearnlm.data.tokenize import Example
+from unlearnlm.errors import UserError
+from unlearnlm.evaluation.likelihood import Progress, TokenCache, TokenStats, encode_texts, token_statistics
+from unlearnlm.evaluation.scoring import mia_score, roc_auc
+
+DEFAULT_K = 0.2
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+
+
+def documents_from_rows(rows: Iterable[Record]) -> list[str]:
+    """One document per sentence-completion row: ``input + " " + output``, the text a target learns."""
+    return [row.input + " " + row.output for row in rows if row.kind == "sc"]
+
+
+def _first_object(path: Path) -> dict:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:1: not valid JSON ({err.msg})") from None
+                return value if isinstance(value, dict) else {}
+    return {}
+
+
+def load_mia_documents(path: str | Path) -> list[str]:
+    """Documents from an official ``{"document": ...}`` file, or from a rows file (its ``sc`` rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix == ".jsonl" and "document" not in _first_object(path):
+        documents = documents_from_rows(load_records(path))
+        if not documents:
+            raise UserError(f"{path}: no sentence-completion rows to build MIA documents from")
+        return documents
+    return load_documents(path)
+
+
+def document_statistics(
+    model,
+    tokenizer,
+    documents: Sequence[str],
+    batch_size: int = 8,
+    with_distribution: bool = True,
+    progress: Progress | None = None,
+    cache: TokenCache | None = None,
+) -> list[TokenStats]:
+    """Token statistics of each whole document (right-padded batches), labels = input ids.
+
+    Documents are cut only where the model must, at ``max_position_embeddings``.
+    """
+    max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    examples = []
+    for index, ids in enumerate(encode_texts(tokenizer, documents, cache)):
+        if len(ids) < 2:
+            raise UserError(f"MIA document {index + 1} has fewer than 2 tokens, so it has no loss")
+        examples.append(Example(ids[:max_length], ids[:max_length]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return token_statistics(model, examples, pad_id, batch_size, with_distribution, progress)
+
+
+def _lowest_fraction(values: np.ndarray, k: float) -> np.ndarray:
+    if not 0 < k <= 1:
+        raise ValueError("k must be in (0, 1]")
+    count = max(1, int(len(values) * k))
+    return np.sort(values)[:count]
+
+
+def loss_score(stats: TokenStats) -> float:
+    return -stats.mean_loss
+
+
+def zlib_score(stats: TokenStats, text: str) -> float:
+    return -stats.mean_loss / len(zlib.compress(text.encode("utf-8")))
+
+
+def min_k_score(stats: TokenStats, k: float = DEFAULT_K) -> float:
+    return float(_lowest_fraction(stats.logprobs, k).mean())
+
+
+def min_k_plus_plus_score(stats: TokenStats, k: float = DEFAULT_K) -> float:
+    if stats.mu is None or stats.sigma is None:
+        raise ValueError("Min-K%++ needs token statistics computed with the next-token distribution")
+    # A one-hot distribution has sigma 0; the floor keeps such tokens finite instead of dividing by zero.
+    standardized = (stats.logprobs - stats.mu) / np.maximum(stats.sigma, 1e-12)
+    return float(_lowest_fraction(standardized, k).mean())
+
+
+def attack_scores(
+    stats: Sequence[TokenStats], documents: Sequence[str], k: float = DEFAULT_K, suite: bool = True
+) -> dict[str, list[float]]:
+    """Each attack's score per document: the loss attack, and with ``suite`` the others
+    (Min-K%++ only when the next-token distribution was kept)."""
+    scores = {"loss": [loss_score(item) for item in stats]}
+    if suite:
+        scores["zlib"] = [zlib_score(item, text) for item, text in zip(stats, documents)]
+        scores["min_k"] = [min_k_score(item, k) for item in stats]
+        if all(item.mu is not None for item in stats):
+            scores["min_k_plus_plus"] = [min_k_plus_plus_score(item, k) for item in stats]
+    return scores
+
+
+def attack_report(member_scores: dict[str, list[float]], nonmember_scores: dict[str, list[float]]) -> dict[str, dict]:
+    """``{attack: {"auc", "score"}}`` for the attacks present on both sides."""
+    report = {}
+    for attack in ATTACKS:
+        if attack in member_scores and attack in nonmember_scores:
+            value = roc_auc(member_scores[attack], nonmember_scores[attack])
+            report[attack] = {"auc": value, "score": mia_score(value)}
+    return report
+
+
+def run_mia(
+    model,
+    tokenizer,
+    members: Sequence[str],
+    nonmembers: Sequence[str],
+    batch_size: int = 8,
+    k: float = DEFAULT_K,
+    suite: bool = True,
+    progress: Progress | None = None,
+    cache: TokenCache | None = None,
+) -> dict:
+    """Per-document losses (the official input) and, with ``suite``, every attack's AUC and score."""
+    member_stats = document_statistics(model, tokenizer, members, batch_size, suite, progress, cache)
+    nonmember_stats = document_statistics(model, tokenizer, nonmembers, batch_size, suite, progress, cache)
+    report = attack_report(attack_scores(member_stats, members, k, suite), attack_scores(nonmember_stats, nonmembers, k, suite))
+    return {
+        "member_losses": [item.mean_loss for item in member_stats],
+        "nonmember_losses": [item.mean_loss for item in nonmember_stats],
+        "k": k,
+        "attacks": report,
+    }

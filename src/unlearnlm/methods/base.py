@@ -1,0 +1,92 @@
+"""What a method is: a loss over (logits, batch) plus its default settings and data schedule.
+
+Everything a method's loss may need is computed here once, so methods stay a few lines each:
+token log-probabilities restricted to answer tokens (labels != -100) of real positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from unlearnlm.config import build_dataclass
+from unlearnlm.data.schedule import Phase, chunk_schedule
+from unlearnlm.data.tokenize import IGNORE_INDEX
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits that predict each label, the labels, and the mask of answer positions."""
+    logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return logits, targets.masked_fill(~mask, 0), mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label) at every answer position (0 elsewhere) and the answer mask, shape [B, T-1]."""
+    logits, targets, mask = shifted(logits, labels)
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return logp * mask, mask
+
+
+def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over each example's answer tokens, shape [B]."""
+    logp, mask = token_logprobs(logits, labels)
+    return -logp.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Total log-probability of each example's answer, shape [B]."""
+    logp, _ = token_logprobs(logits, labels)
+    return logp.sum(dim=1)
+
+
+def answer_log_distributions(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Full-vocabulary log-probabilities at each example's answer positions: a list of [n_i, V]."""
+    logits, _, mask = shifted(logits, labels)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return [logp[row][mask[row]] for row in range(logp.shape[0])]
+
+
+def role_means(per_example: torch.Tensor, is_forget: torch.Tensor) -> dict[str, float]:
+    """Mean of a per-example quantity over forget and retain rows, for the logs."""
+    stats: dict[str, float] = {}
+    detached = per_example.detach().float()
+    if is_forget.any():
+        stats["forget_loss"] = detached[is_forget].mean().item()
+    if (~is_forget).any():
+        stats["retain_loss"] = detached[~is_forget].mean().item()
+    return stats
+
+
+def schedule_from_config(n_forget: int, n_retain: int, config: Any, settings: Any, seed: int) -> list[Phase]:
+    """The default schedule of every method: the chunk schedule with the config's settings."""
+    plan = config.schedule
+    return chunk_schedule(n_forget, n_retain, plan.chunk_size, plan.ratio, plan.epochs_per_chunk)
+
+
+@dataclass
+class Method:
+    """A registered unlearning method.
+
+    ``loss(logits, batch, settings, reference)`` returns the scalar loss and log metrics; ``batch``
+    holds ``labels`` and ``is_forget`` ([B] bool). ``reference_view`` (optional) maps reference-model
+    logits to the per-example values the loss compares against; the engine supplies them from the
+    adapter-disabled model (LoRA) or from a cache computed once before training.
+    """
+
+    name: str
+    loss: LossFn
+    settings: type
+    summary: str
+    config_defaults: dict = field(default_factory=dict)
+    schedule: Callable[..., list[Phase]] = schedule_from_config
+    reference_view: Optional[Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]] = None
+
+    def build_settings(self, args: dict) -> Any:
+        return build_dataclass(self.settings, args, prefix="method_args")

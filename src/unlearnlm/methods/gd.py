@@ -1,0 +1,28 @@
+"""Gradient difference: ascent on forget rows, descent on retain rows, in one weighted mean."""
+
+from dataclasses import dataclass
+
+import torch
+
+from unlearnlm.methods import register
+from unlearnlm.methods.base import Method, example_nll, role_means
+
+
+@dataclass
+class Settings:
+    retain_weight: float = 1.0
+
+
+def gradient_difference_loss(logits: torch.Tensor, batch: dict, settings, reference=None):
+    """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (method-sugd.md)."""
+    nll = example_nll(logits, batch["labels"])
+    is_forget = batch["is_forget"]
+    weights = torch.where(is_forget, torch.full_like(nll, -1.0), torch.full_like(nll, settings.retain_weight))
+    return (weights * nll).mean(), role_means(nll, is_forget)
+
+
+register(Method(
+    name="gd", loss=gradient_difference_loss, settings=Settings,
+    summary="gradient difference over the whole forget set (no chunking)",
+    config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
+))

@@ -1,0 +1,45 @@
+"""KL minimisation: ascent on forget rows, KL to the original model on retain answers."""
+
+from dataclasses import dataclass
+
+import torch
+
+from unlearnlm.methods import register
+from unlearnlm.methods.base import Method, answer_log_distributions, example_nll, role_means
+
+
+@dataclass
+class Settings:
+    retain_weight: float = 1.0
+
+
+def retain_kl(logits: torch.Tensor, labels: torch.Tensor, reference: list[torch.Tensor]) -> torch.Tensor:
+    """KL(reference || model) averaged over each example's answer tokens only, shape [B]."""
+    current = answer_log_distributions(logits, labels)
+    values = []
+    for model_logp, ref_logp in zip(current, reference):
+        if model_logp.shape[0] == 0:
+            values.append(model_logp.sum())
+            continue
+        ref_logp = ref_logp.to(model_logp.device, model_logp.dtype)
+        values.append((ref_logp.exp() * (ref_logp - model_logp)).sum(dim=-1).mean())
+    return torch.stack(values)
+
+
+def kl_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
+    nll = example_nll(logits, batch["labels"])
+    is_forget = batch["is_forget"]
+    divergence = retain_kl(logits, batch["labels"], reference)
+    per_example = torch.where(is_forget, -nll, settings.retain_weight * divergence)
+    stats = role_means(nll, is_forget)
+    if (~is_forget).any():
+        stats["retain_kl"] = divergence.detach()[~is_forget].mean().item()
+    return per_example.mean(), stats
+
+
+register(Method(
+    name="kl", loss=kl_loss, settings=Settings,
+    summary="gradient ascent on forget plus KL to the original model on retain",
+    config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
+    reference_view=answer_log_distributions,
+))

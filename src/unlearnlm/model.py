@@ -1,0 +1,109 @@
+"""Loading a causal LM safely, choosing what trains (LoRA, layer focus, both), and saving it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unlearnlm.config import LayerSettings, LoraSettings
+from unlearnlm.data.tokenize import ensure_pad_token
+from unlearnlm.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_tokenizer(path: str | Path, dtype: str = "float32"):
+    """A Hugging Face model directory, from safetensors, without remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{path}: no .safetensors weights (pickle checkpoints are not loaded)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load model ({str(err).splitlines()[0]})") from None
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of decoder blocks and its attribute name ('layers' for Llama/OLMo/Qwen, 'h' for GPT-2)."""
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")]
+    if not candidates:
+        raise UserError("cannot find the decoder layers of this model (no 'layers' or 'h' module list)")
+    name, layers = max(candidates, key=lambda item: len(item[1]))
+    return name, layers
+
+
+def select_layers(n_layers: int, settings: LayerSettings) -> list[int] | None:
+    """Indices of the layers that train, or None for all of them."""
+    if settings.last_k is not None:
+        if not 1 <= settings.last_k <= n_layers:
+            raise UserError(f"setting 'layers.last_k'={settings.last_k} but the model has {n_layers} layers")
+        return list(range(n_layers - settings.last_k, n_layers))
+    if settings.indices is not None:
+        bad = [index for index in settings.indices if not 0 <= index < n_layers]
+        if bad:
+            raise UserError(f"setting 'layers.indices': {bad} out of range for {n_layers} layers")
+        return sorted(set(settings.indices))
+    return None
+
+
+def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings) -> nn.Module:
+    """Freeze what must not change. LoRA adapters go only on the selected layers when both are set."""
+    layer_path, stack = decoder_layers(model)
+    selected = select_layers(len(stack), layers)
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            layers_to_transform=selected, layers_pattern=layer_path.split(".")[-1] if selected else None,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as err:
+            raise UserError(f"LoRA: {str(err).splitlines()[0]}") from None
+    if selected is None:
+        model.requires_grad_(True)
+        return model
+    model.requires_grad_(False)
+    for index in selected:
+        stack[index].requires_grad_(True)
+    return model
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: Path, mode: str = "merged") -> None:
+    """Merged weights (a plain model directory) or the LoRA adapter only, as safetensors."""
+    if mode == "adapter":
+        if not is_peft(model):
+            raise UserError("save=adapter needs LoRA (lora.enabled=true)")
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        plain = model.merge_and_unload() if is_peft(model) else model
+        plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,111 @@
+"""Run directories and resumable state: temp-then-rename outputs and per-chunk checkpoints.
+
+A run writes into ``.<name>.partial`` beside the output directory and renames it at the end, so an
+output directory is either complete or absent. The partial directory holds ``state/`` (the latest
+chunk checkpoint), which ``--resume`` continues from after a kill.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from unlearnlm.errors import UserError
+
+
+def partial_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def prepare_output(out_dir: Path, input_paths: list[Path], resume: bool, overwrite: bool) -> Path:
+    """Check the output location and return the partial directory to work in."""
+    out_dir = out_dir.resolve()
+    for source in input_paths:
+        source = source.resolve()
+        if out_dir == source or source in out_dir.parents:
+            raise UserError(f"{out_dir}: refusing to write inside the input {source}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: output directory exists and is not empty (use --overwrite)")
+    partial = partial_dir_for(out_dir)
+    if partial.exists() and not resume:
+        if not overwrite:
+            raise UserError(f"{partial}: an interrupted run is there; use --resume to continue it or --overwrite to start over")
+        shutil.rmtree(partial)
+    if resume and not (partial / "state" / "position.json").is_file():
+        raise UserError(f"{out_dir}: nothing to resume (no checkpoint in {partial})")
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def finalize_output(partial: Path, out_dir: Path) -> None:
+    out_dir = out_dir.resolve()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    parameters = dict(model.named_parameters())
+    missing = set(state) ^ {name for name, p in parameters.items() if p.requires_grad}
+    if missing:
+        raise UserError(f"checkpoint does not match this run's trainable parameters ({sorted(missing)[0]} ...)")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in numpy_state[2:]]],
+    }
+    return state
+
+
+def set_rng_state(state: dict, torch_state: torch.Tensor, cuda_states: list[torch.Tensor]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict) -> None:
+    """Write a checkpoint next to the old one, then swap, so a kill mid-write loses nothing."""
+    staging = directory.with_name(directory.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, staging / "optimizer.pt")
+    (staging / "position.json").write_text(json.dumps({**position, "rng": rng_state()}))
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
+    # Our own file, but still read without unpickling arbitrary objects.
+    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    position = json.loads((directory / "position.json").read_text())
+    set_rng_state(position.pop("rng"), saved["rng"]["torch"], saved["rng"].get("cuda", []))
+    return position

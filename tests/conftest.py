@@ -1,0 +1,70 @@
+"""Shared fixtures: a few real LUME rows, a tokenizer trained on them, and a micro random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+LUME = Path(__file__).resolve().parents[1] / "src" / "unlearnlm" / "resources" / "lume"
+
+
+def read_rows(path: Path, limit: int) -> list[dict]:
+    with path.open() as handle:
+        return [json.loads(line) for _, line in zip(range(limit), handle)]
+
+
+@pytest.fixture(scope="session")
+def lume_rows() -> dict[str, list[dict]]:
+    return {"forget": read_rows(LUME / "train" / "forget.jsonl", 12), "retain": read_rows(LUME / "train" / "retain.jsonl", 24)}
+
+
+def train_micro_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def micro_tokenizer(lume_rows):
+    texts = [row["input"] + " " + row["output"] for rows in lume_rows.values() for row in rows]
+    return train_micro_tokenizer(texts)
+
+
+def make_micro_model(vocab_size: int, arch: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                  eos_token_id=0, pad_token_id=0, bos_token_id=None)
+    config = OlmoConfig(**common) if arch == "olmo" else LlamaConfig(**common)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory, micro_tokenizer) -> Path:
+    directory = tmp_path_factory.mktemp("micro_model")
+    model = make_micro_model(len(micro_tokenizer))
+    model.save_pretrained(directory, safe_serialization=True)
+    micro_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def micro_data_dir(tmp_path_factory, lume_rows) -> Path:
+    directory = tmp_path_factory.mktemp("micro_data")
+    for split, rows in lume_rows.items():
+        with (directory / f"{split}.jsonl").open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return directory
