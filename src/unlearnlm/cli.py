@@ -25,7 +25,154 @@ app = typer.Typer(
 
 # --- eval (owned by the evaluation helper) -------------------------------------------------------
 
+from enum import Enum  # noqa: E402  (kept inside this section, which the evaluation helper owns)
+
+
+class EvalDType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[list[Path], typer.Option("--model", help="Model directory; repeat to compare several models.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
+    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: {'document'} jsonl, or rows whose sc rows are used.")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
+    utility: Annotated[Optional[Path], typer.Option(help="General set G (rows) for the utility score, the MMLU stand-in.")] = None,
+    mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/ and test/ CSVs, or cais/mmlu parquet).")] = None,
+    mmlu_shots: Annotated[int, typer.Option(min=0, help="In-context examples per MMLU prompt.")] = 5,
+    official: Annotated[bool, typer.Option(help="Generate one prompt at a time, as the organizers did (default dtype bfloat16).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for batched generation and scoring.")] = 16,
+    dtype: Annotated[Optional[EvalDType], typer.Option(help="Model dtype [default: bfloat16 with --official, else float32].")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length limit.")] = 256,
+    redact: Annotated[bool, typer.Option(help="Mask forget answers and generations in the summary.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Score models with the official SemEval-2025 Task 4 metrics (plus the MIA suite, utility, MMLU)."""
+    from unlearnlm.data.records import load_records
+    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_mia_documents
+
+    # Every input is checked before torch is imported and the first model loads: a typo should fail
+    # in a second, not after a model load.
+    check_output_dir(out, overwrite)
+    for path in model:
+        check_model_dir(path)
+    if (mia_members is None) != (mia_nonmembers is None):
+        raise UserError("--mia-members and --mia-nonmembers go together")
+    forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
+    members = load_mia_documents(mia_members) if mia_members else None
+    nonmembers = load_mia_documents(mia_nonmembers) if mia_nonmembers else None
+    general = load_records(utility, "general") if utility else None
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
+    from unlearnlm.evaluation.mmlu import load_mmlu
+    from unlearnlm.evaluation.report import results_table, terms_table, write_report
+
+    data = EvalData(forget_rows, retain_rows, members, nonmembers, general, load_mmlu(mmlu) if mmlu else None)
+    settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
+                            mmlu_shots=mmlu_shots, redact=redact)
+    chosen_dtype = dtype.value if dtype else ("bfloat16" if official else "float32")
+    console = Console()
+    with Progress(console=console, transient=True) as progress:
+        named_results = evaluate_paths(model, data, settings, chosen_dtype, _eval_progress(progress))
+    written = write_report(named_results, out, overwrite)
+    console.print(results_table(named_results))
+    console.print(terms_table(named_results))
+    for name, results in named_results:
+        if results.get("mmlu", {}).get("below_threshold"):
+            console.print(f"[yellow]{name}: MMLU is below 0.371, the threshold of the 7B leaderboard[/yellow]")
+    console.print(f"results written to {written}")
+
+
+def _eval_progress(progress):
+    """A reporter factory for ``evaluate_paths``: one progress bar per (model, phase)."""
+    bars: dict[tuple[str, str], object] = {}
+
+    def for_model(name: str):
+        def advance(phase: str, done: int, total: int) -> None:
+            if (name, phase) not in bars:
+                bars[name, phase] = progress.add_task(f"{name}: {phase}", total=total)
+            progress.advance(bars[name, phase], done)
+
+        return advance
+
+    return for_model
+
+
 # --- end eval ------------------------------------------------------------------------------------
+
+
+# --- unlearn -------------------------------------------------------------------------------------
+
+
+@app.command()
+def unlearn(
+    model: Annotated[Path, typer.Option(help="Input model directory (Hugging Face format, safetensors). Only read.")],
+    forget: Annotated[Path, typer.Option(help="Forget set: .jsonl, .parquet, or a directory.")],
+    retain: Annotated[Path, typer.Option(help="Retain set: .jsonl, .parquet, or a directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
+    config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
+    save: Annotated[Optional[str], typer.Option(help="'merged' (default) or 'adapter' (LoRA only).")] = None,
+    val_forget: Annotated[Optional[Path], typer.Option(help="Validation forget set: enables checkpoint selection.")] = None,
+    val_retain: Annotated[Optional[Path], typer.Option(help="Validation retain set.")] = None,
+    val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (document jsonl).")] = None,
+    val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (document jsonl).")] = None,
+    val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last chunk checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Unlearn the forget set from a model (SUGD by default) and save the result."""
+    from rich.console import Console
+
+    from unlearnlm.config import load_config
+    from unlearnlm.engine import unlearn as run_unlearning
+
+    overrides = list(set_ or [])
+    if method:
+        overrides.append(f"method={method}")
+    if save:
+        overrides.append(f"save={save}")
+    for name, value in (("forget", val_forget), ("retain", val_retain), ("members", val_members),
+                        ("nonmembers", val_nonmembers), ("general", val_general)):
+        if value is not None:
+            overrides.append(f"validation.{name}={value}")
+    resolved = load_config(config, overrides)
+    report = run_unlearning(model, forget, retain, out, resolved, resume=resume, overwrite=overwrite)
+    console = Console(stderr=True)
+    style = "yellow" if report["stopped_reason"] != "completed" else "green"
+    console.print(f"[{style}]{report['stopped_reason']}[/]: {report['steps']} steps in {report['wall_seconds']:.1f}s, "
+                  f"{report['trainable_parameters']:,} trainable parameters -> {out}")
+    if report["best"]:
+        best = report["best"]
+        console.print(f"kept the best validated state: {best['phase']} (step {best['step']}), "
+                      f"{resolved.validation.metric}={best[resolved.validation.metric]:.4f}")
+
+
+@app.command()
+def presets() -> None:
+    """List the configuration presets shipped with unlearnlm."""
+    from unlearnlm.config import PRESET_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:24s} {first}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered unlearning methods."""
+    from unlearnlm.methods import REGISTRY
+
+    for name, entry in sorted(REGISTRY.items()):
+        print(f"{name:8s} {entry.summary}")
 
 
 def main() -> None:

@@ -381,6 +381,7 @@ def unlearn(
     out_dir = Path(out_dir)
     work_dir = prepare_output(out_dir, [Path(model_path)], resume, overwrite)
     model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
+    set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
     validator = build_validator(config, tokenizer) if config.validation.enabled else None
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, show_progress=show_progress)

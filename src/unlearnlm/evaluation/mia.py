@@ -15,14 +15,11 @@ Every score is oriented so that higher means "member".
 
 from __future__ import annotations
 
-import json
 import zlib
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.data.tokenize import Example
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.likelihood import Progress, TokenCache, TokenStats, encode_texts, token_statistics
@@ -30,36 +27,6 @@ from unlearnlm.evaluation.scoring import mia_score, roc_auc
 
 DEFAULT_K = 0.2
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
-
-
-def documents_from_rows(rows: Iterable[Record]) -> list[str]:
-    """One document per sentence-completion row: ``input + " " + output``, the text a target learns."""
-    return [row.input + " " + row.output for row in rows if row.kind == "sc"]
-
-
-def _first_object(path: Path) -> dict:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:1: not valid JSON ({err.msg})") from None
-                return value if isinstance(value, dict) else {}
-    return {}
-
-
-def load_mia_documents(path: str | Path) -> list[str]:
-    """Documents from an official ``{"document": ...}`` file, or from a rows file (its ``sc`` rows)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    if path.suffix == ".jsonl" and "document" not in _first_object(path):
-        documents = documents_from_rows(load_records(path))
-        if not documents:
-            raise UserError(f"{path}: no sentence-completion rows to build MIA documents from")
-        return documents
-    return load_documents(path)
 
 
 def document_statistics(

@@ -199,3 +199,16 @@ def official_results(
     if utility is not None:
         results["utility"] = utility
     return results
+
+
+def headline(results: Mapping) -> dict[str, float | None]:
+    """The numbers a table or a checkpoint selector wants from an official results dict."""
+    aggregate = results.get("aggregate-score")
+    return {
+        "final": None if aggregate in (None, MISSING_AGGREGATE) else aggregate,
+        "task_aggregate": results["harmonic-mean-task-aggregate"],
+        "mia_score": results.get("mia_final_score"),
+        "mia_auc": results.get("mia_loss_acc"),
+        "utility": results.get("utility"),
+        "mmlu": results.get("mmlu_average"),
+    }

@@ -1,0 +1,216 @@
+"""Evaluate a model on forget/retain rows: generations, MIA, utility, MMLU -> the official results.
+
+``evaluate_model`` returns the official results dict (``scoring.official_results``) with the details
+next to it: the MIA attack suite, utility and MMLU breakdowns, the labels of the aggregated terms,
+the settings and timings, and one row per generation. ``evaluate_paths`` does the same for several
+model directories, loading and tokenizing the data once; ``quick_scores`` is the fast path the
+training engine calls for checkpoint selection.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from unlearnlm.data.records import Record
+from unlearnlm.data.tokenize import ensure_pad_token
+from unlearnlm.errors import UserError
+from unlearnlm.evaluation.generation import MAX_NEW_TOKENS, generate_texts
+from unlearnlm.evaluation.inputs import check_model_dir
+from unlearnlm.evaluation.likelihood import Progress, TokenCache, encode_texts
+from unlearnlm.evaluation.mia import DEFAULT_K, run_mia
+from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, load_mmlu
+from unlearnlm.evaluation.scoring import aggregated_terms, headline, official_results, score_rows
+from unlearnlm.evaluation.utility import utility_score
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_BATCH_SIZE = 16
+
+# (phase, items just finished, items in the phase): how a caller follows a long evaluation.
+Reporter = Callable[[str, int, int], None]
+
+
+@dataclass
+class EvalData:
+    """Everything an evaluation reads, loaded once and shared by every model evaluated on it."""
+
+    forget: Sequence[Record]
+    retain: Sequence[Record]
+    members: Sequence[str] | None = None
+    nonmembers: Sequence[str] | None = None
+    general: Sequence[Record] | None = None
+    mmlu: Sequence[Subject] | None = None
+    cache: TokenCache = field(default_factory=TokenCache)
+
+    def __post_init__(self) -> None:
+        if (self.members is None) != (self.nonmembers is None):
+            raise UserError("the MIA needs both members and nonmembers, or neither")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = DEFAULT_BATCH_SIZE
+    official: bool = False  # the organizers' one-at-a-time generation and MIA
+    max_new_tokens: int = MAX_NEW_TOKENS
+    mmlu_shots: int = DEFAULT_SHOTS
+    mia_k: float = DEFAULT_K
+    mia_suite: bool = True  # the zlib / Min-K% / Min-K%++ attacks next to the official loss attack
+    redact: bool = False  # mask forget answers and generations in printed and markdown output
+
+
+def _phase(reporter: Reporter | None, name: str, total: int) -> Progress | None:
+    return None if reporter is None else (lambda done: reporter(name, done, total))
+
+
+def generation_rows(model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None = None) -> list[dict]:
+    """One scored row per forget and retain item, forget first, in file order."""
+    records = [(record, "forget") for record in data.forget] + [(record, "retain") for record in data.retain]
+    prompts = encode_texts(tokenizer, [record.input for record, _ in records], data.cache)
+    generations = generate_texts(
+        model, tokenizer, prompts, settings.official, settings.batch_size, settings.max_new_tokens,
+        _phase(reporter, "generation", len(prompts)),
+    )
+    rows = [
+        {"id": record.id, "task": record.task, "kind": record.kind, "split": split,
+         "input": record.input, "output": record.output, "generation": generation}
+        for (record, split), generation in zip(records, generations)
+    ]
+    return score_rows(rows)
+
+
+def run_evaluation(model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None = None) -> dict:
+    """The official results plus details; see the module docstring."""
+    ensure_pad_token(tokenizer)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    rows = generation_rows(model, tokenizer, data, settings, reporter)
+    timings["generation_s"] = time.perf_counter() - start
+    mia = utility = mmlu = None
+    if data.members is not None and data.nonmembers is not None:
+        start = time.perf_counter()
+        mia = run_mia(
+            model, tokenizer, data.members, data.nonmembers, 1 if settings.official else settings.batch_size,
+            settings.mia_k, settings.mia_suite, _phase(reporter, "mia", len(data.members) + len(data.nonmembers)), data.cache,
+        )
+        timings["mia_s"] = time.perf_counter() - start
+    if data.general:
+        start = time.perf_counter()
+        utility = utility_score(model, tokenizer, data.general, settings.batch_size, None, data.cache)
+        timings["utility_s"] = time.perf_counter() - start
+    if data.mmlu:
+        start = time.perf_counter()
+        n_questions = sum(len(subject.test) for subject in data.mmlu)
+        mmlu = evaluate_mmlu(model, tokenizer, data.mmlu, settings.mmlu_shots, settings.batch_size,
+                             _phase(reporter, "mmlu", n_questions), data.cache)
+        timings["mmlu_s"] = time.perf_counter() - start
+    results = official_results(
+        rows,
+        member_losses=mia["member_losses"] if mia else None,
+        nonmember_losses=mia["nonmember_losses"] if mia else None,
+        mmlu_average=mmlu["average_acc"] if mmlu else None,
+        utility=utility["accuracy"] if utility else None,
+    )
+    summaries = {"forget": results["forget-set"], "retain": results["retain-set"]}
+    results["aggregated-term-labels"] = [term.label for term in aggregated_terms(summaries)]
+    for key, value in (("mia", mia), ("utility_details", utility), ("mmlu", mmlu)):
+        if value is not None:
+            results[key] = value
+    results["settings"] = {
+        "official": settings.official, "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
+        "mmlu_shots": settings.mmlu_shots, "mia_k": settings.mia_k, "redact": settings.redact,
+        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "n_forget": len(data.forget), "n_retain": len(data.retain),
+    }
+    results["timings"] = timings
+    results["generations"] = rows
+    return results
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    forget: Sequence[Record],
+    retain: Sequence[Record],
+    members: Sequence[str] | None = None,
+    nonmembers: Sequence[str] | None = None,
+    general: Sequence[Record] | None = None,
+    mmlu_dir: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    official: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    redact: bool = False,
+    mmlu_shots: int = DEFAULT_SHOTS,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Evaluate one loaded model; ``redact`` is recorded for the report (the returned rows stay whole)."""
+    data = EvalData(forget, retain, members, nonmembers, general, load_mmlu(mmlu_dir) if mmlu_dir else None)
+    settings = EvalSettings(batch_size, official, max_new_tokens, mmlu_shots, redact=redact)
+    return run_evaluation(model, tokenizer, data, settings, reporter)
+
+
+def quick_scores(
+    model,
+    tokenizer,
+    forget_rows: Sequence[Record],
+    retain_rows: Sequence[Record],
+    members: Sequence[str] | None = None,
+    nonmembers: Sequence[str] | None = None,
+    general: Sequence[Record] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict[str, float | None]:
+    """Batched generation, loss-only MIA and utility: ``final``, ``task_aggregate``, ``mia_score``,
+    ``mia_auc``, ``utility``, ``mmlu`` (``None`` where not measured). Restores the model's train mode."""
+    data = EvalData(forget_rows, retain_rows, members, nonmembers, general)
+    settings = EvalSettings(batch_size, max_new_tokens=max_new_tokens, mia_suite=False)
+    return headline(run_evaluation(model, tokenizer, data, settings))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: torch.device | None = None):
+    """``(model, tokenizer)`` from a local directory: safetensors only, no remote code, pad = EOS if unset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(path)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load the model or tokenizer ({err})") from None
+    ensure_pad_token(tokenizer)
+    return model.to(device or default_device()), tokenizer
+
+
+def model_names(paths: Sequence[str | Path]) -> list[str]:
+    """Short, distinct names for the report: the directory name, numbered when two share one."""
+    names = [Path(path).resolve().name or "model" for path in paths]
+    return [f"{name}-{index + 1}" if names.count(name) > 1 else name for index, name in enumerate(names)]
+
+
+def evaluate_paths(
+    paths: Sequence[str | Path],
+    data: EvalData,
+    settings: EvalSettings,
+    dtype: str = "float32",
+    reporter: Callable[[str], Reporter] | None = None,
+) -> list[tuple[str, dict]]:
+    """``[(name, results)]`` for each model directory, one model in memory at a time."""
+    for path in paths:
+        check_model_dir(path)
+    evaluated = []
+    for name, path in zip(model_names(paths), paths):
+        model, tokenizer = load_model(path, dtype)
+        results = run_evaluation(model, tokenizer, data, settings, reporter(name) if reporter else None)
+        results["settings"]["model"] = str(path)
+        evaluated.append((name, results))
+        del model
+    return evaluated

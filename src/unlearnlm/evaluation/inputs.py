@@ -1,0 +1,63 @@
+"""Checking and loading what an evaluation reads, without importing torch.
+
+The CLI runs these before the first model loads, so a wrong path fails in a second, not after a
+model has been loaded (or a long evaluation has run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from unlearnlm.data.records import Record, load_documents, load_records
+from unlearnlm.errors import UserError
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse a file, or a non-empty directory unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def documents_from_rows(rows: Iterable[Record]) -> list[str]:
+    """One document per sentence-completion row: ``input + " " + output``, the text a target learns."""
+    return [row.input + " " + row.output for row in rows if row.kind == "sc"]
+
+
+def _first_object(path: Path) -> dict:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                return value if isinstance(value, dict) else {}
+    return {}
+
+
+def load_mia_documents(path: str | Path) -> list[str]:
+    """Documents from an official ``{"document": ...}`` file, or from a rows file (its ``sc`` rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix == ".jsonl" and "document" not in _first_object(path):
+        documents = documents_from_rows(load_records(path))
+        if not documents:
+            raise UserError(f"{path}: no sentence-completion rows to build MIA documents from")
+        return documents
+    return load_documents(path)

@@ -1,0 +1,226 @@
+"""Generation parity, the evaluator end to end, the written report, and the eval command."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from sklearn.metrics import auc, roc_curve
+
+from conftest import make_micro_model
+from unlearnlm.cli import main
+from unlearnlm.data.records import Record
+from unlearnlm.data.tokenize import encode_prompt
+from unlearnlm.evaluation.evaluator import evaluate_model, quick_scores
+from unlearnlm.evaluation.generation import decode_new_tokens, generate_batched, generate_official
+from unlearnlm.evaluation.inputs import documents_from_rows
+from unlearnlm.evaluation.report import REDACTED, write_report
+from unlearnlm.evaluation.scoring import headline
+
+MAX_NEW = 6
+
+
+def records(rows: list[dict], split: str) -> list[Record]:
+    return [Record(row["id"], row["input"], row["output"], row["task"], split) for row in rows]
+
+
+def varied_prompts(tokenizer, lume_rows) -> list[list[int]]:
+    # Lengths from a few tokens to a few hundred, so every batch pads some rows.
+    texts = [row["input"][:length] for row, length in zip(lume_rows["retain"], (15, 400, 60, 900, 5, 200, 120))]
+    return [encode_prompt(tokenizer, text) for text in texts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmo"])
+def test_batched_generation_equals_official(arch, micro_tokenizer, lume_rows):
+    model = make_micro_model(len(micro_tokenizer), arch)
+    prompts = varied_prompts(micro_tokenizer, lume_rows)
+    official = generate_official(model, micro_tokenizer, prompts, max_new_tokens=MAX_NEW)
+    assert generate_batched(model, micro_tokenizer, prompts, batch_size=3, max_new_tokens=MAX_NEW) == official
+    assert len(set(official)) > 1
+
+
+def test_each_sequence_stops_at_its_own_eos(micro_tokenizer, lume_rows):
+    model = make_micro_model(len(micro_tokenizer))
+    prompts = varied_prompts(micro_tokenizer, lume_rows)[:4]
+    first = model.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
+    new_tokens = first[0, len(prompts[0]):].tolist()
+    # Make the third token prompt 0 generates the stop token: prompt 0 stops there, the others run on.
+    stop = new_tokens[2]
+    model.generation_config.eos_token_id = stop
+    official = generate_official(model, micro_tokenizer, prompts, max_new_tokens=MAX_NEW)
+    assert official[0] == decode_new_tokens(micro_tokenizer, new_tokens[:new_tokens.index(stop) + 1])
+    assert generate_batched(model, micro_tokenizer, prompts, batch_size=4, max_new_tokens=MAX_NEW) == official
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(micro_tokenizer, lume_rows):
+    """Rows whose expected outputs are built from the model's own greedy generations, so that the
+    scores are neither all 0 nor all 1: every other question is answered exactly (up to outer
+    whitespace), and each completion's reference is the generation followed by the true output."""
+    model = make_micro_model(len(micro_tokenizer), seed=3)
+    split_rows = {"forget": lume_rows["forget"], "retain": lume_rows["retain"][:14]}
+    generated = generate_batched(model, micro_tokenizer, [encode_prompt(micro_tokenizer, row["input"])
+                                                         for rows in split_rows.values() for row in rows], 8, MAX_NEW)
+    data, position = {}, 0
+    for split, rows in split_rows.items():
+        data[split] = []
+        for index, row in enumerate(rows):
+            generation = generated[position]
+            position += 1
+            output = row["output"]
+            if row["id"][-3:-1] == "sc":
+                output = generation + " " + output
+            elif index % 2 == 0:
+                output = f"  {generation} "
+            data[split].append(Record(row["id"], row["input"], output, row["task"], split))
+    members = documents_from_rows(data["forget"])
+    nonmembers = [row["input"] for row in lume_rows["retain"][14:] if row["id"][-3:-1] == "sc"][: len(members)]
+    general = records(lume_rows["retain"][:14], "general")
+    return model, data, members, nonmembers, general
+
+
+@pytest.fixture(scope="module")
+def evaluated(eval_inputs, micro_tokenizer):
+    model, data, members, nonmembers, general = eval_inputs
+    return evaluate_model(model, micro_tokenizer, data["forget"], data["retain"], members, nonmembers, general,
+                          batch_size=8, max_new_tokens=MAX_NEW, redact=True)
+
+
+def official_recomputation(rows: list[dict], member_losses: list[float], nonmember_losses: list[float], utility: float) -> dict:
+    """The organizers' compute_metrics, restated independently of unlearnlm.evaluation.scoring."""
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    per_row, terms = {}, []
+    for row in rows:
+        if row["id"][:-1].endswith("sc"):
+            per_row[row["id"]] = scorer.score(row["output"], row["generation"])["rougeL"].recall
+        else:
+            per_row[row["id"]] = int(row["output"].strip().lower() == row["generation"].strip().lower())
+    for split in ("forget", "retain"):
+        split_rows = [row for row in rows if row["split"] == split]
+        for task in sorted({row["task"] for row in split_rows}):
+            for kind in ("sc", "qa"):
+                values = [per_row[row["id"]] for row in split_rows if row["task"] == task and row["id"][:-1].endswith(kind)]
+                mean = sum(values) / len(values)
+                terms.append(1 - mean if split == "forget" else mean)
+    false_positive, true_positive, _ = roc_curve([1] * len(member_losses) + [0] * len(nonmember_losses),
+                                                 [-loss for loss in member_losses + nonmember_losses])
+    mia = 1 - abs(auc(false_positive, true_positive) - 0.5) * 2
+    task_aggregate = statistics.harmonic_mean(terms)
+    return {"per_row": per_row, "terms": terms, "task_aggregate": task_aggregate, "mia": mia,
+            "final": statistics.mean([task_aggregate, utility, mia])}
+
+
+def test_written_scores_equal_the_official_recomputation(evaluated, tmp_path):
+    out = write_report([("micro", evaluated)], tmp_path / "report")
+    written = json.loads((out / "evaluation_results.json").read_text())
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 + 14 and set(rows[0]) == {"id", "task", "kind", "split", "input", "output", "generation", "score"}
+    expected = official_recomputation(rows, written["mia"]["member_losses"], written["mia"]["nonmember_losses"], written["utility"])
+    for row in rows:
+        assert row["score"] == pytest.approx(expected["per_row"][row["id"]], abs=1e-9)
+    assert len(written["aggregated-terms"]) == 12
+    assert written["aggregated-terms"] == pytest.approx(expected["terms"], abs=1e-9)
+    assert written["harmonic-mean-task-aggregate"] == pytest.approx(expected["task_aggregate"], abs=1e-9)
+    assert written["mia_final_score"] == pytest.approx(expected["mia"], abs=1e-9)
+    assert written["aggregate-score"] == pytest.approx(expected["final"], abs=1e-9)
+    # The crafted outputs make the scores informative: some but not all questions answered.
+    knowledge = [row["score"] for row in rows if row["kind"] == "qa"]
+    assert 0 < sum(knowledge) < len(knowledge)
+
+
+def test_results_carry_the_details(evaluated):
+    assert set(evaluated["mia"]["attacks"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+    assert evaluated["utility_details"]["n_questions"] == sum(1 for row in evaluated["generations"]
+                                                               if row["split"] == "retain" and row["kind"] == "qa")
+    assert len(evaluated["aggregated-term-labels"]) == len(evaluated["aggregated-terms"])
+    assert evaluated["settings"]["redact"] is True and evaluated["settings"]["official"] is False
+
+
+def test_redaction_masks_forget_text_in_the_summary_only(evaluated, tmp_path):
+    out = write_report([("micro", evaluated)], tmp_path / "report")
+    summary = (out / "summary.md").read_text()
+    forget_answer = next(row["output"] for row in evaluated["generations"] if row["split"] == "forget" and row["kind"] == "qa")
+    retain_answer = next(row["output"] for row in evaluated["generations"] if row["split"] == "retain" and row["kind"] == "qa")
+    assert REDACTED in summary and forget_answer.strip() not in summary
+    assert retain_answer in summary
+    assert forget_answer in (out / "generations.jsonl").read_text()
+
+
+def test_report_refuses_a_non_empty_directory_unless_overwrite(evaluated, tmp_path):
+    from unlearnlm.errors import UserError
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        write_report([("micro", evaluated)], out)
+    assert (out / "old.txt").exists()
+    write_report([("a", evaluated), ("b", evaluated)], out, overwrite=True)
+    assert sorted(path.name for path in out.iterdir()) == ["a", "b", "summary.md"]
+    assert (out / "a" / "evaluation_results.json").is_file()
+    assert "| a |" in (out / "summary.md").read_text()
+    assert not list(tmp_path.glob(".report*"))  # no staging directory left behind
+
+
+def test_quick_scores_match_the_full_evaluation_and_keep_train_mode(eval_inputs, evaluated, micro_tokenizer):
+    model, data, members, nonmembers, general = eval_inputs
+    model.train()
+    quick = quick_scores(model, micro_tokenizer, data["forget"], data["retain"], members, nonmembers, general,
+                         batch_size=8, max_new_tokens=MAX_NEW)
+    assert model.training
+    assert quick == pytest.approx(headline(evaluated))
+    assert quick["final"] is not None
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["unlearnlm", "eval", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_eval_command_compares_models(micro_model_dir, micro_data_dir, tmp_path, monkeypatch, capsys):
+    code, _ = run_cli(monkeypatch, capsys, "--model", str(micro_model_dir), "--model", str(micro_model_dir),
+                      "--forget", str(micro_data_dir / "forget.jsonl"), "--retain", str(micro_data_dir / "retain.jsonl"),
+                      "--mia-members", str(micro_data_dir / "forget.jsonl"), "--mia-nonmembers", str(micro_data_dir / "retain.jsonl"),
+                      "--max-new-tokens", "3", "--batch-size", "12", "--out", str(tmp_path / "out"))
+    assert code == 0
+    names = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert names == [f"{micro_model_dir.name}-1", f"{micro_model_dir.name}-2", "summary.md"]
+    first, second = (json.loads((tmp_path / "out" / name / "evaluation_results.json").read_text()) for name in names[:2])
+    assert first["aggregated-terms"] == second["aggregated-terms"]
+    assert first["mia_loss_acc"] == second["mia_loss_acc"]
+
+
+def test_eval_command_bad_inputs_exit_2(micro_model_dir, micro_data_dir, tmp_path, monkeypatch, capsys):
+    data = ["--forget", str(micro_data_dir / "forget.jsonl"), "--retain", str(micro_data_dir / "retain.jsonl")]
+    no_config = tmp_path / "not_a_model"
+    no_config.mkdir()
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"id": "1sc1", "input": "x"}\n')
+    cases = {
+        "no config.json": ["--model", str(no_config), *data],
+        "no such file": ["--model", str(micro_model_dir), "--forget", str(tmp_path / "missing.jsonl"), "--retain", str(bad_rows)],
+        "missing field": ["--model", str(micro_model_dir), "--forget", str(bad_rows), "--retain", str(bad_rows)],
+        "go together": ["--model", str(micro_model_dir), *data, "--mia-members", str(micro_data_dir / "forget.jsonl")],
+    }
+    for message, args in cases.items():
+        code, err = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"))
+        assert code == 2 and message in err and err.count("\n") == 1, (message, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "unlearnlm", "eval", "--model", str(tmp_path / "none"), "--forget", "f", "--retain", "r",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'none'}: no such model directory"

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from unlearnlm.data.tokenize import IGNORE_INDEX, collate, encode_example
+from unlearnlm.methods import REGISTRY, get_method
+from unlearnlm.methods.base import example_nll
+from unlearnlm.methods.kl import retain_kl
+
+from conftest import make_micro_model
+
+
+def hand_batch():
+    """Two examples, vocabulary 3, answers on the last two positions; the second is a retain row."""
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1, 2], [IGNORE_INDEX, IGNORE_INDEX, 0, IGNORE_INDEX]])
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0])  # p(1) = 3/5
+    logits[0, 2] = torch.tensor([0.0, 0.0, math.log(2.0)])  # p(2) = 2/4
+    # The second row's prompt logits are extreme; they must not matter.
+    logits[1, 0] = torch.tensor([50.0, -50.0, 0.0])
+    return logits, {"labels": labels, "is_forget": torch.tensor([True, False])}
+
+
+def test_example_nll_is_the_mean_over_answer_tokens_only():
+    logits, batch = hand_batch()
+    nll = example_nll(logits, batch["labels"])
+    assert nll[0].item() == pytest.approx(-(math.log(3 / 5) + math.log(2 / 4)) / 2, abs=1e-6)
+    assert nll[1].item() == pytest.approx(math.log(3.0), abs=1e-6)  # uniform over 3 at the single answer token
+
+
+@pytest.mark.parametrize("name, retain_weight", [("gd", 1.0), ("sugd", 0.5)])
+def test_gradient_difference_signs_and_weights(name, retain_weight):
+    logits, batch = hand_batch()
+    method = get_method(name)
+    loss, stats = method.loss(logits, batch, method.build_settings({}), None)
+    forget_nll = -(math.log(3 / 5) + math.log(2 / 4)) / 2
+    assert loss.item() == pytest.approx((-1.0 * forget_nll + retain_weight * math.log(3.0)) / 2, abs=1e-6)
+    assert stats["forget_loss"] == pytest.approx(forget_nll, abs=1e-6)
+
+
+def test_ga_ignores_retain_rows():
+    logits, batch = hand_batch()
+    method = get_method("ga")
+    loss, _ = method.loss(logits, batch, method.build_settings({}), None)
+    assert loss.item() == pytest.approx((math.log(3 / 5) + math.log(2 / 4)) / 2, abs=1e-6)
+
+
+def test_npo_equals_two_over_beta_log_two_at_the_reference():
+    logits, batch = hand_batch()
+    method = get_method("npo")
+    settings = method.build_settings({"beta": 0.1, "retain_weight": 0.0})
+    reference = method.reference_view(logits, batch["labels"])
+    loss, _ = method.loss(logits, batch, settings, reference)
+    assert loss.item() == pytest.approx((2 / 0.1) * math.log(2) / 2, abs=1e-5)
+
+
+def test_kl_is_zero_at_the_reference_and_ignores_prompt_positions():
+    logits, batch = hand_batch()
+    reference = get_method("kl").reference_view(logits, batch["labels"])
+    shifted_prompt = logits.clone()
+    shifted_prompt[:, 0] += torch.tensor([5.0, -5.0, 1.0])  # prompt position of both rows changes
+    assert retain_kl(shifted_prompt, batch["labels"], reference).abs().max().item() < 1e-6
+    moved = logits.clone()
+    moved[1, 1] += torch.tensor([2.0, 0.0, 0.0])  # the retain row's answer position changes
+    assert retain_kl(moved, batch["labels"], reference)[1].item() > 1e-3
+
+
+def test_losses_ignore_padding(micro_tokenizer):
+    """Padding a batch wider must not change any method's loss."""
+    torch.manual_seed(0)
+    model = make_micro_model(len(micro_tokenizer))
+    examples = [encode_example(micro_tokenizer, "The cat sat", "on the mat."), encode_example(micro_tokenizer, "A dog", "ran.")]
+    examples[1].meta["pad_extra"] = True
+    narrow = collate(examples, micro_tokenizer.pad_token_id)
+    wide = collate(examples + [encode_example(micro_tokenizer, "x " * 40, "y")], micro_tokenizer.pad_token_id)
+    for name, method in REGISTRY.items():
+        settings = method.build_settings({})
+        values = []
+        for batch, rows in ((narrow, 2), (wide, 2)):
+            inputs = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "labels")}
+            inputs["is_forget"] = torch.tensor([True, False])
+            with torch.no_grad():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                reference = method.reference_view(logits, inputs["labels"]) if method.reference_view else None
+                values.append(method.loss(logits, inputs, settings, reference)[0].item())
+        assert values[0] == pytest.approx(values[1], abs=1e-5), name
+
+
+def memorize(model, inputs, labels, steps=40):
+    """Unlearning starts from a model that knows its data, as the real targets do."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        example_nll(model(**inputs).logits, labels).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_one_step_moves_the_loss_in_the_intended_direction(name, micro_tokenizer):
+    torch.manual_seed(0)
+    model = make_micro_model(len(micro_tokenizer))
+    method = get_method(name)
+    settings = method.build_settings({})
+    rows = [("Alice was born in", "Paris in 1901.", True), ("Bob lives in", "Rome.", False)]
+    batch = collate([encode_example(micro_tokenizer, p, a) for p, a, _ in rows], micro_tokenizer.pad_token_id)
+    batch["is_forget"] = torch.tensor([f for _, _, f in rows])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    memorize(model, inputs, batch["labels"])
+    with torch.no_grad():
+        reference_logits = model(**inputs).logits
+    reference = method.reference_view(reference_logits, batch["labels"]) if method.reference_view else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def measure():
+        logits = model(**inputs).logits
+        return method.loss(logits, batch, settings, reference)[0], example_nll(logits, batch["labels"]).detach()
+
+    loss_before, nll_before = measure()
+    loss_before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        loss_after, nll_after = measure()
+    assert loss_after.item() < loss_before.item()
+    # Every method pushes the forget answer away.
+    assert nll_after[0] > nll_before[0]

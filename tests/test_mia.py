@@ -1,0 +1,144 @@
+"""Membership inference: each attack on statistics whose right AUC is known, and the batched loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_micro_model
+from unlearnlm.errors import UserError
+from unlearnlm.evaluation.inputs import load_mia_documents
+from unlearnlm.evaluation.likelihood import TokenStats, stats_from_logits
+from unlearnlm.evaluation.mia import (
+    attack_report,
+    attack_scores,
+    document_statistics,
+    min_k_plus_plus_score,
+    min_k_score,
+    run_mia,
+)
+from unlearnlm.evaluation.scoring import mia_loss_auc
+
+
+def stats(*logprobs: float, mu: float | None = None, sigma: float | None = None) -> TokenStats:
+    values = np.array(logprobs)
+    if mu is None:
+        return TokenStats(values)
+    return TokenStats(values, np.full_like(values, mu), np.full_like(values, sigma))
+
+
+def report(members: list[TokenStats], nonmembers: list[TokenStats], member_texts=None, nonmember_texts=None) -> dict:
+    member_texts = member_texts or ["member text"] * len(members)
+    nonmember_texts = nonmember_texts or ["member text"] * len(nonmembers)
+    return attack_report(attack_scores(members, member_texts), attack_scores(nonmembers, nonmember_texts))
+
+
+def test_loss_attack_auc():
+    members = [stats(-0.1, -0.1), stats(-0.2, -0.2)]
+    nonmembers = [stats(-1.0, -1.0), stats(-2.0, -2.0)]
+    assert report(members, nonmembers)["loss"] == {"auc": 1.0, "score": 0.0}
+    assert report(nonmembers, members)["loss"]["auc"] == 0.0
+
+
+def test_min_k_sees_rare_tokens_that_the_mean_loss_hides():
+    # Same mean loss (1.0) on both sides; only the nonmembers have one very unlikely token.
+    members = [stats(-1.0, -1.0, -1.0, -1.0, -1.0)] * 2
+    nonmembers = [stats(-0.5, -0.5, -0.5, -0.5, -3.0)] * 2
+    result = report(members, nonmembers)
+    assert result["loss"]["auc"] == 0.5
+    assert result["min_k"]["auc"] == 1.0
+    assert min_k_score(nonmembers[0], k=0.2) == -3.0  # 20% of 5 tokens: the single lowest
+    assert min_k_score(nonmembers[0], k=0.4) == pytest.approx(-1.75)
+
+
+def test_zlib_divides_by_compressed_length():
+    rng = random.Random(0)
+    incompressible = ["".join(rng.choices(string.ascii_letters, k=200)) for _ in range(2)]
+    compressible = ["a" * 200, "b" * 200]
+    same_loss = [stats(-1.0, -1.0)] * 2
+    result = report(same_loss, same_loss, incompressible, compressible)
+    # -loss / zlib length is higher (closer to 0) for the long compressed texts.
+    assert result["loss"]["auc"] == 0.5
+    assert result["zlib"]["auc"] == 1.0
+
+
+def test_min_k_plus_plus_statistics_from_logits():
+    # Next-token probabilities (1/4, 1/2, 1/4): mu = 1.5 ln(1/2), sigma = 0.5 ln 2, so the likely
+    # token standardizes to +1 and an unlikely one to -1.
+    logits = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 2.0, 1.0]]))
+    result = stats_from_logits(logits, torch.tensor([1, 0]), with_distribution=True)
+    assert result.mu == pytest.approx([1.5 * math.log(0.5)] * 2, abs=1e-6)
+    assert result.sigma == pytest.approx([0.5 * math.log(2)] * 2, abs=1e-6)
+    assert (result.logprobs - result.mu) / result.sigma == pytest.approx([1.0, -1.0], abs=1e-5)
+    member = stats_from_logits(logits, torch.tensor([1, 1]), True)
+    nonmember = stats_from_logits(logits, torch.tensor([0, 0]), True)
+    assert min_k_plus_plus_score(member) == pytest.approx(1.0, abs=1e-5)
+    assert min_k_plus_plus_score(nonmember) == pytest.approx(-1.0, abs=1e-5)
+    assert report([member] * 2, [nonmember] * 2)["min_k_plus_plus"]["auc"] == 1.0
+
+
+def test_min_k_plus_plus_separates_when_raw_probabilities_do_not():
+    # Equal log-probabilities, but the members' tokens are the likely ones of a sharper distribution.
+    members = [stats(-1.0, -1.0, mu=-2.0, sigma=0.5)] * 2
+    nonmembers = [stats(-1.0, -1.0, mu=-0.5, sigma=0.5)] * 2
+    result = report(members, nonmembers)
+    assert result["min_k"]["auc"] == 0.5
+    assert result["min_k_plus_plus"]["auc"] == 1.0
+
+
+def test_k_must_be_a_fraction():
+    with pytest.raises(ValueError):
+        min_k_score(stats(-1.0), k=0.0)
+
+
+def test_batched_document_loss_equals_the_official_per_document_loss(micro_tokenizer, lume_rows):
+    model = make_micro_model(len(micro_tokenizer)).eval()
+    documents = [row["input"][:length] for row, length in zip(lume_rows["forget"], (40, 300, 90, 160, 20))]
+    batched = document_statistics(model, micro_tokenizer, documents, batch_size=3)
+    for document, result in zip(documents, batched):
+        ids = torch.tensor([micro_tokenizer(document)["input_ids"]])
+        with torch.no_grad():
+            official = model(ids, labels=ids).loss.item()
+        assert result.mean_loss == pytest.approx(official, abs=1e-5)
+        assert len(result.logprobs) == ids.shape[1] - 1
+
+
+def test_documents_are_cut_at_the_model_context(micro_tokenizer, lume_rows):
+    model = make_micro_model(len(micro_tokenizer)).eval()
+    model.config.max_position_embeddings = 16
+    document = lume_rows["forget"][0]["input"]
+    ids = torch.tensor([micro_tokenizer(document)["input_ids"][:16]])
+    with torch.no_grad():
+        official = model(ids, labels=ids).loss.item()
+    assert document_statistics(model, micro_tokenizer, [document])[0].mean_loss == pytest.approx(official, abs=1e-5)
+
+
+def test_run_mia_reports_every_attack(micro_tokenizer, lume_rows):
+    model = make_micro_model(len(micro_tokenizer))
+    texts = [row["input"][:120] for row in lume_rows["retain"][:6]]
+    result = run_mia(model, micro_tokenizer, texts[:3], texts[3:], batch_size=2)
+    assert set(result["attacks"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+    assert result["attacks"]["loss"]["auc"] == mia_loss_auc(result["member_losses"], result["nonmember_losses"])
+    quick = run_mia(model, micro_tokenizer, texts[:3], texts[3:], batch_size=2, suite=False)
+    assert set(quick["attacks"]) == {"loss"}
+    assert quick["member_losses"] == pytest.approx(result["member_losses"], abs=1e-6)
+
+
+def test_mia_documents_from_document_files_and_from_rows(tmp_path):
+    documents = tmp_path / "members.jsonl"
+    documents.write_text(json.dumps({"document": "Full text one."}) + "\n")
+    assert load_mia_documents(documents) == ["Full text one."]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"id": "7sc1", "input": "Ada Lovelace was", "output": "a mathematician.", "task": "Task3"},
+        {"id": "7qa0", "input": "Who?", "output": "Ada.", "task": "Task3"},
+    ]))
+    assert load_mia_documents(rows) == ["Ada Lovelace was a mathematician."]
+    with pytest.raises(UserError):
+        load_mia_documents(tmp_path / "missing.jsonl")
