@@ -151,4 +151,4 @@ def test_lora_on_selected_layers_only():
     names = trainable_parameter_names(apply_trainable(olmo, config.lora, config.layers))
     assert names and all("lora_" in name for name in names)
     assert {int(name.split("layers.")[1].split(".")[0]) for name in names} == {4, 5}
-    assert {name.split(".")[-3] for name in names} == {"q_proj", "v_proj", "up_proj", "down_proj"}
+    assert {name.split(".")[-4] for name in names} == {"q_proj", "v_proj", "up_proj", "down_proj"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def test_eval_entry_point_exit_code(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "unlearnlm", "eval", "--model", str(tmp_path / "none"), "--forget", "f", "--retain", "r",
          "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'none'}: no such model directory"
