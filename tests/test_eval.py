@@ -25,6 +25,7 @@ from unlearnlm.evaluation.report import REDACTED, write_report
 from unlearnlm.evaluation.scoring import headline
 
 MAX_NEW = 6
+PROMPT_CHARS = 300  # shorter prompts keep the micro model fast
 
 
 def records(rows: list[dict], split: str) -> list[Record]:
@@ -33,7 +34,7 @@ def records(rows: list[dict], split: str) -> list[Record]:
 
 def varied_prompts(tokenizer, lume_rows) -> list[list[int]]:
     # Lengths from a few tokens to a few hundred, so every batch pads some rows.
-    texts = [row["input"][:length] for row, length in zip(lume_rows["retain"], (15, 400, 60, 900, 5, 200, 120))]
+    texts = [row["input"][:length] for row, length in zip(lume_rows["retain"], (15, 400, 60, 5, 200))]
     return [encode_prompt(tokenizer, text) for text in texts]
 
 
@@ -65,24 +66,26 @@ def eval_inputs(micro_tokenizer, lume_rows):
     scores are neither all 0 nor all 1: every other question is answered exactly (up to outer
     whitespace), and each completion's reference is the generation followed by the true output."""
     model = make_micro_model(len(micro_tokenizer), seed=3)
-    split_rows = {"forget": lume_rows["forget"], "retain": lume_rows["retain"][:14]}
-    generated = generate_batched(model, micro_tokenizer, [encode_prompt(micro_tokenizer, row["input"])
+    retain = lume_rows["retain"]
+    # Retain rows of all three tasks (a Task2, a Task3 and a Task1 document); G and the nonmembers from others.
+    split_rows = {"forget": lume_rows["forget"], "retain": retain[0:6] + retain[12:14] + retain[20:22]}
+    generated = generate_batched(model, micro_tokenizer, [encode_prompt(micro_tokenizer, row["input"][:PROMPT_CHARS])
                                                          for rows in split_rows.values() for row in rows], 8, MAX_NEW)
-    data, position = {}, 0
+    data, position, questions = {}, 0, 0
     for split, rows in split_rows.items():
         data[split] = []
-        for index, row in enumerate(rows):
-            generation = generated[position]
+        for row in rows:
+            generation, output = generated[position], row["output"]
             position += 1
-            output = row["output"]
             if row["id"][-3:-1] == "sc":
                 output = generation + " " + output
-            elif index % 2 == 0:
-                output = f"  {generation} "
-            data[split].append(Record(row["id"], row["input"], output, row["task"], split))
+            else:
+                questions += 1
+                output = f"  {generation} " if questions % 2 else output
+            data[split].append(Record(row["id"], row["input"][:PROMPT_CHARS], output, row["task"], split))
     members = documents_from_rows(data["forget"])
-    nonmembers = [row["input"] for row in lume_rows["retain"][14:] if row["id"][-3:-1] == "sc"][: len(members)]
-    general = records(lume_rows["retain"][:14], "general")
+    nonmembers = [row["input"] for row in retain[6:12] + retain[14:20] + retain[22:24] if row["id"][-3:-1] == "sc"]
+    general = records(retain[6:12] + retain[22:24], "general")
     return model, data, members, nonmembers, general
 
 
@@ -121,7 +124,7 @@ def test_written_scores_equal_the_official_recomputation(evaluated, tmp_path):
     out = write_report([("micro", evaluated)], tmp_path / "report")
     written = json.loads((out / "evaluation_results.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 + 14 and set(rows[0]) == {"id", "task", "kind", "split", "input", "output", "generation", "score"}
+    assert len(rows) == 12 + 10 and set(rows[0]) == {"id", "task", "kind", "split", "input", "output", "generation", "score"}
     expected = official_recomputation(rows, written["mia"]["member_losses"], written["mia"]["nonmember_losses"], written["utility"])
     for row in rows:
         assert row["score"] == pytest.approx(expected["per_row"][row["id"]], abs=1e-9)
@@ -137,8 +140,7 @@ def test_written_scores_equal_the_official_recomputation(evaluated, tmp_path):
 
 def test_results_carry_the_details(evaluated):
     assert set(evaluated["mia"]["attacks"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
-    assert evaluated["utility_details"]["n_questions"] == sum(1 for row in evaluated["generations"]
-                                                               if row["split"] == "retain" and row["kind"] == "qa")
+    assert evaluated["utility_details"]["n_questions"] == 5 + 1  # the Task2 document's and the Task3 document's questions
     assert len(evaluated["aggregated-term-labels"]) == len(evaluated["aggregated-terms"])
     assert evaluated["settings"]["redact"] is True and evaluated["settings"]["official"] is False
 
@@ -146,11 +148,14 @@ def test_results_carry_the_details(evaluated):
 def test_redaction_masks_forget_text_in_the_summary_only(evaluated, tmp_path):
     out = write_report([("micro", evaluated)], tmp_path / "report")
     summary = (out / "summary.md").read_text()
-    forget_answer = next(row["output"] for row in evaluated["generations"] if row["split"] == "forget" and row["kind"] == "qa")
-    retain_answer = next(row["output"] for row in evaluated["generations"] if row["split"] == "retain" and row["kind"] == "qa")
-    assert REDACTED in summary and forget_answer.strip() not in summary
-    assert retain_answer in summary
-    assert forget_answer in (out / "generations.jsonl").read_text()
+    def first_true_answer(split: str) -> str:
+        return next(row["output"] for row in evaluated["generations"]
+                    if row["split"] == split and row["kind"] == "qa" and not row["output"].startswith(" "))
+
+    assert REDACTED in summary and first_true_answer("forget") not in summary
+    assert first_true_answer("retain") in summary
+    written = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert first_true_answer("forget") in [row["output"] for row in written]
 
 
 def test_report_refuses_a_non_empty_directory_unless_overwrite(evaluated, tmp_path):

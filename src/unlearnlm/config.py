@@ -71,6 +71,8 @@ class ValidationSettings:
     general: Optional[str] = None
     every_steps: Optional[int] = None  # None: after every chunk
     metric: Literal["final", "task_aggregate", "mia_score", "utility"] = "final"
+    # False: log the trajectory only and keep the last state (e.g. when validating on reported data).
+    select: bool = True
     max_new_tokens: int = 64
     batch_size: int = 16
 

@@ -304,7 +304,7 @@ class Engine:
         record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
         summary.validations.append(record)
         self._log(record)
-        if summary.best is None or scores[metric] > summary.best[metric]:
+        if self.config.validation.select and (summary.best is None or scores[metric] > summary.best[metric]):
             summary.best = record
             save_trainable(self.unwrapped, self.work_dir / "best")
 
