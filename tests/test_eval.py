@@ -21,6 +21,7 @@ from unlearnlm.data.tokenize import encode_prompt
 from unlearnlm.evaluation.evaluator import evaluate_model, quick_scores
 from unlearnlm.evaluation.generation import decode_new_tokens, generate_batched, generate_official
 from unlearnlm.evaluation.inputs import documents_from_rows
+from unlearnlm.evaluation.likelihood import TokenCache
 from unlearnlm.evaluation.report import REDACTED, write_report
 from unlearnlm.evaluation.scoring import headline
 
@@ -36,6 +37,13 @@ def varied_prompts(tokenizer, lume_rows) -> list[list[int]]:
     # Lengths from a few tokens to a few hundred, so every batch pads some rows.
     texts = [row["input"][:length] for row, length in zip(lume_rows["retain"], (15, 400, 60, 5, 200))]
     return [encode_prompt(tokenizer, text) for text in texts]
+
+
+def test_shared_tokenization_equals_the_official_per_prompt_call(micro_tokenizer, lume_rows):
+    texts = [row["input"] for row in lume_rows["forget"]]
+    cache = TokenCache()
+    assert cache.encode(micro_tokenizer, texts) == [encode_prompt(micro_tokenizer, text) for text in texts]
+    assert cache.encode(micro_tokenizer, texts) is cache.encode(micro_tokenizer, list(texts))  # tokenized once
 
 
 @pytest.mark.parametrize("arch", ["llama", "olmo"])
@@ -125,7 +133,8 @@ def test_written_scores_equal_the_official_recomputation(evaluated, tmp_path):
     written = json.loads((out / "evaluation_results.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 12 + 10 and set(rows[0]) == {"id", "task", "kind", "split", "input", "output", "generation", "score"}
-    expected = official_recomputation(rows, written["mia"]["member_losses"], written["mia"]["nonmember_losses"], written["utility"])
+    mia = written["mia"]
+    expected = official_recomputation(rows, mia["member_losses"], mia["nonmember_losses"], written["utility"])
     for row in rows:
         assert row["score"] == pytest.approx(expected["per_row"][row["id"]], abs=1e-9)
     assert len(written["aggregated-terms"]) == 12
@@ -192,9 +201,9 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def test_eval_command_compares_models(micro_model_dir, micro_data_dir, tmp_path, monkeypatch, capsys):
+    forget, retain = str(micro_data_dir / "forget.jsonl"), str(micro_data_dir / "retain.jsonl")
     code, _ = run_cli(monkeypatch, capsys, "--model", str(micro_model_dir), "--model", str(micro_model_dir),
-                      "--forget", str(micro_data_dir / "forget.jsonl"), "--retain", str(micro_data_dir / "retain.jsonl"),
-                      "--mia-members", str(micro_data_dir / "forget.jsonl"), "--mia-nonmembers", str(micro_data_dir / "retain.jsonl"),
+                      "--forget", forget, "--retain", retain, "--mia-members", forget, "--mia-nonmembers", retain,
                       "--max-new-tokens", "3", "--batch-size", "12", "--out", str(tmp_path / "out"))
     assert code == 0
     names = sorted(path.name for path in (tmp_path / "out").iterdir())

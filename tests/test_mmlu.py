@@ -21,7 +21,8 @@ from unlearnlm.evaluation.mmlu import (
 )
 
 DEV = {
-    "abstract_algebra": [["What is 1+1?", "1", "2", "3", "4", "B"], ["Is Z a group under +?", "Yes", "No", "Maybe", "Never", "A"]],
+    "abstract_algebra": [["What is 1+1?", "1", "2", "3", "4", "B"],
+                         ["Is Z a group under +?", "Yes", "No", "Maybe", "Never", "A"]],
     "world_religions": [["Which city has the Kaaba?", "Rome", "Mecca", "Delhi", "Lhasa", "B"]],
 }
 TEST = {

@@ -39,14 +39,14 @@ def eval_command(
     forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
     retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
     out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: {'document'} jsonl, or rows whose sc rows are used.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, or rows (sc rows used).")] = None,
     mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
-    utility: Annotated[Optional[Path], typer.Option(help="General set G (rows) for the utility score, the MMLU stand-in.")] = None,
-    mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/ and test/ CSVs, or cais/mmlu parquet).")] = None,
+    utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score, an MMLU stand-in.")] = None,
+    mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/, test/ CSVs or cais/mmlu parquet).")] = None,
     mmlu_shots: Annotated[int, typer.Option(min=0, help="In-context examples per MMLU prompt.")] = 5,
-    official: Annotated[bool, typer.Option(help="Generate one prompt at a time, as the organizers did (default dtype bfloat16).")] = False,
+    official: Annotated[bool, typer.Option(help="One prompt at a time, as the organizers ran it (bfloat16).")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for batched generation and scoring.")] = 16,
-    dtype: Annotated[Optional[EvalDType], typer.Option(help="Model dtype [default: bfloat16 with --official, else float32].")] = None,
+    dtype: Annotated[Optional[EvalDType], typer.Option(help="[default: bfloat16 with --official, else float32]")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length limit.")] = 256,
     redact: Annotated[bool, typer.Option(help="Mask forget answers and generations in the summary.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
@@ -173,6 +173,20 @@ def methods() -> None:
 
     for name, entry in sorted(REGISTRY.items()):
         print(f"{name:8s} {entry.summary}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its models and reports.")] = Path("unlearnlm-demo"),
+    size: Annotated[str, typer.Option(help="Target size preset.")] = "mini",
+    seed: Annotated[int, typer.Option(help="Seed of the target and the document draw.")] = 0,
+    config: Annotated[str, typer.Option(help="Unlearning preset or YAML file.")] = "demo",
+    redact: Annotated[bool, typer.Option(help="Mask forget-set answers in printed tables and reports.")] = False,
+) -> None:
+    """Build (or reuse) a tiny memorized target, unlearn it with SUGD, and print the before/after scores."""
+    from unlearnlm.demo import run_demo
+
+    run_demo(out, size=size, seed=seed, config=config, redact=redact)
 
 
 def main() -> None:

@@ -20,15 +20,16 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
+from unlearnlm.errors import UserError
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
-from unlearnlm.runstate import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from unlearnlm.runstate import load_checkpoint, load_trainable_state, process_rng_state, save_checkpoint, trainable_state
 
 
 @dataclass
@@ -141,9 +142,10 @@ class Engine:
         if self.method.reference_view is None:
             return None
         if is_peft(self.unwrapped):
-            # The original model is the same model with its adapters switched off.
+            # The original model is the same model with its adapters switched off. The forward goes
+            # through the wrapper so that sharded (FSDP, ZeRO-3) parameters are gathered for it.
             with torch.no_grad(), self.unwrapped.disable_adapter():
-                logits = self.unwrapped(**self._model_inputs(batch)).logits
+                logits = self.model(**self._model_inputs(batch)).logits
             return self.method.reference_view(logits, batch["labels"])
         return [self.reference_cache[key] for key in batch["keys"]]
 
@@ -210,12 +212,16 @@ class Engine:
         start_phase, elapsed_before = 0, 0.0
         state_dir = self.work_dir / "state"
         if resume:
-            position = load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler)
+            position = load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, self.accelerator.process_index)
+            if position["world_size"] != self.accelerator.num_processes:
+                # The global batch, hence the step count and the data each step sees, depends on it.
+                raise UserError(f"this run was started with {position['world_size']} processes; resume it with as many")
             start_phase, summary.steps, elapsed_before = position["next_phase"], position["steps"], position["seconds"]
             summary.best, summary.validations = position.get("best"), position.get("validations", [])
             self._truncate_log(position["log_bytes"])
         else:
-            self.log_path.write_text("")
+            if self.accelerator.is_main_process:
+                self.log_path.write_text("")
             self._checkpoint(state_dir, 0, summary, elapsed_before)
         self._fill_reference_cache()
         started = time.perf_counter()
@@ -226,7 +232,7 @@ class Engine:
                 self.optimizer.state.clear()
             stop = self._run_phase(phase_index, summary, started, elapsed_before)
             if stop == "diverged":
-                load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler)
+                load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, self.accelerator.process_index)
                 break
             if self.validator is not None:
                 self._validate(phase, summary)
@@ -263,7 +269,7 @@ class Engine:
                     if limits.max_steps is not None and summary.steps >= limits.max_steps:
                         summary.stopped_reason = f"max_steps={limits.max_steps} reached"
                         return "budget"
-                    if limits.time_budget_s is not None and elapsed_before + time.perf_counter() - started >= limits.time_budget_s:
+                    if limits.time_budget_s is not None and self._on_any_process(elapsed_before + time.perf_counter() - started >= limits.time_budget_s):
                         summary.stopped_reason = f"time budget of {limits.time_budget_s}s reached"
                         return "budget"
                     if self.validator is not None and self.config.validation.every_steps and summary.steps % self.config.validation.every_steps == 0:
@@ -271,7 +277,7 @@ class Engine:
         return None
 
     def _optimizer_step(self, group: list[dict]) -> dict:
-        totals: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}  # name -> [weighted sum, weight] over this process's rows
         for position, batch in enumerate(group):
             last = position == len(group) - 1
             context = self.accelerator.no_sync(self.model) if not last else nullcontext()
@@ -280,13 +286,22 @@ class Engine:
                 loss, stats = self.method.loss(logits, batch, self.settings, self._reference_values(batch))
                 self.accelerator.backward(loss * batch["share"] / len(group))
             for name, value in {"loss": loss.item(), **stats}.items():
-                totals[name] = totals.get(name, 0.0) + value / len(group)
+                weight = _stat_rows(name, batch)
+                if weight:
+                    total = sums.setdefault(name, [0.0, 0.0])
+                    total[0] += value * weight
+                    total[1] += weight
         if self.config.optim.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {name: round(value, 6) for name, value in totals.items()}
+        return _global_means(sums)
+
+    def _on_any_process(self, flag: bool) -> bool:
+        """True on every process when it is true on one, so that all processes stop at the same step."""
+        flags = torch.tensor(int(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flags, reduction="max").item())
 
     def _divergence(self, stats: dict) -> Optional[str]:
         if not all(math.isfinite(value) for value in stats.values()):
@@ -298,7 +313,8 @@ class Engine:
 
     def _validate(self, phase: Phase, summary: RunSummary) -> None:
         self.model.eval()
-        scores = self.validator(self.unwrapped)
+        # Every process runs the validator (it may shard the rows); the main process's scores decide.
+        scores = broadcast_object_list([self.validator(self.unwrapped)])[0]
         self.model.train()
         metric = self.config.validation.metric
         record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
@@ -306,15 +322,18 @@ class Engine:
         self._log(record)
         if self.config.validation.select and (summary.best is None or scores[metric] > summary.best[metric]):
             summary.best = record
-            save_trainable(self.unwrapped, self.work_dir / "best")
+            if self.accelerator.is_main_process:
+                save_trainable(self.unwrapped, self.work_dir / "best")
+            self.accelerator.wait_for_everyone()
 
     def _checkpoint(self, state_dir: Path, next_phase: int, summary: RunSummary, seconds: float) -> None:
-        if not self.accelerator.is_main_process:
-            self.accelerator.wait_for_everyone()
-            return
-        position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
-                    "validations": summary.validations, "log_bytes": self.log_path.stat().st_size}
-        save_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, position)
+        # Each process's random state is kept, so that a resumed run draws what it would have drawn.
+        rng_states = gather_object([process_rng_state()])
+        if self.accelerator.is_main_process:
+            position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
+                        "validations": summary.validations, "log_bytes": self.log_path.stat().st_size,
+                        "world_size": self.accelerator.num_processes}
+            save_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, position, rng_states)
         self.accelerator.wait_for_everyone()
 
     def _log(self, row: dict) -> None:
@@ -342,6 +361,30 @@ def trainable_state_from(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(directory / "trainable.safetensors"))
+
+
+def _stat_rows(name: str, batch: dict) -> int:
+    """How many of the batch's rows a logged value averages over (role_means: forget_*, retain_*)."""
+    if batch["share"] == 0:
+        return 0
+    forget_rows = sum(key.startswith("f") for key in batch["keys"])
+    if name.startswith("forget"):
+        return forget_rows
+    if name.startswith("retain"):
+        return len(batch["keys"]) - forget_rows
+    return len(batch["keys"])
+
+
+def _global_means(sums: dict[str, list[float]]) -> dict[str, float]:
+    """Row-weighted means over every process's rows: the global batch's values, the same on all ranks,
+    so that the log shows them and the divergence guard decides the same everywhere."""
+    merged: dict[str, list[float]] = {}
+    for local in gather_object([sums]):
+        for name, (total, weight) in local.items():
+            entry = merged.setdefault(name, [0.0, 0.0])
+            entry[0] += total
+            entry[1] += weight
+    return {name: round(total / weight, 6) for name, (total, weight) in merged.items()}
 
 
 def _brief(stats: dict) -> str:
@@ -379,12 +422,13 @@ def unlearn(
     forget = load_records(forget_path, "forget")
     retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
     out_dir = Path(out_dir)
-    work_dir = prepare_output(out_dir, [Path(model_path)], resume, overwrite)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    work_dir = on_main_process(accelerator, prepare_output, out_dir, [Path(model_path)], resume, overwrite)
     model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
     validator = build_validator(config, tokenizer) if config.validation.enabled else None
-    engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, show_progress=show_progress)
+    engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
     summary = engine.run(resume=resume)
     trainable, total = engine.parameter_counts()
     engine.accelerator.wait_for_everyone()
@@ -412,6 +456,23 @@ def unlearn(
         finalize_output(work_dir, out_dir)
     engine.accelerator.wait_for_everyone()
     return report
+
+
+def on_main_process(accelerator: Accelerator, function: Callable, *args):
+    """Run ``function`` on the main process only and give its result, or its UserError, to every process.
+
+    For changes to the output directory, which processes sharing a filesystem must not race on.
+    """
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = function(*args)
+        except UserError as err:
+            error = str(err)
+    result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def _drop_resume_state(work_dir: Path) -> None:

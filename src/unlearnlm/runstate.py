@@ -64,48 +64,52 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
 
 
-def rng_state() -> dict:
+def process_rng_state() -> dict:
+    """This process's random generators, as plain lists and tensors (loadable with weights_only)."""
     numpy_state = np.random.get_state()
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in numpy_state[2:]]],
+        "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        # The current device only: asking for every GPU's state would open a context on each of them.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict, torch_state: torch.Tensor, cuda_states: list[torch.Tensor]) -> None:
+def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch_state)
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict) -> None:
-    """Write a checkpoint next to the old one, then swap, so a kill mid-write loses nothing."""
+def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict, rng_states: list[dict]) -> None:
+    """Write a checkpoint next to the old one, then swap, so a kill mid-write loses nothing.
+
+    ``rng_states`` holds every process's random state, indexed by process.
+    """
     staging = directory.with_name(directory.name + ".tmp")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     save_file(trainable_state(model), str(staging / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, staging / "optimizer.pt")
-    (staging / "position.json").write_text(json.dumps({**position, "rng": rng_state()}))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}, staging / "optimizer.pt")
+    (staging / "position.json").write_text(json.dumps(position))
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0) -> dict:
     load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
     # Our own file, but still read without unpickling arbitrary objects.
     saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    position = json.loads((directory / "position.json").read_text())
-    set_rng_state(position.pop("rng"), saved["rng"]["torch"], saved["rng"].get("cuda", []))
-    return position
+    set_rng_state(saved["rng"][process_index])
+    return json.loads((directory / "position.json").read_text())

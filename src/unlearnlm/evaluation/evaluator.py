@@ -66,7 +66,9 @@ def _phase(reporter: Reporter | None, name: str, total: int) -> Progress | None:
     return None if reporter is None else (lambda done: reporter(name, done, total))
 
 
-def generation_rows(model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None = None) -> list[dict]:
+def generation_rows(
+    model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None = None
+) -> list[dict]:
     """One scored row per forget and retain item, forget first, in file order."""
     records = [(record, "forget") for record in data.forget] + [(record, "retain") for record in data.retain]
     prompts = encode_texts(tokenizer, [record.input for record, _ in records], data.cache)
@@ -82,31 +84,48 @@ def generation_rows(model, tokenizer, data: EvalData, settings: EvalSettings, re
     return score_rows(rows)
 
 
+def _timed(timings: dict[str, float], name: str, function: Callable, *args):
+    start = time.perf_counter()
+    result = function(*args)
+    timings[name] = time.perf_counter() - start
+    return result
+
+
+def _mia(model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None) -> dict:
+    # The organizers scored one document at a time; batched losses differ only by float rounding.
+    batch_size = 1 if settings.official else settings.batch_size
+    progress = _phase(reporter, "mia", len(data.members) + len(data.nonmembers))
+    return run_mia(model, tokenizer, data.members, data.nonmembers, batch_size, settings.mia_k, settings.mia_suite,
+                   progress, data.cache)
+
+
+def _mmlu(model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None) -> dict:
+    progress = _phase(reporter, "mmlu", sum(len(subject.test) for subject in data.mmlu))
+    return evaluate_mmlu(model, tokenizer, data.mmlu, settings.mmlu_shots, settings.batch_size, progress, data.cache)
+
+
+def _settings_record(model, data: EvalData, settings: EvalSettings) -> dict:
+    return {
+        "official": settings.official, "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
+        "mmlu_shots": settings.mmlu_shots, "mia_k": settings.mia_k, "redact": settings.redact,
+        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "n_forget": len(data.forget), "n_retain": len(data.retain),
+    }
+
+
 def run_evaluation(model, tokenizer, data: EvalData, settings: EvalSettings, reporter: Reporter | None = None) -> dict:
     """The official results plus details; see the module docstring."""
     ensure_pad_token(tokenizer)
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    rows = generation_rows(model, tokenizer, data, settings, reporter)
-    timings["generation_s"] = time.perf_counter() - start
+    rows = _timed(timings, "generation_s", generation_rows, model, tokenizer, data, settings, reporter)
     mia = utility = mmlu = None
-    if data.members is not None and data.nonmembers is not None:
-        start = time.perf_counter()
-        mia = run_mia(
-            model, tokenizer, data.members, data.nonmembers, 1 if settings.official else settings.batch_size,
-            settings.mia_k, settings.mia_suite, _phase(reporter, "mia", len(data.members) + len(data.nonmembers)), data.cache,
-        )
-        timings["mia_s"] = time.perf_counter() - start
+    if data.members is not None:
+        mia = _timed(timings, "mia_s", _mia, model, tokenizer, data, settings, reporter)
     if data.general:
-        start = time.perf_counter()
-        utility = utility_score(model, tokenizer, data.general, settings.batch_size, None, data.cache)
-        timings["utility_s"] = time.perf_counter() - start
+        utility = _timed(timings, "utility_s", utility_score, model, tokenizer, data.general, settings.batch_size,
+                         None, data.cache)
     if data.mmlu:
-        start = time.perf_counter()
-        n_questions = sum(len(subject.test) for subject in data.mmlu)
-        mmlu = evaluate_mmlu(model, tokenizer, data.mmlu, settings.mmlu_shots, settings.batch_size,
-                             _phase(reporter, "mmlu", n_questions), data.cache)
-        timings["mmlu_s"] = time.perf_counter() - start
+        mmlu = _timed(timings, "mmlu_s", _mmlu, model, tokenizer, data, settings, reporter)
     results = official_results(
         rows,
         member_losses=mia["member_losses"] if mia else None,
@@ -119,14 +138,7 @@ def run_evaluation(model, tokenizer, data: EvalData, settings: EvalSettings, rep
     for key, value in (("mia", mia), ("utility_details", utility), ("mmlu", mmlu)):
         if value is not None:
             results[key] = value
-    results["settings"] = {
-        "official": settings.official, "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
-        "mmlu_shots": settings.mmlu_shots, "mia_k": settings.mia_k, "redact": settings.redact,
-        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
-        "n_forget": len(data.forget), "n_retain": len(data.retain),
-    }
-    results["timings"] = timings
-    results["generations"] = rows
+    results.update(settings=_settings_record(model, data, settings), timings=timings, generations=rows)
     return results
 
 
@@ -162,10 +174,14 @@ def quick_scores(
     general: Sequence[Record] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    cache: TokenCache | None = None,
 ) -> dict[str, float | None]:
     """Batched generation, loss-only MIA and utility: ``final``, ``task_aggregate``, ``mia_score``,
-    ``mia_auc``, ``utility``, ``mmlu`` (``None`` where not measured). Restores the model's train mode."""
-    data = EvalData(forget_rows, retain_rows, members, nonmembers, general)
+    ``mia_auc``, ``utility``, ``mmlu`` (``None`` where not measured). Restores the model's train mode.
+
+    A caller that validates repeatedly on the same rows can pass one ``cache`` to tokenize them once.
+    """
+    data = EvalData(forget_rows, retain_rows, members, nonmembers, general, cache=cache or TokenCache())
     settings = EvalSettings(batch_size, max_new_tokens=max_new_tokens, mia_suite=False)
     return headline(run_evaluation(model, tokenizer, data, settings))
 

@@ -93,7 +93,8 @@ def generate_batched(
     texts: list[str | None] = [None] * len(prompts)
     with evaluation_mode(model):
         for batch_indices in length_sorted_batches([len(prompt) for prompt in prompts], batch_size):
-            batch = collate([Example(prompts[index], list(prompts[index])) for index in batch_indices], tokenizer.eos_token_id, "left")
+            examples = [Example(prompts[index], list(prompts[index])) for index in batch_indices]
+            batch = collate(examples, tokenizer.eos_token_id, padding_side="left")
             width = batch["input_ids"].shape[1]
             output = model.generate(
                 batch["input_ids"].to(device),

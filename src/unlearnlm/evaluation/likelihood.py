@@ -20,8 +20,9 @@ Progress = Callable[[int], None]
 
 def _fingerprint(tokenizer) -> object:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    # A fast tokenizer is fully described by its serialized pipeline; a slow one only by identity.
-    return (type(tokenizer).__name__, backend.to_str()) if backend is not None else id(tokenizer)
+    # A fast tokenizer is fully described by its serialized pipeline; any other only by identity
+    # (the object itself, not id(), so a freed tokenizer's id cannot be mistaken for a new one's).
+    return (type(tokenizer).__name__, backend.to_str()) if backend is not None else tokenizer
 
 
 class TokenCache:
@@ -39,7 +40,9 @@ class TokenCache:
         return self._entries[key]
 
 
-def encode_texts(tokenizer, texts: Sequence[str], cache: TokenCache | None = None, add_special_tokens: bool = True) -> list[list[int]]:
+def encode_texts(
+    tokenizer, texts: Sequence[str], cache: TokenCache | None = None, add_special_tokens: bool = True
+) -> list[list[int]]:
     return (cache or TokenCache()).encode(tokenizer, texts, add_special_tokens)
 
 
@@ -50,11 +53,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextmanager
 def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode without gradients, then the caller's train/eval state back (the engine evaluates mid-training)."""
+    """Eval mode without gradients, then the caller's train/eval state back (the engine evaluates mid-training).
+
+    ``no_grad`` rather than ``inference_mode``: a tensor a module caches while evaluating must stay
+    usable when training resumes.
+    """
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)

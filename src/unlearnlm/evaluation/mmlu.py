@@ -189,5 +189,6 @@ def lm_eval_mmlu(model, tokenizer, shots: int = DEFAULT_SHOTS, batch_size: int =
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise UserError("the lm-eval adapter needs the optional dependency: pip install 'unlearnlm[lm-eval]'") from None
-    results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=["mmlu"], num_fewshot=shots)
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = simple_evaluate(model=harness_model, tasks=["mmlu"], num_fewshot=shots)
     return {"average_acc": results["results"]["mmlu"]["acc,none"], "shots": shots, "source": "lm-eval"}

@@ -56,6 +56,10 @@ def displayed_rows(results: Mapping) -> list[dict]:
     ]
 
 
+def _labelled_terms(results: Mapping) -> dict[str, float]:
+    return dict(zip(results["aggregated-term-labels"], results["aggregated-terms"]))
+
+
 def _per_task_rows(results: Mapping) -> list[list[str]]:
     rows = []
     for split in SPLITS:
@@ -84,8 +88,8 @@ def summary_markdown(results: Mapping, name: str = "model") -> str:
     parts += ["\n## Regurgitation and knowledge (raw means)\n\n",
               markdown_table(["split", "task", "regurgitation", "knowledge"], _per_task_rows(results)),
               "\n## Aggregated terms (official order; forget terms are 1 - value)\n\n",
-              markdown_table(["#", "term", "value"], [[index + 1, label, fmt(value)] for index, (label, value) in
-                                                     enumerate(zip(results["aggregated-term-labels"], results["aggregated-terms"]))])]
+              markdown_table(["#", "term", "value"], [[index + 1, label, fmt(value)] for index, (label, value)
+                                                     in enumerate(_labelled_terms(results).items())])]
     if "mia" in results:
         parts += [f"\n## Membership inference (Min-K% k = {results['mia']['k']})\n\n",
                   markdown_table(["attack", "AUC", "score"], [[attack, fmt(values["auc"]), fmt(values["score"])]
@@ -98,11 +102,12 @@ def summary_markdown(results: Mapping, name: str = "model") -> str:
         mmlu = results["mmlu"]
         warning = " (below the 0.371 threshold)" if mmlu["below_threshold"] else ""
         parts += [f"\n## MMLU: {fmt(mmlu['average_acc'])}{warning}, {mmlu['n_questions']} questions, {mmlu['shots']}-shot\n\n",
-                  markdown_table(["subject", "accuracy"], [[subject, fmt(value)] for subject, value in mmlu["subject_acc"].items()])]
+                  markdown_table(["subject", "accuracy"], [[name, fmt(value)] for name, value in mmlu["subject_acc"].items()])]
     parts += ["\n## Sample generations\n\n",
               markdown_table(["split", "id", "kind", "expected", "generation", "score"], _sample_rows(results)),
               "\n## Settings\n\n", markdown_table(["setting", "value"], results["settings"].items()),
-              "\n## Timings\n\n", markdown_table(["phase", "seconds"], [[phase, f"{seconds:.1f}"] for phase, seconds in results["timings"].items()])]
+              "\n## Timings\n\n",
+              markdown_table(["phase", "seconds"], [[phase, f"{seconds:.1f}"] for phase, seconds in results["timings"].items()])]
     return "".join(parts)
 
 
@@ -115,7 +120,8 @@ def _write_one(results: Mapping, directory: Path, name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     official = {key: value for key, value in results.items() if key != "generations"}
     (directory / RESULTS_FILE).write_text(json.dumps(official, indent=4) + "\n", encoding="utf-8")
-    write_jsonl(({field: row[field] for field in GENERATION_FIELDS} for row in results["generations"]), directory / GENERATIONS_FILE)
+    rows = ({field: row[field] for field in GENERATION_FIELDS} for row in results["generations"])
+    write_jsonl(rows, directory / GENERATIONS_FILE)
     (directory / SUMMARY_FILE).write_text(summary_markdown(results, name), encoding="utf-8")
 
 
@@ -169,6 +175,5 @@ def terms_table(named_results: NamedResults) -> Table:
         table.add_column(name, justify="right")
     labels = list(dict.fromkeys(label for _, results in named_results for label in results["aggregated-term-labels"]))
     for label in labels:
-        values = [dict(zip(results["aggregated-term-labels"], results["aggregated-terms"])).get(label) for _, results in named_results]
-        table.add_row(label, *(fmt(value) for value in values))
+        table.add_row(label, *(fmt(_labelled_terms(results).get(label)) for _, results in named_results))
     return table

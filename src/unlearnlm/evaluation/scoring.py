@@ -14,6 +14,10 @@ task names, and reads each group's columns in the order (regurgitation, knowledg
 with the 6 forget values replaced by ``1 - value``. :func:`aggregated_terms` keeps that order and,
 when only some tasks or kinds are present, only the terms that exist (the official script would put
 a NaN where a task lacks a kind; we leave the term out instead).
+
+One known difference: the organizers' script passes generations through a CSV file, where pandas
+reads an empty generation back as NaN and scores the string ``"nan"``; here an empty generation is
+scored as the empty string. Both score 0 unless the reference itself contains the word "nan".
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Four-way multiple choice on the question rows of the general set G: the options 
 and three answers of other G questions of the same task and the same question kind, where the kind
 is the id's question slot (``qa0`` .. ``qa4``), so a Task2 birth-date question gets three other birth
 dates as distractors. When a slot has too few distinct answers, other answers of the same task, then
-of any task, fill in. The draw and the order of the options are seeded by the question id, so they
-are the same for every model and every subset of G. The model picks the option whose ``" " + option``
+of any task, fill in. The draw and the order of the options are seeded by the question id, so every
+model evaluated on the same G gets the same items. The model picks the option whose ``" " + option``
 has the highest total log-likelihood after the question; accuracy is over all G questions.
 """
 

@@ -1,0 +1,93 @@
+"""`unlearnlm demo`: the whole job on real LUME data, offline, in minutes on a laptop CPU.
+
+Build (or reuse) the tiny `mini` target that memorized LUME documents, unlearn its forget set with
+SUGD (the `demo` preset), score the target and the unlearned model with the official SemEval-2025
+Task 4 scoring (utility in place of MMLU), and print and write the before/after comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from unlearnlm.errors import UserError
+
+MARKER = "demo.json"
+
+
+def prepare_demo_dir(out: Path) -> None:
+    """The demo may replace its own earlier output, never anything else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"{out}: exists, is not empty and is not an earlier demo output; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(out: Path, size: str = "mini", seed: int = 0, config: str = "demo", redact: bool = False,
+             batch_size: int = 16) -> dict:
+    from rich.console import Console
+
+    from unlearnlm.config import load_config
+    from unlearnlm.data.records import load_documents, load_records
+    from unlearnlm.engine import unlearn
+    from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
+    from unlearnlm.evaluation.report import results_table, terms_table, write_report
+    from unlearnlm.target import cached_target
+
+    console = Console()
+    prepare_demo_dir(out)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    target_dir, built = cached_target(size, seed)
+    timings["target_s"] = time.perf_counter() - started
+    console.print(f"target: {target_dir} ({'built' if built else 'from cache'}, {timings['target_s']:.0f}s)")
+
+    sets = target_dir / "benchmark"
+    started = time.perf_counter()
+    run = unlearn(target_dir, sets / "forget.jsonl", sets / "retain.jsonl", out / "unlearned", load_config(config))
+    timings["unlearn_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    data = EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(sets / "retain.jsonl", "retain"),
+                    load_documents(sets / "mia_members.jsonl"), load_documents(sets / "mia_nonmembers.jsonl"),
+                    load_records(sets / "general.jsonl", "retain"))
+    evaluated = evaluate_paths([target_dir, out / "unlearned"], data, EvalSettings(batch_size=batch_size, redact=redact))
+    named = [("target", evaluated[0][1]), ("unlearned", evaluated[1][1])]
+    write_report(named, out / "evaluation")
+    timings["evaluate_s"] = time.perf_counter() - started
+
+    console.print(terms_table(named))
+    console.print(results_table(named))
+    report = demo_markdown(named, run, timings, target_dir, config)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    summary = {"target": str(target_dir), "config": config, "timings": timings, "unlearn": run,
+               "scores": {name: {k: v for k, v in results.items() if k != "generations"} for name, results in named}}
+    (out / MARKER).write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"report: {out / 'report.md'}  (target {timings['target_s']:.0f}s, unlearning {timings['unlearn_s']:.0f}s, "
+                  f"evaluation {timings['evaluate_s']:.0f}s)")
+    return summary
+
+
+def demo_markdown(named: list, run: dict, timings: dict, target_dir: Path, config: str) -> str:
+    from unlearnlm.evaluation.report import comparison_markdown, fmt, markdown_table
+
+    labels = named[0][1]["aggregated-term-labels"]
+    terms = [[label, *(fmt(results["aggregated-terms"][i]) for _, results in named)] for i, label in enumerate(labels)]
+    return "\n".join([
+        "# unlearnlm demo: SUGD on a tiny target that memorized LUME",
+        "",
+        comparison_markdown(named).replace("# Model comparison\n\n", ""),
+        "",
+        "## The 12 aggregated terms (forget terms are 1 - value; higher is better everywhere)",
+        "",
+        markdown_table(["term", *(name for name, _ in named)], terms),
+        "",
+        f"Target: `{target_dir}`. Unlearning preset: `{config}`, {run['steps']} steps, "
+        f"{run['trainable_parameters']:,} trainable parameters, {run['wall_seconds']:.1f}s. "
+        f"Wall time: target {timings['target_s']:.0f}s, unlearning {timings['unlearn_s']:.0f}s, "
+        f"evaluation {timings['evaluate_s']:.0f}s.",
+        "",
+    ])
