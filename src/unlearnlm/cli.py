@@ -189,6 +189,31 @@ def demo(
     run_demo(out, size=size, seed=seed, config=config, redact=redact)
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
+    size: Annotated[str, typer.Option(help="Target size preset (small: the benchmark; mini: a quick run).")] = "small",
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Method variant to run (repeatable; default all).")] = None,
+    grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
+    seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated.")] = "0",
+    target_seed: Annotated[int, typer.Option(help="Seed of the targets and the document draws.")] = 0,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds of unlearning allowed per run.")] = None,
+    no_trajectory: Annotated[bool, typer.Option(help="Skip the per-chunk validation log of the SUGD run.")] = False,
+) -> None:
+    """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
+    from unlearnlm.bench import BenchOptions, run_bench
+
+    try:
+        grid_values = [float(x) for x in grid.split(",") if x.strip()]
+        seed_values = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError("--grid takes numbers and --seeds integers, comma-separated") from None
+    if not grid_values or not seed_values:
+        raise UserError("--grid and --seeds need at least one value each")
+    run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
+                           target_seed=target_seed, time_budget_s=time_budget, trajectory=not no_trajectory))
+
+
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     try:

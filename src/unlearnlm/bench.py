@@ -1,0 +1,199 @@
+"""`unlearnlm bench`: every method on the same tiny target, the same sets and the same tuning effort.
+
+Protocol (benchmark-tiny.md): each method variant tries the same number of configurations on a
+tuning draw of documents (its own target, trained the same way), the best by final score is then run
+on the reported draw, once per seed. Every unlearning run is a separate process, so its peak memory
+is its own. Nothing is tuned on the reported draw; the SUGD trajectory is logged there with
+validation in log-only mode (no state selection).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unlearnlm.errors import UserError
+
+TUNE_DRAW, REPORT_DRAW = 1, 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...]
+    lr: float
+    description: str
+
+
+def variants(n_layers: int) -> dict[str, Variant]:
+    """The compared methods, with starting learning rates suited to a tiny target trained from scratch."""
+    half = f"layers.last_k={max(1, n_layers // 2)}"
+    lora = ("lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.target_modules=[q_proj,v_proj,up_proj,down_proj]")
+    sugd = ("method=sugd", "schedule.chunk_size=8", "schedule.ratio=3", "schedule.epochs_per_chunk=3",
+            "method_args.retain_weight=1.0", "optim.batch_size=4")
+    whole = ("schedule.epochs_per_chunk=3", "optim.batch_size=4")
+    table = [
+        Variant("sugd-lora", sugd + lora, 2e-3, "SUGD with LoRA adapters"),
+        Variant("sugd-layers", sugd + (half,), 1e-4, "SUGD on the last half of the layers"),
+        Variant("sugd-lora-layers", sugd + lora + (half,), 2e-3, "SUGD with LoRA on the last half of the layers"),
+        Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
+                         "method_args.final_anneal=true"), 1e-4, "alternating ascent / annealing descent"),
+        Variant("ga", ("method=ga",) + whole, 1e-4, "gradient ascent"),
+        Variant("gd", ("method=gd", "schedule.ratio=1") + whole, 1e-4, "gradient difference, no chunking"),
+        Variant("kl", ("method=kl", "schedule.ratio=1") + whole, 1e-4, "ascent + KL to the original on retain"),
+        Variant("npo", ("method=npo", "schedule.ratio=1") + whole, 1e-4, "NPO (beta 0.1) + retain NLL"),
+        Variant("simnpo", ("method=simnpo", "schedule.ratio=1") + whole, 1e-4, "SimNPO + retain NLL"),
+    ]
+    return {variant.name: variant for variant in table}
+
+
+@dataclass
+class BenchOptions:
+    out: Path
+    size: str = "small"
+    methods: list[str] = field(default_factory=list)
+    grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # learning-rate multipliers
+    seeds: list[int] = field(default_factory=lambda: [0])
+    target_seed: int = 0
+    time_budget_s: float | None = None
+    batch_size: int = 16
+    trajectory: bool = True
+
+
+def run_unlearn(target: Path, out: Path, overrides: list[str], log: Path) -> dict:
+    """One unlearning run in its own process; returns its run.json."""
+    sets = target / "benchmark"
+    command = [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(target), "--forget", str(sets / "forget.jsonl"),
+               "--retain", str(sets / "retain.jsonl"), "--out", str(out), "--overwrite"]
+    for override in overrides:
+        command += ["--set", override]
+    with log.open("w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise UserError(f"unlearning failed ({' '.join(overrides)}); see {log}")
+    return json.loads((out / "run.json").read_text())
+
+
+def evaluation_data(target: Path):
+    from unlearnlm.data.records import load_documents, load_records
+    from unlearnlm.evaluation.evaluator import EvalData
+
+    sets = target / "benchmark"
+    return EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(sets / "retain.jsonl", "retain"),
+                    load_documents(sets / "mia_members.jsonl"), load_documents(sets / "mia_nonmembers.jsonl"),
+                    load_records(sets / "general.jsonl", "retain"))
+
+
+def score(model_dir: Path, data, batch_size: int, full: bool) -> dict:
+    from unlearnlm.evaluation.evaluator import EvalSettings, evaluate_paths
+    from unlearnlm.evaluation.scoring import headline
+
+    (_, results), = evaluate_paths([model_dir], data, EvalSettings(batch_size=batch_size, mia_suite=full))
+    return {**headline(results), "terms": dict(zip(results["aggregated-term-labels"], results["aggregated-terms"])),
+            "mia_auc": results.get("mia_loss_acc")}
+
+
+def run_bench(options: BenchOptions) -> dict:
+    from rich.console import Console
+
+    from unlearnlm.target import cached_target
+
+    console = Console()
+    options.out.mkdir(parents=True, exist_ok=True)
+    runs_dir = options.out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
+    n_layers = json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"]
+    table = variants(n_layers)
+    chosen = options.methods or list(table)
+    unknown = [name for name in chosen if name not in table]
+    if unknown:
+        raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(table)})")
+    data = {draw: evaluation_data(path) for draw, path in targets.items()}
+    target_scores = {draw: score(path, data[draw], options.batch_size, full=True) for draw, path in targets.items()}
+    budget = [f"optim.time_budget_s={options.time_budget_s}"] if options.time_budget_s else []
+    results: dict = {"options": _jsonable(options), "targets": {str(d): str(p) for d, p in targets.items()},
+                     "target_scores": {str(d): s for d, s in target_scores.items()}, "tuning": [], "reported": []}
+
+    for name in chosen:
+        variant = table[name]
+        best = None
+        for multiplier in options.grid:
+            overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
+            tag = f"{name}-tune-x{multiplier}"
+            run = run_unlearn(targets[TUNE_DRAW], runs_dir / tag, overrides, runs_dir / f"{tag}.log")
+            scores = score(runs_dir / tag, data[TUNE_DRAW], options.batch_size, full=False)
+            entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
+            results["tuning"].append(entry)
+            console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
+            if best is None or scores["final"] > best["scores"]["final"]:
+                best = entry
+        for seed in options.seeds:
+            overrides = [*best["overrides"], f"seed={seed}"]
+            if options.trajectory and name == "sugd-lora":
+                overrides += _trajectory_overrides(targets[REPORT_DRAW])
+            tag = f"{name}-seed{seed}"
+            run = run_unlearn(targets[REPORT_DRAW], runs_dir / tag, overrides, runs_dir / f"{tag}.log")
+            scores = score(runs_dir / tag, data[REPORT_DRAW], options.batch_size, full=True)
+            results["reported"].append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"],
+                                        "overrides": overrides, **_run_facts(run), "scores": scores,
+                                        "trajectory": _trajectory(runs_dir / tag)})
+            console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, task {_fmt(scores['task_aggregate'])}, "
+                          f"MIA {_fmt(scores['mia_score'])}, utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
+    results["summary"] = summarize(results)
+    results["wall_seconds"] = time.perf_counter() - started
+    (options.out / "results.json").write_text(json.dumps(results, indent=2))
+    from unlearnlm.bench_report import write_bench_report
+
+    write_bench_report(results, options.out)
+    return results
+
+
+def _trajectory_overrides(target: Path) -> list[str]:
+    sets = target / "benchmark"
+    return [f"validation.forget={sets / 'forget.jsonl'}", f"validation.retain={sets / 'retain.jsonl'}",
+            f"validation.members={sets / 'mia_members.jsonl'}", f"validation.nonmembers={sets / 'mia_nonmembers.jsonl'}",
+            f"validation.general={sets / 'general.jsonl'}", "validation.select=false"]
+
+
+def _trajectory(run_dir: Path) -> list[dict]:
+    rows = map(json.loads, (run_dir / "unlearn_log.jsonl").read_text().splitlines())
+    return [row for row in rows if row.get("event") == "validation"]
+
+
+def _run_facts(run: dict) -> dict:
+    return {"wall_seconds": run["wall_seconds"], "peak_rss_mb": run.get("peak_rss_mb"),
+            "peak_gpu_allocated_mb": run.get("peak_gpu_allocated_mb"), "trainable_parameters": run["trainable_parameters"],
+            "steps": run["steps"], "stopped_reason": run["stopped_reason"]}
+
+
+def summarize(results: dict) -> list[dict]:
+    """Mean and spread over seeds of each reported method."""
+    summary = []
+    methods = dict.fromkeys(entry["method"] for entry in results["reported"])
+    for method in methods:
+        entries = [e for e in results["reported"] if e["method"] == method]
+        row = {"method": method, "seeds": len(entries)}
+        for key in ("final", "task_aggregate", "mia_score", "utility"):
+            values = [e["scores"][key] for e in entries if e["scores"][key] is not None]
+            row[key] = statistics.mean(values) if values else None
+            row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        for key in ("wall_seconds", "peak_rss_mb", "trainable_parameters"):
+            values = [e[key] for e in entries if e[key] is not None]
+            row[key] = statistics.mean(values) if values else None
+        summary.append(row)
+    return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _jsonable(options: BenchOptions) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in options.__dict__.items()}

@@ -1,0 +1,122 @@
+"""The benchmark's report: a markdown page and three plots that read without the text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unlearnlm.evaluation.report import markdown_table
+
+SEMEVAL_7B = [("AILS-NTUA (1st)", 0.706, 0.827, 0.847, 0.443), ("baseline gradient ascent", 0.394, 0.0, 0.912, 0.269),
+              ("baseline gradient difference", 0.243, 0.0, 0.382, 0.348), ("baseline KL minimization", 0.395, 0.0, 0.916, 0.269),
+              ("baseline NPO", 0.188, 0.021, 0.080, 0.463)]
+
+
+def _fmt(value, std=None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if not std else f"{value:.3f} ± {std:.3f}"
+
+
+def write_bench_report(results: dict, out: Path) -> None:
+    plots = [plot_scores(results, out / "scores.png"), plot_time(results, out / "final_vs_time.png")]
+    trajectory = plot_trajectory(results, out / "sugd_trajectory.png")
+    (out / "report.md").write_text(report_markdown(results, plots, trajectory), encoding="utf-8")
+
+
+def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -> str:
+    target = results["target_scores"]["0"]
+    rows = [["target (before unlearning)", _fmt(target["final"]), _fmt(target["task_aggregate"]), _fmt(target["mia_score"]),
+             _fmt(target["utility"]), "", "", ""]]
+    for row in sorted(results["summary"], key=lambda r: -(r["final"] or 0)):
+        relative = row["utility"] / target["utility"] if row["utility"] is not None and target["utility"] else None
+        rows.append([row["method"], _fmt(row["final"], row["final_std"]), _fmt(row["task_aggregate"]), _fmt(row["mia_score"]),
+                     f"{_fmt(row['utility'])} ({relative:.0%})" if relative is not None else _fmt(row["utility"]),
+                     f"{row['wall_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a",
+                     f"{row['trainable_parameters']:,.0f}"])
+    headers = ["method", "final", "task aggregate", "MIA score", "utility (of target)", "unlearning s", "peak RSS MB", "trainable params"]
+    terms_headers = ["method", *results["reported"][0]["scores"]["terms"].keys()] if results["reported"] else []
+    terms_rows = [[e["method"] + f" (seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())] for e in results["reported"]]
+    options = results["options"]
+    parts = [
+        "# Benchmark results", "",
+        f"Size preset `{options['size']}`, grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1), "
+        f"seeds {options['seeds']} on the reported draw 0. Total wall time {results['wall_seconds'] / 60:.1f} min.", "",
+        markdown_table(headers, rows), "",
+        *[f"![{p.stem}]({p.name})" for p in plots], "",
+    ]
+    if trajectory:
+        parts += [f"![SUGD trajectory]({trajectory.name})", ""]
+    parts += ["## The 12 terms of each reported run", "", markdown_table(terms_headers, terms_rows), "",
+              "## SemEval-2025 Task 4, OLMo-7B board, for scale", "",
+              markdown_table(["system", "final", "task aggregate", "MIA score", "MMLU"], [[n, *map(_fmt, v)] for n, *v in SEMEVAL_7B]), ""]
+    return "\n".join(parts)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(results: dict, path: Path) -> Path:
+    plt = _pyplot()
+    summary = sorted(results["summary"], key=lambda r: -(r["final"] or 0))
+    keys = [("final", "final"), ("task_aggregate", "task aggregate"), ("mia_score", "MIA score"), ("utility", "utility")]
+    figure, axis = plt.subplots(figsize=(max(7, 1.1 * len(summary) + 3), 4.5))
+    width = 0.8 / len(keys)
+    for offset, (key, label) in enumerate(keys):
+        values = [row[key] or 0 for row in summary]
+        axis.bar([i + offset * width for i in range(len(summary))], values, width, label=label)
+    target = results["target_scores"]["0"]["final"]
+    axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target final ({target:.2f})")
+    axis.set_xticks([i + 1.5 * width for i in range(len(summary))], [row["method"] for row in summary], rotation=30, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("score (higher is better)")
+    axis.set_title("Unlearning methods on the tiny LUME target")
+    axis.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_time(results: dict, path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for row in results["summary"]:
+        axis.scatter(row["wall_seconds"], row["final"] or 0, s=40)
+        axis.annotate(row["method"], (row["wall_seconds"], row["final"] or 0), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    axis.set_xlabel("unlearning wall time (s)")
+    axis.set_ylabel("final score")
+    axis.set_title("Final score against unlearning time")
+    axis.set_ylim(0, 1.05)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_trajectory(results: dict, path: Path) -> Path | None:
+    runs = [entry for entry in results["reported"] if entry.get("trajectory")]
+    if not runs:
+        return None
+    plt = _pyplot()
+    points = runs[0]["trajectory"]
+    chunks = list(range(1, len(points) + 1))
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for key, label in (("forget_mean", "forget score (lower = more forgotten)"), ("retain_mean", "retain score"),
+                       ("final", "final score"), ("mia_score", "MIA score")):
+        if all(key in point and point[key] is not None for point in points):
+            axis.plot(chunks, [point[key] for point in points], marker="o", label=label)
+    axis.set_xlabel(f"after chunk ({runs[0]['method']}, reported draw, validation log)")
+    axis.set_ylabel("score")
+    axis.set_ylim(0, 1.05)
+    axis.set_title("SUGD trajectory through the chunks")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
