@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.records import Record
@@ -104,7 +104,7 @@ class Engine:
         self.config = config
         self.method = get_method(config.method)
         self.settings = self.method.build_settings(config.method_args)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or build_accelerator()
         self.tokenizer = tokenizer
         self.work_dir = work_dir
         self.validator = validator
@@ -142,10 +142,9 @@ class Engine:
         if self.method.reference_view is None:
             return None
         if is_peft(self.unwrapped):
-            # The original model is the same model with its adapters switched off. The forward goes
-            # through the wrapper so that sharded (FSDP, ZeRO-3) parameters are gathered for it.
+            # The original model is the same model with its adapters switched off.
             with torch.no_grad(), self.unwrapped.disable_adapter():
-                logits = self.model(**self._model_inputs(batch)).logits
+                logits = self.unwrapped(**self._model_inputs(batch)).logits
             return self.method.reference_view(logits, batch["labels"])
         return [self.reference_cache[key] for key in batch["keys"]]
 
@@ -422,7 +421,7 @@ def unlearn(
     forget = load_records(forget_path, "forget")
     retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
     out_dir = Path(out_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = build_accelerator()
     work_dir = on_main_process(accelerator, prepare_output, out_dir, [Path(model_path)], resume, overwrite)
     model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
@@ -456,6 +455,19 @@ def unlearn(
         finalize_output(work_dir, out_dir)
     engine.accelerator.wait_for_everyone()
     return report
+
+
+def build_accelerator() -> Accelerator:
+    """One process, or data parallel (DDP) over the processes that torchrun / accelerate launch started.
+
+    Sharded setups are refused: checkpoints, the best state and the saved model read the trainable
+    weights on the main process alone, which holds only a shard of them under FSDP or ZeRO-3.
+    """
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"{accelerator.distributed_type.value} is not supported yet; use data parallel (accelerate "
+                        "config resources/accelerate/ddp.yaml, or torchrun), see docs/scale.md")
+    return accelerator
 
 
 def on_main_process(accelerator: Accelerator, function: Callable, *args):

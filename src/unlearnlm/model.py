@@ -18,16 +18,16 @@ def load_model_and_tokenizer(path: str | Path, dtype: str = "float32"):
     """A Hugging Face model directory, from safetensors, without remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: model directory not found")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    from unlearnlm.evaluation.inputs import check_model_dir
+
+    path = check_model_dir(path)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{path}: no .safetensors weights (pickle checkpoints are not loaded)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot load model ({str(err).splitlines()[0]})") from None
     ensure_pad_token(tokenizer)

@@ -27,7 +27,6 @@ from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, loa
 from unlearnlm.evaluation.scoring import aggregated_terms, headline, official_results, score_rows
 from unlearnlm.evaluation.utility import utility_score
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH_SIZE = 16
 
 # (phase, items just finished, items in the phase): how a caller follows a long evaluation.
@@ -191,18 +190,10 @@ def default_device() -> torch.device:
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: torch.device | None = None):
-    """``(model, tokenizer)`` from a local directory: safetensors only, no remote code, pad = EOS if unset."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a local directory, on ``device`` (see ``unlearnlm.model``)."""
+    from unlearnlm.model import load_model_and_tokenizer
 
-    path = check_model_dir(path)
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load the model or tokenizer ({err})") from None
-    ensure_pad_token(tokenizer)
+    model, tokenizer = load_model_and_tokenizer(path, dtype)
     return model.to(device or default_device()), tokenizer
 
 
