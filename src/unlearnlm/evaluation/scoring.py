@@ -215,4 +215,13 @@ def headline(results: Mapping) -> dict[str, float | None]:
         "mia_auc": results.get("mia_loss_acc"),
         "utility": results.get("utility"),
         "mmlu": results.get("mmlu_average"),
+        # Raw means of the per-task scores (forget not inverted): the trajectory plot's two curves.
+        **{f"{split}_mean": _raw_mean(results, split) for split in SPLITS},
     }
+
+
+def _raw_mean(results: Mapping, split: str) -> float | None:
+    terms = [term for term in aggregated_terms({split: results.get(f"{split}-set")}) if term.split == split]
+    if not terms:
+        return None
+    return statistics.mean(1 - term.value if split == "forget" else term.value for term in terms)
