@@ -109,9 +109,11 @@ def build_model(arch: str, dtype: torch.dtype, device: torch.device, eos_id: int
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def variant_config(arch: str, variant: str, steps: int) -> tuple[str, UnlearnConfig]:
+def variant_config(arch: str, variant: str, steps: int, device: torch.device) -> tuple[str, UnlearnConfig]:
     preset = LORA_PRESET if variant.startswith("lora") else LAYER_PRESETS[arch]
     overrides = [f"optim.max_steps={steps}", f"gradient_checkpointing={str(variant.endswith('+gc')).lower()}"]
+    if device.type == "cpu":
+        overrides.append("dtype=float32")  # CPUs emulate bfloat16 matrix products, a hundred times slower
     return preset, load_config(preset, overrides)
 
 
@@ -125,7 +127,7 @@ def schedule_steps(config: UnlearnConfig, n_forget: int, n_retain: int) -> tuple
 
 def run_variant(arch: str, variant: str, steps: int, tokenizer, forget: list[Record], retain: list[Record],
                 forget_rows: int, device: torch.device) -> dict:
-    preset, config = variant_config(arch, variant, steps)
+    preset, config = variant_config(arch, variant, steps, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = build_model(arch, DTYPES[config.dtype], device, tokenizer.eos_token_id)
@@ -144,7 +146,7 @@ def run_variant(arch: str, variant: str, steps: int, tokenizer, forget: list[Rec
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
-        "arch": arch, "variant": variant, "preset": preset, "batch_size": config.optim.batch_size,
+        "arch": arch, "variant": variant, "preset": preset, "dtype": config.dtype, "batch_size": config.optim.batch_size,
         "trainable_params": trainable, "total_params": total, "steps": summary.steps, "timed_steps": len(timed),
         "seconds_per_step": seconds_per_step,
         "tokens_per_step": statistics.mean(step.tokens for step in timed),

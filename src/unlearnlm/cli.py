@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,9 +25,6 @@ app = typer.Typer(
 
 
 # --- eval (owned by the evaluation helper) -------------------------------------------------------
-
-from enum import Enum  # noqa: E402  (kept inside this section, which the evaluation helper owns)
-
 
 class EvalDType(str, Enum):
     float32 = "float32"

@@ -53,6 +53,11 @@ def answer_log_distributions(logits: torch.Tensor, labels: torch.Tensor) -> list
     return [logp[row][mask[row]] for row in range(logp.shape[0])]
 
 
+def mix_roles(is_forget: torch.Tensor, forget_values: torch.Tensor, retain_values: torch.Tensor) -> torch.Tensor:
+    """The batch loss: the mean over examples of each row's forget or retain term."""
+    return torch.where(is_forget, forget_values, retain_values).mean()
+
+
 def role_means(per_example: torch.Tensor, is_forget: torch.Tensor) -> dict[str, float]:
     """Mean of a per-example quantity over forget and retain rows, for the logs."""
     stats: dict[str, float] = {}

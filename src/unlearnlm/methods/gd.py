@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, role_means
+from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means
 
 
 @dataclass
@@ -17,8 +17,7 @@ def gradient_difference_loss(logits: torch.Tensor, batch: dict, settings, refere
     """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (method-sugd.md)."""
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
-    weights = torch.where(is_forget, torch.full_like(nll, -1.0), torch.full_like(nll, settings.retain_weight))
-    return (weights * nll).mean(), role_means(nll, is_forget)
+    return mix_roles(is_forget, -nll, settings.retain_weight * nll), role_means(nll, is_forget)
 
 
 register(Method(

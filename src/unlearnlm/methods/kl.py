@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, answer_log_distributions, example_nll, role_means
+from unlearnlm.methods.base import Method, answer_log_distributions, example_nll, mix_roles, role_means
 
 
 @dataclass
@@ -30,11 +30,11 @@ def kl_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
     divergence = retain_kl(logits, batch["labels"], reference)
-    per_example = torch.where(is_forget, -nll, settings.retain_weight * divergence)
+    loss = mix_roles(is_forget, -nll, settings.retain_weight * divergence)
     stats = role_means(nll, is_forget)
     if (~is_forget).any():
         stats["retain_kl"] = divergence.detach()[~is_forget].mean().item()
-    return per_example.mean(), stats
+    return loss, stats
 
 
 register(Method(

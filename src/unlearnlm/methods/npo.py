@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, role_means, sequence_logprob
+from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means, sequence_logprob
 
 
 @dataclass
@@ -28,8 +28,7 @@ def npo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
     nll = example_nll(logits, labels)
     log_ratio = sequence_logprob(logits, labels) - torch.stack(reference).to(logits.device).float()
     forget_term = -(2.0 / settings.beta) * F.logsigmoid(-settings.beta * log_ratio)
-    per_example = torch.where(is_forget, forget_term, settings.retain_weight * nll)
-    return per_example.mean(), role_means(nll, is_forget)
+    return mix_roles(is_forget, forget_term, settings.retain_weight * nll), role_means(nll, is_forget)
 
 
 register(Method(

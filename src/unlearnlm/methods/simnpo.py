@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, role_means
+from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means
 
 
 @dataclass
@@ -25,8 +25,7 @@ def simnpo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference
     is_forget = batch["is_forget"]
     # example_nll is already -(1/|y|) log p(y|x), the length-normalised log-likelihood, negated.
     forget_term = -(2.0 / settings.beta) * F.logsigmoid(settings.beta * nll - settings.gamma)
-    per_example = torch.where(is_forget, forget_term, settings.retain_weight * nll)
-    return per_example.mean(), role_means(nll, is_forget)
+    return mix_roles(is_forget, forget_term, settings.retain_weight * nll), role_means(nll, is_forget)
 
 
 register(Method(
