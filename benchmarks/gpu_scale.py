@@ -5,7 +5,7 @@ memory of a step do not depend on the weights' values), trains them through the 
 with the SUGD presets on real LUME rows for a fixed number of steps, and reports tokens per second,
 seconds per chunk, peak GPU memory and the projected time of a whole run.
 
-The prepared command for one H100 (about 5 minutes, most of it the 7B model's variants):
+The prepared command for one H100 (estimated at about 5 minutes, most of it the 7B variants; not yet timed):
 
     python benchmarks/gpu_scale.py --arch olmo-1b olmo-7b --steps 30 --json-out gpu_scale.json
 
@@ -42,12 +42,12 @@ from unlearnlm.model import DTYPES, apply_trainable
 
 # OlmoConfig keyword arguments. The real ones follow allenai/OLMo-{1B,7B}-0724-hf.
 ARCHS: dict[str, dict] = {
-    "olmo-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                    intermediate_size=11008, vocab_size=50304, max_position_embeddings=4096, clip_qkv=None),
-    "olmo-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-                    intermediate_size=8192, vocab_size=50304, max_position_embeddings=4096, clip_qkv=8.0),
-    "tiny": dict(hidden_size=64, num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=4,
-                 intermediate_size=128, vocab_size=1024, max_position_embeddings=4096, clip_qkv=None),
+    "olmo-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                "intermediate_size": 11008, "vocab_size": 50304, "max_position_embeddings": 4096, "clip_qkv": None},
+    "olmo-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+                "intermediate_size": 8192, "vocab_size": 50304, "max_position_embeddings": 4096, "clip_qkv": 8.0},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 10, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "intermediate_size": 128, "vocab_size": 1024, "max_position_embeddings": 4096, "clip_qkv": None},
 }
 # Which preset each variant runs; 'layers' on the tiny model keeps the 7B recipe (last 8 of 10 layers).
 LAYER_PRESETS = {"olmo-7b": "olmo-7b-sugd", "olmo-1b": "olmo-1b-sugd", "tiny": "olmo-7b-sugd"}
@@ -128,6 +128,8 @@ def schedule_steps(config: UnlearnConfig, n_forget: int, n_retain: int) -> tuple
 def run_variant(arch: str, variant: str, steps: int, tokenizer, forget: list[Record], retain: list[Record],
                 forget_rows: int, device: torch.device) -> dict:
     preset, config = variant_config(arch, variant, steps, device)
+    # What the previous variant left behind (should be ~0): the peak below includes it.
+    resident_before = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = build_model(arch, DTYPES[config.dtype], device, tokenizer.eos_token_id)
@@ -155,7 +157,8 @@ def run_variant(arch: str, variant: str, steps: int, tokenizer, forget: list[Rec
         "checkpoint_s": checkpoint_s,
         "projected_forget_rows": forget_rows, "projected_chunks": chunks,
         "projected_hours": (total_steps * seconds_per_step + chunks * checkpoint_s) / 3600,
-        "peak_gpu_mb": memory.get("peak_gpu_allocated_mb"), "peak_rss_mb": memory["peak_rss_mb"],
+        "peak_gpu_mb": memory.get("peak_gpu_allocated_mb"), "gpu_mb_before": resident_before,
+        "peak_rss_mb": memory["peak_rss_mb"],
     }
 
 
@@ -172,7 +175,7 @@ def print_table(results: list[dict]) -> None:
         table.add_row(row["arch"], row["variant"], f"{row['trainable_params'] / 1e6:,.1f}M", str(row["batch_size"]),
                       f"{row['seconds_per_step']:.3f}", f"{row['tokens_per_s']:,.0f}", f"{row['seconds_per_chunk']:,.0f}",
                       peak, f"{row['projected_hours']:.2f}")
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,8 @@
 """Two data-parallel processes (gloo, on CPU) against one process with the same global batch.
 
-The two-process runs go through the real launchers: ``accelerate launch`` with the shipped DDP
-config for unlearning, ``torchrun`` for evaluation (this file is its worker script, see the bottom).
+One ``torchrun`` launch of two processes serves both tests (this file is its worker script, see the
+bottom): each process runs ``unlearnlm unlearn`` through the command line, then evaluates the input
+model inside the process group the run set up.
 """
 
 from __future__ import annotations
@@ -12,28 +13,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
+from unlearnlm.data.records import load_records
 from unlearnlm.engine import unlearn
+from unlearnlm.errors import UserError
+from unlearnlm.runstate import load_checkpoint, process_rng_state, save_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-DDP_CONFIG = SRC / "unlearnlm" / "resources" / "accelerate" / "ddp.yaml"
+ACCELERATE_CONFIGS = SRC / "unlearnlm" / "resources" / "accelerate"
 
 # Uneven on purpose: 9 rows per chunk in global batches of 2 leave the last batch to one process
 # (the other runs a zero-weight row); grad_accum=2 exercises no_sync; NPO with LoRA exercises the
-# adapter-disabled reference forward under DDP.
+# adapter-disabled reference forward under DDP; the time budget needs the processes to agree.
 SETTINGS = ["method=npo", "lora.enabled=true", "schedule.chunk_size=3", "schedule.ratio=2",
             "schedule.epochs_per_chunk=2", "optim.lr=5e-3", "optim.grad_accum=2", "optim.time_budget_s=3600",
             "max_length=48"]
 
 
-def launch(command: list[str]) -> None:
+@pytest.fixture(scope="module")
+def two_processes(micro_model_dir, micro_data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_processes")
     # CPU only, whatever the machine: two processes must not share one GPU under NCCL.
     env = {**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
+               str(micro_model_dir), str(micro_data_dir), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same device as the two processes
 
 
 def log_steps(out: Path) -> list[tuple]:
@@ -41,29 +56,97 @@ def log_steps(out: Path) -> list[tuple]:
     return [(row["step"], row["loss"], row.get("forget_loss"), row.get("retain_loss")) for row in rows if "step" in row]
 
 
-def test_two_processes_train_the_weights_one_process_trains(micro_model_dir, micro_data_dir, tmp_path, monkeypatch):
-    paths = ["--model", str(micro_model_dir), "--forget", str(micro_data_dir / "forget.jsonl"),
-             "--retain", str(micro_data_dir / "retain.jsonl")]
-    overrides = [arg for setting in SETTINGS + ["optim.batch_size=1"] for arg in ("--set", setting)]
-    launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
-            "-m", "unlearnlm", "unlearn", *paths, "--out", str(tmp_path / "two"), *overrides])
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_two_processes_train_the_weights_one_process_trains(two_processes, one_process, micro_model_dir,
+                                                            micro_data_dir, tmp_path):
     config = load_config(None, SETTINGS + ["optim.batch_size=2"])
     unlearn(micro_model_dir, micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl", tmp_path / "one", config,
             show_progress=False)
+    one_dir, two_dir = tmp_path / "one", two_processes / "model"
 
-    two, one = (json.loads((tmp_path / name / "run.json").read_text()) for name in ("two", "one"))
+    two, one = (json.loads((directory / "run.json").read_text()) for directory in (two_dir, one_dir))
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert two["steps"] == one["steps"] == 24 and two["stopped_reason"] == "completed"
     before = load_file(str(micro_model_dir / "model.safetensors"))
-    after_two, after_one = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("two", "one"))
+    after_two, after_one = (load_file(str(directory / "model.safetensors")) for directory in (two_dir, one_dir))
     assert max((after_one[name] - before[name]).abs().max().item() for name in before) > 1e-3
     for name in before:
         torch.testing.assert_close(after_two[name], after_one[name], rtol=0, atol=1e-5)
     # The log holds the means over the whole global batch, which one process sees directly.
-    for row_two, row_one in zip(log_steps(tmp_path / "two"), log_steps(tmp_path / "one"), strict=True):
+    for row_two, row_one in zip(log_steps(two_dir), log_steps(one_dir), strict=True):
         assert row_two[0] == row_one[0]
         assert all(a == b or abs(a - b) < 1e-4 for a, b in zip(row_two[1:], row_one[1:]))
-    # Only the main process wrote: one output directory, no leftovers.
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["one", "two"]
+    # Only the main process wrote: the output and the evaluation scores, no partial directory.
+    assert sorted(path.name for path in two_processes.iterdir()) == ["model", "scores.json"]
+
+
+def test_two_processes_give_the_scores_of_one(two_processes, one_process, micro_model_dir, micro_data_dir):
+    one = evaluate_micro_model(micro_model_dir, micro_data_dir)
+    two = json.loads((two_processes / "scores.json").read_text())
+    # The work was shared (the first process generated half the prompts); the scores did not move.
+    assert one["generated"] == {"batched": 36, "official": 36} and two["generated"] == {"batched": 18, "official": 18}
+    assert two["results"] == one["results"]
+
+
+def test_shipped_accelerate_configs_are_data_parallel():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name in ("ddp.yaml", "ddp-multinode.yaml"):
+        config = load_config_from_file(str(ACCELERATE_CONFIGS / name))
+        assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "no"
+        assert config.num_processes % config.num_machines == 0
+
+
+def test_checkpoints_keep_every_process_random_state_and_their_process_count(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    states = []
+    for seed in (1, 2):  # two processes, two random streams
+        torch.manual_seed(seed)
+        states.append(process_rng_state())
+    save_checkpoint(tmp_path / "state", model, optimizer, scheduler, {"world_size": 2}, states)
+    with pytest.raises(UserError, match="started with 2 processes"):
+        load_checkpoint(tmp_path / "state", model, optimizer, scheduler, 0, world_size=1)
+    torch.manual_seed(2)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    load_checkpoint(tmp_path / "state", model, optimizer, scheduler, 1, world_size=2)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def evaluate_micro_model(model_dir: Path, data_dir: Path) -> dict[str, dict]:
+    """Both generation modes, with the MIA and the utility score (minus the timings), and how many
+    prompts this process generated itself."""
+    from unlearnlm.evaluation.evaluator import evaluate_model, load_model
+
+    model, tokenizer = load_model(model_dir)
+    forget, retain = load_records(data_dir / "forget.jsonl", "forget"), load_records(data_dir / "retain.jsonl", "retain")
+    members, nonmembers = [r.input + " " + r.output for r in forget], [r.input + " " + r.output for r in retain[:12]]
+    results, generated = {}, {}
+    for mode in ("batched", "official"):
+        generated[mode] = 0
+
+        def count(phase: str, done: int, total: int, mode: str = mode) -> None:
+            generated[mode] += done if phase == "generation" else 0
+
+        scores = evaluate_model(model, tokenizer, forget, retain, members, nonmembers, general=retain[12:],
+                                batch_size=3, official=mode == "official", max_new_tokens=6, reporter=count)
+        del scores["timings"]
+        results[mode] = json.loads(json.dumps(scores, default=float))
+    return {"results": results, "generated": generated}
+
+
+def worker(model_dir: str, data_dir: str, out: str) -> None:
+    """One of the two processes torchrun starts: the CLI's unlearn, then an evaluation."""
+    from unlearnlm.cli import app
+
+    paths = ["--model", model_dir, "--forget", f"{data_dir}/forget.jsonl", "--retain", f"{data_dir}/retain.jsonl"]
+    overrides = [arg for setting in SETTINGS + ["optim.batch_size=1"] for arg in ("--set", setting)]
+    app(["unlearn", *paths, "--out", f"{out}/model", *overrides], standalone_mode=False)
+    results = evaluate_micro_model(Path(model_dir), Path(data_dir))
+    if torch.distributed.get_rank() == 0:
+        (Path(out) / "scores.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])

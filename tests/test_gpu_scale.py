@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scale.py"
 def gpu_scale():
     spec = importlib.util.spec_from_file_location("gpu_scale", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_scale"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules["gpu_scale"]
 
 
 def test_real_architectures_have_the_published_sizes(gpu_scale):
@@ -32,7 +35,7 @@ def test_real_architectures_have_the_published_sizes(gpu_scale):
 
 def test_tiny_run_reports_every_variant(gpu_scale, tmp_path):
     out = tmp_path / "scale.json"
-    results = gpu_scale.main(["--arch", "tiny", "--steps", "3", "--variants", "layers", "lora+gc", "--json-out", str(out)])
+    results = gpu_scale.main(["--arch", "tiny", "--steps", "3", "--variants", "layers+gc", "lora", "--json-out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == results and saved["environment"]["steps"] == 3
     layers, lora = results

@@ -146,13 +146,14 @@ class Engine:
             with torch.no_grad(), self.unwrapped.disable_adapter():
                 logits = self.unwrapped(**self._model_inputs(batch)).logits
             return self.method.reference_view(logits, batch["labels"])
-        return [self.reference_cache[key] for key in batch["keys"]]
+        return [self.reference_cache.get(key) for key in batch["keys"]]
 
     def _fill_reference_cache(self) -> None:
         """Without LoRA, compute the original model's values once, before any weight moves."""
         if self.method.reference_view is None or is_peft(self.unwrapped) or self.reference_cache:
             return
-        needed = {(item.role, item.index) for phase in self.phases for item in phase.items}
+        needed = {(item.role, item.index) for phase in self.phases for item in phase.items
+                  if item.role in self.method.reference_roles}
         examples = [self.examples[role][index] for role, index in sorted(needed)]
         self.model.eval()
         for start in range(0, len(examples), 8):
@@ -211,10 +212,7 @@ class Engine:
         start_phase, elapsed_before = 0, 0.0
         state_dir = self.work_dir / "state"
         if resume:
-            position = load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, self.accelerator.process_index)
-            if position["world_size"] != self.accelerator.num_processes:
-                # The global batch, hence the step count and the data each step sees, depends on it.
-                raise UserError(f"this run was started with {position['world_size']} processes; resume it with as many")
+            position = self._load_checkpoint(state_dir)
             start_phase, summary.steps, elapsed_before = position["next_phase"], position["steps"], position["seconds"]
             summary.best, summary.validations = position.get("best"), position.get("validations", [])
             self._truncate_log(position["log_bytes"])
@@ -231,7 +229,7 @@ class Engine:
                 self.optimizer.state.clear()
             stop = self._run_phase(phase_index, summary, started, elapsed_before)
             if stop == "diverged":
-                load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, self.accelerator.process_index)
+                self._load_checkpoint(state_dir)
                 break
             if self.validator is not None:
                 self._validate(phase, summary)
@@ -334,6 +332,10 @@ class Engine:
                         "world_size": self.accelerator.num_processes}
             save_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, position, rng_states)
         self.accelerator.wait_for_everyone()
+
+    def _load_checkpoint(self, state_dir: Path) -> dict:
+        return load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler,
+                               self.accelerator.process_index, self.accelerator.num_processes)
 
     def _log(self, row: dict) -> None:
         if self.accelerator.is_main_process:

@@ -105,11 +105,15 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict
     staging.rename(directory)
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0) -> dict:
+def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0, world_size: int = 1) -> dict:
+    position = json.loads((directory / "position.json").read_text())
+    if position["world_size"] != world_size:
+        # The global batch, hence the step count and the data each step sees, depends on it.
+        raise UserError(f"this run was started with {position['world_size']} processes; resume it with as many")
     load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
     # Our own file, but still read without unpickling arbitrary objects.
     saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"][process_index])
-    return json.loads((directory / "position.json").read_text())
+    return position

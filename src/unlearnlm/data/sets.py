@@ -41,6 +41,7 @@ class SizePreset:
 
     ``mia_docs`` caps the MIA members (the first Task3 documents of F) where validation forget has
     fewer unseen Task3 documents than F has members (``full``); ``None`` uses all of F's Task3 documents.
+    ``general_questions`` is the fewest G questions per task the preset accepts.
     """
 
     name: str
@@ -48,13 +49,15 @@ class SizePreset:
     retain_docs: int | None
     general_docs: int | None
     mia_docs: int | None = None
+    general_questions: int = MIN_GENERAL_QUESTIONS_PER_TASK
 
 
 PRESETS: dict[str, SizePreset] = {
     preset.name: preset
     for preset in (
-        # G keeps 4 documents even in micro: Task1 and Task3 have one question per document.
-        SizePreset("micro", forget_docs=1, retain_docs=1, general_docs=4),
+        # For tests only: one document per task everywhere, so it trains in seconds. Task1 and Task3
+        # then have one G question each, and utility borrows distractors from the other tasks.
+        SizePreset("micro", forget_docs=1, retain_docs=1, general_docs=1, general_questions=1),
         SizePreset("mini", forget_docs=4, retain_docs=4, general_docs=4),
         SizePreset("small", forget_docs=10, retain_docs=10, general_docs=8),
         SizePreset("full", forget_docs=None, retain_docs=None, general_docs=None, mia_docs=34),
@@ -153,13 +156,12 @@ def draw_split(rows: list[Record], n: int | None, draw: int, seed: int, source: 
     return tuple(document for task in TASKS for document in take_block(by_task[task], n, draw, seed, source))
 
 
-def check_general(general: tuple[Document, ...]) -> None:
+def check_general(general: tuple[Document, ...], minimum: int) -> None:
     for task in TASKS:
         questions = sum(row.kind == "qa" for row in BenchmarkSets.rows(tuple(d for d in general if d.task == task)))
-        if questions < MIN_GENERAL_QUESTIONS_PER_TASK:
+        if questions < minimum:
             raise UserError(
-                f"the general set has {questions} {task} questions; utility needs at least "
-                f"{MIN_GENERAL_QUESTIONS_PER_TASK} per task"
+                f"the general set has {questions} {task} questions; utility needs at least {minimum} per task"
             )
 
 
@@ -180,7 +182,7 @@ def draw_sets(
     forget = draw_split(load("train", "forget"), preset.forget_docs, draw, seed, "train/forget")
     retain = draw_split(load("train", "retain"), preset.retain_docs, draw, seed, "train/retain")
     general = draw_split(load("validation", "retain"), preset.general_docs, draw, seed, "validation/retain")
-    check_general(general)
+    check_general(general, preset.general_questions)
 
     members = tuple(document for document in forget if document.task == MIA_TASK)[: preset.mia_docs]
     pool = group_documents(load("validation", "forget"))[MIA_TASK]

@@ -21,6 +21,7 @@ import torch
 
 from unlearnlm.data.tokenize import Example, collate
 from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, length_sorted_batches, model_device
+from unlearnlm.evaluation.sharding import gather_in_order, process_share
 
 MAX_NEW_TOKENS = 256
 
@@ -65,18 +66,18 @@ def cut_at_stop(new_ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 def generate_official(
     model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = MAX_NEW_TOKENS, progress: Progress | None = None
 ) -> list[str]:
-    """The organizers' loop: one unpadded prompt per ``generate`` call."""
+    """The organizers' loop: one unpadded prompt per ``generate`` call (shared out in a distributed run)."""
     device = model_device(model)
     settings = _greedy_settings(model, tokenizer, max_new_tokens)
-    texts = []
+    texts: list[str | None] = [None] * len(prompts)
     with evaluation_mode(model):
-        for prompt in prompts:
-            input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        for index in process_share(range(len(prompts))):
+            input_ids = torch.tensor([prompts[index]], dtype=torch.long, device=device)
             output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **settings)
-            texts.append(decode_new_tokens(tokenizer, output[0, len(prompt):].tolist()))
+            texts[index] = decode_new_tokens(tokenizer, output[0, len(prompts[index]):].tolist())
             if progress is not None:
                 progress(1)
-    return texts
+    return gather_in_order(texts)
 
 
 def generate_batched(
@@ -87,12 +88,15 @@ def generate_batched(
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Left-padded batches of similar-length prompts; same strings as :func:`generate_official`."""
+    """Left-padded batches of similar-length prompts; same strings as :func:`generate_official`.
+
+    In a distributed run each process generates its share of the batches (see ``sharding``).
+    """
     device = model_device(model)
     settings = _greedy_settings(model, tokenizer, max_new_tokens)
     texts: list[str | None] = [None] * len(prompts)
     with evaluation_mode(model):
-        for batch_indices in length_sorted_batches([len(prompt) for prompt in prompts], batch_size):
+        for batch_indices in process_share(length_sorted_batches([len(prompt) for prompt in prompts], batch_size)):
             examples = [Example(prompts[index], list(prompts[index])) for index in batch_indices]
             batch = collate(examples, tokenizer.eos_token_id, padding_side="left")
             width = batch["input_ids"].shape[1]
@@ -106,7 +110,7 @@ def generate_batched(
                 texts[index] = decode_new_tokens(tokenizer, cut_at_stop(output[row, width:].tolist(), settings["eos_token_id"]))
             if progress is not None:
                 progress(len(batch_indices))
-    return texts  # type: ignore[return-value]
+    return gather_in_order(texts)
 
 
 def generate_texts(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate
+from unlearnlm.evaluation.sharding import gather_in_order, process_share
 
 Progress = Callable[[int], None]
 
@@ -112,12 +113,13 @@ def token_statistics(
     """Statistics of every labelled token (``labels != IGNORE_INDEX``) of each example.
 
     Right padding: a causal model's real tokens never see the padding after them, so no position
-    ids are needed. The vocabulary-sized log-softmax is taken one row at a time to bound memory.
+    ids are needed. The vocabulary-sized log-softmax is taken one row at a time to bound memory. In a
+    distributed run each process scores its share of the batches (see ``sharding``).
     """
     device = model_device(model)
     results: list[TokenStats | None] = [None] * len(examples)
     with evaluation_mode(model):
-        for batch_indices in length_sorted_batches([len(example.input_ids) for example in examples], batch_size):
+        for batch_indices in process_share(length_sorted_batches([len(example.input_ids) for example in examples], batch_size)):
             batch = collate([examples[index] for index in batch_indices], pad_id, padding_side="right")
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             for row, index in enumerate(batch_indices):
@@ -126,7 +128,7 @@ def token_statistics(
                 results[index] = stats_from_logits(logits[row, :-1][scored], labels[scored], with_distribution)
             if progress is not None:
                 progress(len(batch_indices))
-    return results  # type: ignore[return-value]
+    return gather_in_order(results)
 
 
 def next_token_logits(

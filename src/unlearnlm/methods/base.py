@@ -92,6 +92,8 @@ class Method:
     config_defaults: dict = field(default_factory=dict)
     schedule: Callable[..., list[Phase]] = schedule_from_config
     reference_view: Optional[Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]] = None
+    # The rows whose reference values the loss reads; the cache holds only those (others get None).
+    reference_roles: tuple[str, ...] = ("forget", "retain")
 
     def build_settings(self, args: dict) -> Any:
         return build_dataclass(self.settings, args, prefix="method_args")

@@ -18,7 +18,7 @@ def retain_kl(logits: torch.Tensor, labels: torch.Tensor, reference: list[torch.
     current = answer_log_distributions(logits, labels)
     values = []
     for model_logp, ref_logp in zip(current, reference):
-        if model_logp.shape[0] == 0:
+        if ref_logp is None or model_logp.shape[0] == 0:  # a forget row, or no answer tokens
             values.append(model_logp.sum())
             continue
         ref_logp = ref_logp.to(model_logp.device, model_logp.dtype)
@@ -42,4 +42,5 @@ register(Method(
     summary="gradient ascent on forget plus KL to the original model on retain",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
     reference_view=answer_log_distributions,
+    reference_roles=("retain",),
 ))

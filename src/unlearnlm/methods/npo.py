@@ -26,7 +26,9 @@ def reference_logprob(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.
 def npo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
     labels, is_forget = batch["labels"], batch["is_forget"]
     nll = example_nll(logits, labels)
-    log_ratio = sequence_logprob(logits, labels) - torch.stack(reference).to(logits.device).float()
+    # Retain rows carry no reference value (None); their forget term is discarded below.
+    reference_logp = torch.stack([torch.zeros(()) if value is None else value.float().cpu() for value in reference])
+    log_ratio = sequence_logprob(logits, labels) - reference_logp.to(logits.device)
     forget_term = -(2.0 / settings.beta) * F.logsigmoid(-settings.beta * log_ratio)
     return mix_roles(is_forget, forget_term, settings.retain_weight * nll), role_means(nll, is_forget)
 
@@ -36,4 +38,5 @@ register(Method(
     summary="negative preference optimisation against the original model, with a retain term",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
     reference_view=reference_logprob,
+    reference_roles=("forget",),
 ))

@@ -1,0 +1,47 @@
+"""Evaluation shared between the processes of a distributed run, with the results of one process.
+
+Work is dealt out by whole batches, never re-batched: each process runs every ``world``-th of the
+very batches one process would run, so every row is padded, and therefore computed, as it would be
+alone, and the scores cannot depend on the number of processes. Dealing round-robin rather than in
+contiguous blocks (accelerate's ``split_between_processes``) keeps the load even, since batches come
+sorted by length.
+
+These are collectives: in a distributed run every process must call them (the engine's validator
+does). Outside one they change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    # The process group torchrun / accelerate launch set up; reading it creates no state of its own.
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def process_share(batches: Sequence[T]) -> Sequence[T]:
+    """The batches this process runs."""
+    rank, world = _rank_and_world()
+    return batches[rank::world]
+
+
+def gather_in_order(results: list[T | None]) -> list[T]:
+    """Every process's results, in the original order, on every process.
+
+    ``results`` holds this process's results at their positions and ``None`` elsewhere.
+    """
+    _, world = _rank_and_world()
+    if world == 1:
+        return results  # type: ignore[return-value]
+    parts: list[dict[int, T] | None] = [None] * world
+    dist.all_gather_object(parts, {index: value for index, value in enumerate(results) if value is not None})
+    merged = {index: value for part in parts for index, value in part.items()}  # type: ignore[union-attr]
+    return [merged[index] for index in range(len(results))]
