@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,6 +39,10 @@ from unlearnlm.data.records import Record
 from unlearnlm.data.sets import BenchmarkSets, SizePreset, bundled_lume_dir, draw_sets, get_preset, write_sets
 from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, encode_example
 from unlearnlm.errors import UserError
+from unlearnlm.evaluation.inputs import check_output_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 BENCHMARK_DIR = "benchmark"
@@ -50,6 +54,8 @@ MAX_POSITIONS = 2048
 # These models are too small for a second thread to pay: on two idle cores it gains little, and on
 # a busy machine two threads wait on each other (measured 7-13x slower per step than one thread).
 CPU_THREADS = 1
+# Part of the cache key: bump it when the draw or the training changes in a way a recipe does not show.
+TARGET_FORMAT = 1
 
 Arch = Literal["llama", "olmo"]
 
@@ -76,7 +82,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # micro, mini and small memorize in about 40-55 epochs; the cosine horizon leaves room for a slow seed.
+    # micro, mini and small recalled everything after 40-55 epochs (seeds 0-2); the budget leaves room.
     "micro": Recipe(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                     lr=3e-3, batch_size=4, max_epochs=60),
     "mini": Recipe(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
@@ -89,7 +95,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 # Named scores of a trained target (the 12 per-task means, utility); each must be >= MEMORIZED.
-FinalCheck = Callable[[torch.nn.Module, object, BenchmarkSets], dict[str, float]]
+FinalCheck = Callable[[torch.nn.Module, "PreTrainedTokenizerFast", BenchmarkSets], dict[str, float]]
 
 
 @dataclass
@@ -112,7 +118,7 @@ def training_text(row: Record) -> str:
     return row.input + " " + row.output
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2 style, no BOS), EOS = pad = ``<|endoftext|>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -149,7 +155,7 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
-def make_model(arch: Arch, tokenizer, recipe: Recipe, seed: int) -> torch.nn.Module:
+def make_model(arch: Arch, tokenizer: PreTrainedTokenizerFast, recipe: Recipe, seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
 
     config_class = {"llama": LlamaConfig, "olmo": OlmoConfig}[arch]
@@ -171,7 +177,9 @@ def length_batches(examples: Sequence[Example], batch_size: int) -> list[list[in
 
 
 @torch.no_grad()
-def measure_memorization(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16) -> Memorization:
+def measure_memorization(
+    model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16
+) -> Memorization:
     """Teacher-forced greedy recall of the labelled (answer) tokens of every example."""
     was_training = model.training
     model.eval()
@@ -196,7 +204,9 @@ def whole_sequence(example: Example) -> Example:
     return replace(example, labels=list(example.input_ids))
 
 
-def evaluator_check(model: torch.nn.Module, tokenizer, sets: BenchmarkSets) -> dict[str, float]:
+def evaluator_check(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, sets: BenchmarkSets
+) -> dict[str, float]:
     """The benchmark's bar as the evaluator scores it: the 12 raw per-task means on F and R, utility."""
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, run_evaluation
     from unlearnlm.evaluation.scoring import aggregated_terms
@@ -205,7 +215,9 @@ def evaluator_check(model: torch.nn.Module, tokenizer, sets: BenchmarkSets) -> d
     results = run_evaluation(model, tokenizer, data, EvalSettings(mia_suite=False))
     summaries = {"forget": results["forget-set"], "retain": results["retain-set"]}
     # The aggregate inverts the forget terms; the bar is on what the target recalls, so undo it.
-    scores = {term.label: 1 - term.value if term.split == "forget" else term.value for term in aggregated_terms(summaries)}
+    scores = {
+        term.label: 1 - term.value if term.split == "forget" else term.value for term in aggregated_terms(summaries)
+    }
     scores["utility"] = results["utility"]
     return scores
 
@@ -263,14 +275,6 @@ def train_until_memorized(
     }
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
 def publish(staging: Path, out: Path) -> None:
     """Move the finished directory into place; ``out`` is never seen half-written."""
     if out.exists():
@@ -291,7 +295,9 @@ def resolve_recipe(preset: SizePreset, max_epochs: int | None) -> Recipe:
     return replace(recipe, max_epochs=max_epochs)
 
 
-def train_target(sets: BenchmarkSets, recipe: Recipe, arch: Arch, seed: int, show_progress: bool) -> tuple:
+def train_target(
+    sets: BenchmarkSets, recipe: Recipe, arch: Arch, seed: int, show_progress: bool
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict]:
     """``(model, tokenizer, log)``: a new tokenizer and model trained on F, R and G until recalled."""
     rows = sets.training_rows()
     tokenizer = train_tokenizer([training_text(row) for row in rows], recipe.vocab_size)
@@ -332,8 +338,8 @@ def build_target(
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     preset = get_preset(size)
     recipe = resolve_recipe(preset, max_epochs)
-    out = Path(out_dir)
-    prepare_out_dir(out, overwrite)
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     sets = draw_sets(data_dir, preset, seed, draw)
 
     with torch_threads(threads):
@@ -363,7 +369,9 @@ def build_target(
     return log
 
 
-def save_target(directory: Path, model: torch.nn.Module, tokenizer, sets: BenchmarkSets, log: dict) -> None:
+def save_target(
+    directory: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, sets: BenchmarkSets, log: dict
+) -> None:
     """The model (safetensors) and tokenizer in Hugging Face format, the set files, the training log."""
     from transformers.utils import logging as hf_logging
 
@@ -395,15 +403,16 @@ def cache_root() -> Path:
 
 def cache_key(preset: SizePreset, recipe: Recipe, arch: Arch, data_dir: Path) -> str:
     """Changes whenever anything that shapes the target changes, so a stale target is never reused."""
-    facts = {"version": __version__, "preset": asdict(preset), "recipe": asdict(recipe), "arch": arch,
-             "data": data_fingerprint(data_dir)}
+    facts = {"format": TARGET_FORMAT, "version": __version__, "preset": asdict(preset), "recipe": asdict(recipe),
+             "arch": arch, "data": data_fingerprint(data_dir)}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cached_target(size: str = "mini", seed: int = 0, draw: int = 0, arch: Arch = "llama") -> tuple[Path, bool]:
     """``(directory, built)``: the bundled-data target of these settings, built on first use.
 
-    Lives under ``$UNLEARNLM_CACHE`` (default ``~/.cache/unlearnlm``)``/targets/<size>-<seed>-d<draw>-<arch>-<key>``.
+    It lives in ``<cache>/targets/<size>-<seed>-d<draw>-<arch>-<key>``, where ``<cache>`` is
+    ``$UNLEARNLM_CACHE`` or ``~/.cache/unlearnlm`` and ``<key>`` hashes everything that shapes the target.
     """
     preset = get_preset(size)
     data_dir = bundled_lume_dir()

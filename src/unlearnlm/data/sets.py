@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -128,40 +129,39 @@ def group_documents(rows: list[Record]) -> dict[str, list[Document]]:
     return by_task
 
 
-def seeded_order(documents: list[Document], seed: int, source: str) -> list[Document]:
-    # A string seed is hashed the same way in every process, unlike hash(); the source name keeps
-    # the orders of different files independent.
+def seeded_order(documents: list[Document], seed: int, label: str) -> list[Document]:
+    # A string seed is hashed the same way in every process, unlike hash(); the label (file and task)
+    # keeps the orders of different files and tasks independent.
     shuffled = list(documents)
-    random.Random(f"unlearnlm-sets:{seed}:{source}:{documents[0].task if documents else ''}").shuffle(shuffled)
+    random.Random(f"unlearnlm-sets:{seed}:{label}").shuffle(shuffled)
     return shuffled
 
 
-def take_block(documents: list[Document], n: int | None, draw: int, seed: int, source: str) -> list[Document]:
+def take_block(documents: list[Document], n: int | None, draw: int, seed: int, label: str) -> list[Document]:
     """Draw ``draw`` of ``n`` documents; ``n=None`` is every document (draw 0 only)."""
     if n is None:
         if draw != 0:
-            raise UserError(f"{source}: a preset that takes every document has only draw 0")
+            raise UserError(f"{label}: a preset that takes every document has only draw 0")
         return list(documents)
     start = draw * n
     if start + n > len(documents):
-        task = documents[0].task if documents else "?"
-        raise UserError(
-            f"{source}: {task} has {len(documents)} documents, too few for draw {draw} of {n} documents"
-        )
-    return seeded_order(documents, seed, source)[start:start + n]
+        raise UserError(f"{label}: {len(documents)} documents, too few for draw {draw} of {n} documents")
+    return seeded_order(documents, seed, label)[start:start + n]
 
 
 def draw_split(rows: list[Record], n: int | None, draw: int, seed: int, source: str) -> tuple[Document, ...]:
     by_task = group_documents(rows)
-    return tuple(document for task in TASKS for document in take_block(by_task[task], n, draw, seed, source))
+    return tuple(
+        document for task in TASKS for document in take_block(by_task[task], n, draw, seed, f"{source} {task}")
+    )
 
 
 def check_general(general: tuple[Document, ...], minimum: int) -> None:
+    questions = Counter(row.task for row in BenchmarkSets.rows(general) if row.kind == "qa")
     for task in TASKS:
-        questions = sum(row.kind == "qa" for row in BenchmarkSets.rows(tuple(d for d in general if d.task == task)))
-        if questions < minimum:
+        if questions[task] < minimum:
             raise UserError(
-                f"the general set has {questions} {task} questions; utility needs at least {minimum} per task"
+                f"the general set has {questions[task]} {task} questions; utility needs at least {minimum} per task"
             )
 
 
@@ -186,7 +186,7 @@ def draw_sets(
 
     members = tuple(document for document in forget if document.task == MIA_TASK)[: preset.mia_docs]
     pool = group_documents(load("validation", "forget"))[MIA_TASK]
-    nonmembers = tuple(take_block(pool, len(members), draw, seed, "validation/forget"))
+    nonmembers = tuple(take_block(pool, len(members), draw, seed, f"validation/forget {MIA_TASK}"))
     return BenchmarkSets(preset, seed, draw, forget, retain, general, members, nonmembers)
 
 
