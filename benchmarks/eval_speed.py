@@ -15,7 +15,8 @@ import time
 
 from unlearnlm.data.records import load_records
 from unlearnlm.data.tokenize import encode_prompt
-from unlearnlm.evaluation.evaluator import DTYPES, load_model
+from unlearnlm.evaluation.evaluator import load_model
+from unlearnlm.model import DTYPES
 from unlearnlm.evaluation.generation import generate_batched, generate_official
 from unlearnlm.evaluation.scoring import official_results, score_rows
 
