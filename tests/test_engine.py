@@ -151,3 +151,29 @@ def test_lora_on_selected_layers_only():
     assert names and all("lora_" in name for name in names)
     assert {int(name.split("layers.")[1].split(".")[0]) for name in names} == {4, 5}
     assert {name.split(".")[-4] for name in names} == {"q_proj", "v_proj", "up_proj", "down_proj"}
+
+
+def test_checkpoint_selection_keeps_the_best_validated_state(micro_model_dir, micro_data_dir, tmp_path):
+    forget, retain = micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl"
+    validation = [f"validation.forget={forget}", f"validation.retain={retain}", "validation.max_new_tokens=8",
+                  "validation.metric=task_aggregate"]
+    report = run(micro_model_dir, micro_data_dir, tmp_path / "out", validation)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "unlearn_log.jsonl").read_text().splitlines()]
+    validations = [row for row in rows if row.get("event") == "validation"]
+    assert [row["chunk"] for row in validations] == [1, 2, 3]
+    best = max(validations, key=lambda row: row["task_aggregate"])
+    assert report["best"]["step"] == best["step"]
+    assert report["best"]["task_aggregate"] == best["task_aggregate"]
+    # The saved model is that state: scoring it again gives the selected score.
+    from unlearnlm.data.records import load_records
+    from unlearnlm.evaluation.evaluator import quick_scores
+    from unlearnlm.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "out")
+    rescored = quick_scores(model, tokenizer, load_records(forget), load_records(retain, "retain"), max_new_tokens=8)
+    assert rescored["task_aggregate"] == pytest.approx(best["task_aggregate"], abs=1e-9)
+    # And it differs from the last state unless the last chunk was the best one.
+    run(micro_model_dir, micro_data_dir, tmp_path / "last", [])
+    last, selected = weights(tmp_path / "last"), weights(tmp_path / "out")
+    same = all(torch.equal(last[name], selected[name]) for name in last)
+    assert same == (best["chunk"] == 3)
