@@ -111,6 +111,7 @@ def plot_trajectory(results: dict, path: Path) -> Path | None:
                        ("final", "final score"), ("mia_score", "MIA score")):
         if all(key in point and point[key] is not None for point in points):
             axis.plot(chunks, [point[key] for point in points], marker="o", label=label)
+    axis.set_xticks(chunks)
     axis.set_xlabel(f"after chunk ({runs[0]['method']}, reported draw, validation log)")
     axis.set_ylabel("score")
     axis.set_ylim(0, 1.05)
