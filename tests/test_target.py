@@ -12,7 +12,7 @@ import torch
 from unlearnlm.data.records import load_documents, load_records
 from unlearnlm.errors import UserError
 from unlearnlm.target import (
-    BENCHMARK_DIR, LOG_NAME, RECIPES, build_target, cached_target, make_model, train_tokenizer,
+    BENCHMARK_DIR, LOG_NAME, RECIPES, build_target, cached_target, make_model, publish, train_tokenizer,
 )
 
 
@@ -81,6 +81,17 @@ def test_a_non_empty_output_directory_is_refused(tmp_path: Path) -> None:
         build_target(None, tmp_path, "micro")
     with pytest.raises(UserError, match="unknown architecture"):
         build_target(None, tmp_path / "new", "micro", arch="gpt2")
+
+
+def test_publish_replaces_an_old_directory_whole(tmp_path: Path) -> None:
+    out, staging = tmp_path / "target", tmp_path / "staging"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    staging.mkdir()
+    (staging / "new.txt").write_text("new")
+    publish(staging, out)
+    assert [path.name for path in out.iterdir()] == ["new.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["target"]
 
 
 def test_olmo_architecture_is_available() -> None:

@@ -41,7 +41,8 @@ def target_command(
     seed: Annotated[int, typer.Option(help="Seed of the document draw and of the model.")] = 0,
     draw: Annotated[int, typer.Option(min=0, help="Which disjoint draw of documents (the benchmark tunes on 1, reports on 0).")] = 0,
     arch: Annotated[TargetArch, typer.Option(help="Decoder architecture from transformers.")] = TargetArch.llama,
-    max_epochs: Annotated[Optional[int], typer.Option(min=1, help="Epoch budget [default: the size's].")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(min=1, help="Epoch budget (default: the size's own).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads; more than 1 pays only on an idle machine.")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Train a tiny model from scratch until it memorized LUME documents: the benchmark's target."""
@@ -56,7 +57,7 @@ def target_command(
 
     from unlearnlm.target import build_target
 
-    log = build_target(data, out, size.value, seed, arch.value, draw, overwrite, max_epochs)
+    log = build_target(data, out, size.value, seed, arch.value, draw, overwrite, max_epochs, threads=threads)
     Console().print(
         f"target: {out}  ({log['parameters']:,} parameters, {log['epochs']} epochs, "
         f"{log['train_seconds']:.0f}s training, {log['rows_recalled']}/{log['rows']} rows recalled)"

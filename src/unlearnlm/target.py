@@ -51,8 +51,9 @@ MEMORIZED = 0.9  # the benchmark's bar for each per-task mean and for utility
 ARCHS = ("llama", "olmo")
 # The prompts of the evaluation plus 256 generated tokens stay far below this (RoPE has no weights).
 MAX_POSITIONS = 2048
-# These models are too small for a second thread to pay: on two idle cores it gains little, and on
-# a busy machine two threads wait on each other (measured 7-13x slower per step than one thread).
+# One thread by default: on two idle cores a second thread made a training step 1.1-1.8x faster
+# (mini, small), but on a machine shared with other jobs the two threads wait on each other and a
+# step was 7-13x slower. ``threads=2`` (``--threads 2``) is for a machine known to be idle.
 CPU_THREADS = 1
 # Part of the cache key: bump it when the draw or the training changes in a way a recipe does not show.
 TARGET_FORMAT = 1
@@ -82,13 +83,15 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # micro, mini and small recalled everything after 40-55 epochs (seeds 0-2); the budget leaves room.
+    # Measured: micro recalled everything after 40-43 epochs (seeds 0-2), mini after 46 (41-42 with a
+    # budget of 70), small after 47 (54 with a budget of 100): a shorter cosine horizon stops sooner,
+    # but too short a one stalls (micro: 8 rows short with 40), so the budgets keep 30-50% to spare.
     "micro": Recipe(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                     lr=3e-3, batch_size=4, max_epochs=60),
     "mini": Recipe(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                    lr=3e-3, batch_size=4, max_epochs=100),
     "small": Recipe(vocab_size=4096, hidden_size=192, num_layers=2, num_heads=6, intermediate_size=768,
-                    lr=2e-3, batch_size=4, max_epochs=100),
+                    lr=2e-3, batch_size=4, max_epochs=70),
     # Not tuned: every train document is beyond two CPU cores; meant for a GPU.
     "full": Recipe(vocab_size=8192, hidden_size=384, num_layers=4, num_heads=6, intermediate_size=1536,
                    lr=1e-3, batch_size=8, max_epochs=100),
