@@ -7,7 +7,6 @@ without rebuilding anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -23,13 +22,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.records import Record
+from unlearnlm.data.records import Record, content_sha256
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
-from unlearnlm.runstate import load_checkpoint, load_trainable_state, process_rng_state, save_checkpoint, trainable_state
+from unlearnlm.runstate import load_checkpoint, load_trainable, process_rng_state, save_checkpoint, save_trainable
 
 
 @dataclass
@@ -39,15 +38,6 @@ class RunSummary:
     stopped_reason: str = "completed"
     best: Optional[dict] = None
     validations: list[dict] = field(default_factory=list)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -238,7 +228,7 @@ class Engine:
                 break
         summary.seconds = elapsed_before + time.perf_counter() - started
         if summary.best is not None:
-            load_trainable_state(self.unwrapped, trainable_state_from(self.work_dir / "best"))
+            load_trainable(self.unwrapped, self.work_dir / "best")
         return summary
 
     def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[str]:
@@ -351,24 +341,11 @@ class Engine:
         return count_parameters(self.unwrapped)
 
 
-def save_trainable(model: torch.nn.Module, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(directory / "trainable.safetensors"))
-
-
-def trainable_state_from(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / "trainable.safetensors"))
-
-
 def _stat_rows(name: str, batch: dict) -> int:
     """How many of the batch's rows a logged value averages over (role_means: forget_*, retain_*)."""
     if batch["share"] == 0:
         return 0
-    forget_rows = sum(key.startswith("f") for key in batch["keys"])
+    forget_rows = int(batch["is_forget"].sum())
     if name.startswith("forget"):
         return forget_rows
     if name.startswith("retain"):
@@ -436,8 +413,8 @@ def unlearn(
     report = {
         "config": config.to_dict(),
         "model": str(model_path),
-        "data": {"forget": str(forget_path), "forget_sha256": file_sha256(forget_path), "forget_rows": len(forget),
-                 "retain": str(retain_path), "retain_sha256": file_sha256(retain_path), "retain_rows": len(retain)},
+        "data": {"forget": str(forget_path), "forget_sha256": content_sha256(forget_path), "forget_rows": len(forget),
+                 "retain": str(retain_path), "retain_sha256": content_sha256(retain_path), "retain_rows": len(retain)},
         "seed": config.seed,
         "versions": library_versions(),
         "trainable_parameters": trainable,
@@ -512,15 +489,17 @@ def build_validator(config: UnlearnConfig, tokenizer) -> Callable[[torch.nn.Modu
     """Checkpoint selection: the SemEval scores of held-out sets, in the evaluator's fast mode."""
     from unlearnlm.data.records import load_documents, load_records
     from unlearnlm.evaluation.evaluator import quick_scores
+    from unlearnlm.evaluation.likelihood import TokenCache
 
     plan = config.validation
     forget, retain = load_records(plan.forget, "forget"), load_records(plan.retain, "retain")
     members = load_documents(plan.members) if plan.members else None
     nonmembers = load_documents(plan.nonmembers) if plan.nonmembers else None
     general = load_records(plan.general, "retain") if plan.general else None
+    cache = TokenCache()  # the same rows at every validation: tokenize them once
 
     def validate(model: torch.nn.Module) -> dict:
         return quick_scores(model, tokenizer, forget, retain, members, nonmembers, general,
-                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens)
+                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens, cache=cache)
 
     return validate

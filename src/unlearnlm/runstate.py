@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from unlearnlm.errors import UserError
 
 
+TRAINABLE_FILE = "trainable.safetensors"
+
+
 def partial_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.partial"
 
@@ -64,6 +67,15 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
 
 
+def save_trainable(model: torch.nn.Module, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(directory / TRAINABLE_FILE))
+
+
+def load_trainable(model: torch.nn.Module, directory: Path) -> None:
+    load_trainable_state(model, load_file(str(directory / TRAINABLE_FILE)))
+
+
 def process_rng_state() -> dict:
     """This process's random generators, as plain lists and tensors (loadable with weights_only)."""
     numpy_state = np.random.get_state()
@@ -97,7 +109,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+    save_trainable(model, staging)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}, staging / "optimizer.pt")
     (staging / "position.json").write_text(json.dumps(position))
     if directory.exists():
@@ -110,7 +122,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index:
     if position["world_size"] != world_size:
         # The global batch, hence the step count and the data each step sees, depends on it.
         raise UserError(f"this run was started with {position['world_size']} processes; resume it with as many")
-    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
+    load_trainable(model, directory)
     # Our own file, but still read without unpickling arbitrary objects.
     saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])

@@ -7,6 +7,7 @@ ending in ``qa`` a question.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,6 +133,15 @@ def load_records(path: str | Path, split: str = "forget", allow_empty: bool = Fa
             raise UserError(f"{path}: duplicate row id {record.id!r}")
         seen.add(record.id)
     return records
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files in name order (a data set given as a folder)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:

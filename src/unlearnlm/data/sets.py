@@ -17,7 +17,6 @@ benchmark tunes on draw 1 and reports on draw 0) and the same seed always gives 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from unlearnlm.data.records import Record, load_records, write_jsonl
+from unlearnlm.data.records import Record, content_sha256, load_records, write_jsonl
 from unlearnlm.errors import UserError
 
 TASKS = ("Task1", "Task2", "Task3")
@@ -190,10 +189,6 @@ def draw_sets(
     return BenchmarkSets(preset, seed, draw, forget, retain, general, members, nonmembers)
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_sets(sets: BenchmarkSets, out_dir: str | Path) -> Path:
     """Write the five set files and ``manifest.json`` (what was drawn, and each file's sha256)."""
     out = Path(out_dir)
@@ -214,7 +209,7 @@ def write_sets(sets: BenchmarkSets, out_dir: str | Path) -> Path:
             name: {
                 "documents": [document.id for document in documents],
                 "rows": len(sets.rows(documents)) if name in row_sets else len(documents),
-                "sha256": sha256_file(out / name),
+                "sha256": content_sha256(out / name),
             }
             for name, documents in {**row_sets, **mia_sets}.items()
         },
