@@ -68,3 +68,16 @@ def micro_data_dir(tmp_path_factory, lume_rows) -> Path:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     return directory
+
+
+@pytest.fixture(scope="session")
+def micro_target(tmp_path_factory) -> tuple[Path, Path]:
+    """The micro target, built once per session through the cache: ``(directory, cache root)``."""
+    from unlearnlm.target import cached_target
+
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNLEARNLM_CACHE", str(cache))
+        directory, built = cached_target("micro", seed=0)
+    assert built
+    return directory, cache

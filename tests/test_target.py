@@ -16,17 +16,6 @@ from unlearnlm.target import (
 )
 
 
-@pytest.fixture(scope="module")
-def micro_target(tmp_path_factory) -> tuple[Path, Path]:
-    """The micro target, built once through the cache: ``(directory, cache root)``."""
-    cache = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNLEARNLM_CACHE", str(cache))
-        directory, built = cached_target("micro", seed=0)
-    assert built
-    return directory, cache
-
-
 def test_micro_target_memorized_its_sets(micro_target) -> None:
     directory, _ = micro_target
     log = json.loads((directory / LOG_NAME).read_text())

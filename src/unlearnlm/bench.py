@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from unlearnlm.errors import UserError
 
@@ -31,23 +32,29 @@ class Variant:
 
 
 def variants(n_layers: int) -> dict[str, Variant]:
-    """The compared methods, with starting learning rates suited to a tiny target trained from scratch."""
+    """The compared methods and the learning rate each one's grid is centred on.
+
+    The centres come from one coarse sweep per variant on the tuning draw of the mini preset (the
+    same values, 3e-4, 1e-3 and 3e-3, for every method; 5e-3 to 5e-2 for LoRA, whose updates are
+    smaller); see docs/benchmark.md.
+    """
     half = f"layers.last_k={max(1, n_layers // 2)}"
     lora = ("lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.target_modules=[q_proj,v_proj,up_proj,down_proj]")
     sugd = ("method=sugd", "schedule.chunk_size=8", "schedule.ratio=3", "schedule.epochs_per_chunk=3",
             "method_args.retain_weight=1.0", "optim.batch_size=4")
     whole = ("schedule.epochs_per_chunk=3", "optim.batch_size=4")
     table = [
-        Variant("sugd-lora", sugd + lora, 2e-3, "SUGD with LoRA adapters"),
-        Variant("sugd-layers", sugd + (half,), 1e-4, "SUGD on the last half of the layers"),
-        Variant("sugd-lora-layers", sugd + lora + (half,), 2e-3, "SUGD with LoRA on the last half of the layers"),
+        Variant("sugd-lora", sugd + lora, 1e-2, "SUGD with LoRA adapters"),
+        Variant("sugd-layers", sugd + (half,), 3e-3, "SUGD on the last half of the layers"),
+        Variant("sugd-lora-layers", sugd + lora + (half,), 2e-2, "SUGD with LoRA on the last half of the layers"),
+        Variant("sugd", sugd, 1e-3, "SUGD on every weight"),
         Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
-                         "method_args.final_anneal=true"), 1e-4, "alternating ascent / annealing descent"),
-        Variant("ga", ("method=ga",) + whole, 1e-4, "gradient ascent"),
-        Variant("gd", ("method=gd", "schedule.ratio=1") + whole, 1e-4, "gradient difference, no chunking"),
-        Variant("kl", ("method=kl", "schedule.ratio=1") + whole, 1e-4, "ascent + KL to the original on retain"),
-        Variant("npo", ("method=npo", "schedule.ratio=1") + whole, 1e-4, "NPO (beta 0.1) + retain NLL"),
-        Variant("simnpo", ("method=simnpo", "schedule.ratio=1") + whole, 1e-4, "SimNPO + retain NLL"),
+                         "method_args.final_anneal=true"), 1e-3, "alternating ascent / annealing descent"),
+        Variant("ga", ("method=ga",) + whole, 1e-3, "gradient ascent"),
+        Variant("gd", ("method=gd", "schedule.ratio=1") + whole, 1e-3, "gradient difference, no chunking"),
+        Variant("kl", ("method=kl", "schedule.ratio=1") + whole, 1e-3, "ascent + KL to the original on retain"),
+        Variant("npo", ("method=npo", "schedule.ratio=1") + whole, 1e-3, "NPO (beta 0.1) + retain NLL"),
+        Variant("simnpo", ("method=simnpo", "schedule.ratio=1") + whole, 1e-3, "SimNPO + retain NLL"),
     ]
     return {variant.name: variant for variant in table}
 
@@ -55,10 +62,10 @@ def variants(n_layers: int) -> dict[str, Variant]:
 @dataclass
 class BenchOptions:
     out: Path
-    size: str = "small"
+    size: str = "mini"
     methods: list[str] = field(default_factory=list)
     grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # learning-rate multipliers
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     target_seed: int = 0
     time_budget_s: float | None = None
     batch_size: int = 16
@@ -77,6 +84,24 @@ def run_unlearn(target: Path, out: Path, overrides: list[str], log: Path) -> dic
     if result.returncode != 0:
         raise UserError(f"unlearning failed ({' '.join(overrides)}); see {log}")
     return json.loads((out / "run.json").read_text())
+
+
+def finished_run(run_dir: Path, target: Path, overrides: list[str], scorer: Callable[[Path], dict]) -> tuple[dict, dict]:
+    """``(run.json, scores)`` of one unlearning run, reusing a finished one with the same target and settings.
+
+    A record is written only after the run and its scoring finish, so a bench killed midway and started
+    again with the same command redoes only the run it was in.
+    """
+    record_path = run_dir.with_name(run_dir.name + ".done.json")
+    key = {"target": str(target), "overrides": overrides}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["key"] == key and (run_dir / "run.json").is_file():
+            return record["run"], record["scores"]
+    run = run_unlearn(target, run_dir, overrides, run_dir.with_name(run_dir.name + ".log"))
+    scores = scorer(run_dir)
+    record_path.write_text(json.dumps({"key": key, "run": run, "scores": scores}))
+    return run, scores
 
 
 def evaluation_data(target: Path):
@@ -104,17 +129,16 @@ def run_bench(options: BenchOptions) -> dict:
     from unlearnlm.target import cached_target
 
     console = Console()
-    options.out.mkdir(parents=True, exist_ok=True)
-    runs_dir = options.out / "runs"
-    runs_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
-    targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
-    n_layers = json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"]
-    table = variants(n_layers)
-    chosen = options.methods or list(table)
-    unknown = [name for name in chosen if name not in table]
+    known = list(variants(n_layers=1))  # the names do not depend on the depth
+    chosen = options.methods or known
+    unknown = [name for name in chosen if name not in known]
     if unknown:
-        raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(table)})")
+        raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
+    targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
+    table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
+    runs_dir = options.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
     data = {draw: evaluation_data(path) for draw, path in targets.items()}
     target_scores = {draw: score(path, data[draw], options.batch_size, full=True) for draw, path in targets.items()}
     budget = [f"optim.time_budget_s={options.time_budget_s}"] if options.time_budget_s else []
@@ -126,9 +150,8 @@ def run_bench(options: BenchOptions) -> dict:
         best = None
         for multiplier in options.grid:
             overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
-            tag = f"{name}-tune-x{multiplier}"
-            run = run_unlearn(targets[TUNE_DRAW], runs_dir / tag, overrides, runs_dir / f"{tag}.log")
-            scores = score(runs_dir / tag, data[TUNE_DRAW], options.batch_size, full=False)
+            run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], overrides,
+                                       lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False))
             entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
             results["tuning"].append(entry)
             console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
@@ -138,12 +161,12 @@ def run_bench(options: BenchOptions) -> dict:
             overrides = [*best["overrides"], f"seed={seed}"]
             if options.trajectory and name == "sugd-lora":
                 overrides += _trajectory_overrides(targets[REPORT_DRAW])
-            tag = f"{name}-seed{seed}"
-            run = run_unlearn(targets[REPORT_DRAW], runs_dir / tag, overrides, runs_dir / f"{tag}.log")
-            scores = score(runs_dir / tag, data[REPORT_DRAW], options.batch_size, full=True)
+            run_dir = runs_dir / f"{name}-seed{seed}"
+            run, scores = finished_run(run_dir, targets[REPORT_DRAW], overrides,
+                                       lambda directory: score(directory, data[REPORT_DRAW], options.batch_size, full=True))
             results["reported"].append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"],
                                         "overrides": overrides, **_run_facts(run), "scores": scores,
-                                        "trajectory": _trajectory(runs_dir / tag)})
+                                        "trajectory": _trajectory(run_dir)})
             console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, task {_fmt(scores['task_aggregate'])}, "
                           f"MIA {_fmt(scores['mia_score'])}, utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
     results["summary"] = summarize(results)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from unlearnlm.evaluation.report import markdown_table
 
+BASELINES = ("ga", "gd", "kl", "npo", "simnpo")  # the organizers' baselines and SimNPO; agad is the winners' second method
 SEMEVAL_7B = [("AILS-NTUA (1st)", 0.706, 0.827, 0.847, 0.443), ("baseline gradient ascent", 0.394, 0.0, 0.912, 0.269),
               ("baseline gradient difference", 0.243, 0.0, 0.382, 0.348), ("baseline KL minimization", 0.395, 0.0, 0.916, 0.269),
               ("baseline NPO", 0.188, 0.021, 0.080, 0.463)]
@@ -46,10 +47,45 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     ]
     if trajectory:
         parts += [f"![SUGD trajectory]({trajectory.name})", ""]
+    parts += ["## Goals", "", markdown_table(["goal", "measured", "met"], goal_checks(results)), ""]
     parts += ["## The 12 terms of each reported run", "", markdown_table(terms_headers, terms_rows), "",
               "## SemEval-2025 Task 4, OLMo-7B board, for scale", "",
               markdown_table(["system", "final", "task aggregate", "MIA score", "MMLU"], [[n, *map(_fmt, v)] for n, *v in SEMEVAL_7B]), ""]
     return "\n".join(parts)
+
+
+def goal_checks(results: dict) -> list[list[str]]:
+    """The issue's goals, checked on the reported draw: SUGD's best variant against the baselines and gd's time.
+
+    SUGD and gd make the same number of passes over the forget set in ``bench.variants``.
+    """
+    rows = {row["method"]: row for row in results["summary"] if row["final"] is not None}
+    sugd = [row for name, row in rows.items() if name.startswith("sugd")]
+    if not sugd:
+        return []
+    best = max(sugd, key=lambda row: row["final"])
+    target_utility = results["target_scores"]["0"]["utility"]
+    checks = []
+    baselines = [rows[name] for name in BASELINES if name in rows]
+    if baselines:
+        rival = max(baselines, key=lambda row: row["final"])
+        checks.append(["SUGD beats every baseline on the final score",
+                       f"{best['method']} {best['final']:.3f} vs best baseline {rival['method']} {rival['final']:.3f}",
+                       _yes(best["final"] > rival["final"])])
+    checks.append(["final score at least 0.85", f"{best['method']} {best['final']:.3f}", _yes(best["final"] >= 0.85)])
+    if best["utility"] is not None and target_utility:
+        share = best["utility"] / target_utility
+        checks.append(["utility at least 90% of the target's", f"{best['method']} {share:.0%}", _yes(share >= 0.9)])
+    if "gd" in rows:
+        slowest = max(sugd, key=lambda row: row["wall_seconds"])
+        checks.append(["SUGD unlearning time at most gd's (same passes over the forget set)",
+                       f"SUGD variants {min(r['wall_seconds'] for r in sugd):.1f}-{slowest['wall_seconds']:.1f} s, gd {rows['gd']['wall_seconds']:.1f} s",
+                       _yes(slowest["wall_seconds"] <= rows["gd"]["wall_seconds"])])
+    return checks
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
 
 
 def _pyplot():

@@ -232,13 +232,13 @@ def demo(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
-    size: Annotated[str, typer.Option(help="Target size preset (small: the benchmark; mini: a quick run).")] = "small",
+    size: Annotated[str, typer.Option(help="Target size preset (mini: the benchmark, about 35 min; micro: a smoke run).")] = "mini",
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Method variant to run (repeatable; default all).")] = None,
     grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
-    seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated.")] = "0",
+    seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",
     target_seed: Annotated[int, typer.Option(help="Seed of the targets and the document draws.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds of unlearning allowed per run.")] = None,
-    no_trajectory: Annotated[bool, typer.Option(help="Skip the per-chunk validation log of the SUGD run.")] = False,
+    trajectory: Annotated[bool, typer.Option("--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench import BenchOptions, run_bench
@@ -251,7 +251,7 @@ def bench(
     if not grid_values or not seed_values:
         raise UserError("--grid and --seeds need at least one value each")
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
-                           target_seed=target_seed, time_budget_s=time_budget, trajectory=not no_trajectory))
+                           target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory))
 
 
 def main() -> None:
