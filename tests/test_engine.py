@@ -34,6 +34,7 @@ def test_outputs_log_and_run_json(micro_model_dir, micro_data_dir, tmp_path):
     assert any("forget_loss" in row for row in log) and any("retain_loss" in row for row in log)
     saved = json.loads((out / "run.json").read_text())
     assert saved["trainable_parameters"] > 0 and len(saved["data"]["forget_sha256"]) == 64
+    assert saved["validation_seconds"] == 0
     assert not (out / "state").exists() and not (tmp_path / ".out.partial").exists()
     # The input model is untouched; the output moved.
     after = weights(micro_model_dir)
@@ -164,6 +165,7 @@ def test_checkpoint_selection_keeps_the_best_validated_state(micro_model_dir, mi
     best = max(validations, key=lambda row: row["task_aggregate"])
     assert report["best"]["step"] == best["step"]
     assert report["best"]["task_aggregate"] == best["task_aggregate"]
+    assert 0 < report["validation_seconds"] < report["wall_seconds"]
     # The saved model is that state: scoring it again gives the selected score.
     from unlearnlm.data.records import load_records
     from unlearnlm.evaluation.evaluator import quick_scores

@@ -35,6 +35,7 @@ from unlearnlm.runstate import load_checkpoint, load_trainable, process_rng_stat
 class RunSummary:
     steps: int = 0
     seconds: float = 0.0
+    validation_seconds: float = 0.0  # part of ``seconds``
     stopped_reason: str = "completed"
     best: Optional[dict] = None
     validations: list[dict] = field(default_factory=list)
@@ -205,6 +206,7 @@ class Engine:
             position = self._load_checkpoint(state_dir)
             start_phase, summary.steps, elapsed_before = position["next_phase"], position["steps"], position["seconds"]
             summary.best, summary.validations = position.get("best"), position.get("validations", [])
+            summary.validation_seconds = position.get("validation_seconds", 0.0)
             self._truncate_log(position["log_bytes"])
         else:
             if self.accelerator.is_main_process:
@@ -299,6 +301,7 @@ class Engine:
         return None
 
     def _validate(self, phase: Phase, summary: RunSummary) -> None:
+        started = time.perf_counter()
         self.model.eval()
         # Every process runs the validator (it may shard the rows); the main process's scores decide.
         scores = broadcast_object_list([self.validator(self.unwrapped)])[0]
@@ -312,13 +315,14 @@ class Engine:
             if self.accelerator.is_main_process:
                 save_trainable(self.unwrapped, self.work_dir / "best")
             self.accelerator.wait_for_everyone()
+        summary.validation_seconds += time.perf_counter() - started
 
     def _checkpoint(self, state_dir: Path, next_phase: int, summary: RunSummary, seconds: float) -> None:
         # Each process's random state is kept, so that a resumed run draws what it would have drawn.
         rng_states = gather_object([process_rng_state()])
         if self.accelerator.is_main_process:
             position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
-                        "validations": summary.validations, "log_bytes": self.log_path.stat().st_size,
+                        "validations": summary.validations, "validation_seconds": summary.validation_seconds, "log_bytes": self.log_path.stat().st_size,
                         "world_size": self.accelerator.num_processes}
             save_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, position, rng_states)
         self.accelerator.wait_for_everyone()
@@ -423,6 +427,7 @@ def unlearn(
         "phases": len(engine.phases),
         "world_size": engine.accelerator.num_processes,
         "wall_seconds": round(summary.seconds, 3),
+        "validation_seconds": round(summary.validation_seconds, 3),
         "stopped_reason": summary.stopped_reason,
         "best": summary.best,
         **peak_memory_mb(),
