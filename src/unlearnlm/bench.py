@@ -4,7 +4,7 @@ Protocol (benchmark-tiny.md): each method variant tries the same number of confi
 tuning draw of documents (its own target, trained the same way), the best by final score is then run
 on the reported draw, once per seed. Every unlearning run is a separate process, so its peak memory
 is its own. Nothing is tuned on the reported draw; the SUGD trajectory is logged there with
-validation in log-only mode (no state selection).
+validation in log-only mode (no state selection), on the first seed of every SUGD variant.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def run_bench(options: BenchOptions) -> dict:
                 best = entry
         for seed in options.seeds:
             overrides = [*best["overrides"], f"seed={seed}"]
-            if options.trajectory and name == "sugd-lora" and seed == options.seeds[0]:
+            if options.trajectory and name.startswith("sugd") and seed == options.seeds[0]:
                 overrides += _trajectory_overrides(targets[REPORT_DRAW])
             run_dir = runs_dir / f"{name}-seed{seed}"
             run, scores = finished_run(run_dir, targets[REPORT_DRAW], overrides,

@@ -105,14 +105,18 @@ def plot_scores(results: dict, path: Path) -> Path:
     width = 0.8 / len(keys)
     for offset, (key, label) in enumerate(keys):
         values = [row[key] or 0 for row in summary]
-        axis.bar([i + offset * width for i in range(len(summary))], values, width, label=label)
+        positions = [i + offset * width for i in range(len(summary))]
+        bars = axis.bar(positions, values, width, label=label)
+        for position, value in zip(positions, values):
+            if value == 0:  # an empty bar would read as missing
+                axis.text(position, 0.01, "0", ha="center", va="bottom", fontsize=7, color=bars.patches[0].get_facecolor())
     target = results["target_scores"]["0"]["final"]
     axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target final ({target:.2f})")
     axis.set_xticks([i + 1.5 * width for i in range(len(summary))], [row["method"] for row in summary], rotation=30, ha="right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("score (higher is better)")
     axis.set_title("Unlearning methods on the tiny LUME target")
-    axis.legend(loc="upper right", fontsize=8)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=5, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -136,24 +140,32 @@ def plot_time(results: dict, path: Path) -> Path:
 
 
 def plot_trajectory(results: dict, path: Path) -> Path | None:
+    """Forget and retain scores after every chunk, one panel per SUGD variant (first seed, reported draw)."""
     runs = [entry for entry in results["reported"] if entry.get("trajectory")]
     if not runs:
         return None
     plt = _pyplot()
-    points = runs[0]["trajectory"]
-    chunks = list(range(1, len(points) + 1))
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for key, label in (("forget_mean", "forget score (lower = more forgotten)"), ("retain_mean", "retain score"),
-                       ("final", "final score"), ("mia_score", "MIA score")):
-        if all(key in point and point[key] is not None for point in points):
-            axis.plot(chunks, [point[key] for point in points], marker="o", label=label)
-    axis.set_xticks(chunks)
-    axis.set_xlabel(f"after chunk ({runs[0]['method']}, reported draw, validation log)")
-    axis.set_ylabel("score")
-    axis.set_ylim(0, 1.05)
-    axis.set_title("SUGD trajectory through the chunks")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+    columns = min(2, len(runs))
+    rows = -(-len(runs) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False, sharey=True)
+    series = (("forget_mean", "forget score (lower = more forgotten)"), ("retain_mean", "retain score"), ("final", "final score"))
+    for axis, run in zip(axes.flat, runs):
+        points = run["trajectory"]
+        chunks = [point["chunk"] for point in points]
+        for key, label in series:
+            if all(point.get(key) is not None for point in points):
+                axis.plot(chunks, [point[key] for point in points], marker="o", label=label)
+        axis.set_xticks(chunks)
+        axis.set_ylim(0, 1.05)
+        axis.set_title(run["method"], fontsize=10)
+        axis.set_xlabel("after chunk")
+        axis.set_ylabel("score")
+    for axis in list(axes.flat)[len(runs):]:
+        axis.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    figure.suptitle("SUGD through the chunks (reported draw, validation log)")
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
