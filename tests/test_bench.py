@@ -91,3 +91,15 @@ def test_a_rerun_reuses_finished_runs(bench_out: Path, micro_target, monkeypatch
     again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0]))
     assert [record.stat().st_mtime_ns for record in records] == stamps
     assert [e["scores"] for e in again["reported"]] == [e["scores"] for e in first["reported"]]
+
+
+@pytest.mark.parametrize("flags", [["--grid", "1,-2"], ["--seeds", "a"], ["--size", "huge", "--method", "gd"]])
+def test_bad_bench_flags_are_one_line_and_exit_code_2(flags, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "unlearnlm", "bench", "--out", str(tmp_path / "out"), *flags],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert not (tmp_path / "out").exists()

@@ -250,6 +250,8 @@ def bench(
         raise UserError("--grid takes numbers and --seeds integers, comma-separated") from None
     if not grid_values or not seed_values:
         raise UserError("--grid and --seeds need at least one value each")
+    if any(value <= 0 for value in grid_values):
+        raise UserError("--grid multiplies learning rates: its values must be positive")
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
                            target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory))
 
