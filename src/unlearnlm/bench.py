@@ -35,7 +35,7 @@ def variants(n_layers: int) -> dict[str, Variant]:
     """The compared methods and the learning rate each one's grid is centred on.
 
     The centres come from one coarse sweep per variant on the tuning draw of the mini preset (the
-    same values, 3e-4, 1e-3 and 3e-3, for every method; 5e-3 to 5e-2 for LoRA, whose updates are
+    same values, 3e-4, 1e-3 and 3e-3, for every method; 1e-3 to 5e-2 for LoRA, whose updates are
     smaller); see docs/benchmark.md.
     """
     half = f"layers.last_k={max(1, n_layers // 2)}"
