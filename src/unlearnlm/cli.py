@@ -232,7 +232,7 @@ def demo(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
-    size: Annotated[str, typer.Option(help="Target size preset (mini: the benchmark, about 35 min; micro: a smoke run).")] = "mini",
+    size: Annotated[str, typer.Option(help="Target size preset (mini: the benchmark, about 30 min on 2 CPU cores; micro: a smoke run, about 6 min).")] = "mini",
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Method variant to run (repeatable; default all).")] = None,
     grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
     seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",
