@@ -36,3 +36,14 @@ def test_olmo_7b_preset_is_the_authors_setting():
     assert (config.schedule.chunk_size, config.schedule.ratio, config.schedule.epochs_per_chunk) == (32, 7, 7)
     assert (config.optim.lr, config.optim.batch_size, config.layers.last_k, config.dtype) == (1e-5, 1, 8, "bfloat16")
     assert config.method_args["retain_weight"] == 0.5
+
+
+def test_a_selection_metric_needs_the_sets_it_is_computed_from():
+    sets = ["validation.forget=f.jsonl", "validation.retain=r.jsonl"]
+    with pytest.raises(UserError, match="validation.members and validation.nonmembers and validation.general"):
+        load_config(None, sets)  # the default metric is the final score
+    with pytest.raises(UserError, match="'utility' needs validation.general"):
+        load_config(None, sets + ["validation.metric=utility"])
+    assert load_config(None, sets + ["validation.metric=task_aggregate"]).validation.enabled
+    # Logging a trajectory without selecting needs no more than the sets given.
+    assert not load_config(None, sets + ["validation.select=false"]).validation.select

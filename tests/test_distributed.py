@@ -21,7 +21,7 @@ from unlearnlm.config import load_config
 from unlearnlm.data.records import load_records
 from unlearnlm.engine import unlearn
 from unlearnlm.errors import UserError
-from unlearnlm.runstate import load_checkpoint, process_rng_state, save_checkpoint
+from unlearnlm.runstate import load_checkpoint, process_rng_state, save_checkpoint, trainable_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ACCELERATE_CONFIGS = SRC / "unlearnlm" / "resources" / "accelerate"
@@ -104,7 +104,8 @@ def test_checkpoints_keep_every_process_random_state_and_their_process_count(tmp
     for seed in (1, 2):  # two processes, two random streams
         torch.manual_seed(seed)
         states.append(process_rng_state())
-    save_checkpoint(tmp_path / "state", model, optimizer, scheduler, {"world_size": 2}, states)
+    save_checkpoint(tmp_path / "state", trainable_state(model), optimizer.state_dict(), scheduler.state_dict(),
+                    {"world_size": 2}, states)
     with pytest.raises(UserError, match="started with 2 processes"):
         load_checkpoint(tmp_path / "state", model, optimizer, scheduler, 0, world_size=1)
     torch.manual_seed(2)

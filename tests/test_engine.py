@@ -51,8 +51,12 @@ def test_refuses_existing_output_and_writing_into_the_input(micro_model_dir, mic
         run(micro_model_dir, micro_data_dir, micro_model_dir / "out", [])
 
 
-def test_resume_after_a_kill_gives_the_same_model(micro_model_dir, micro_data_dir, tmp_path, monkeypatch):
-    overrides = ["lora.enabled=true", "lora.dropout=0.1", "schedule.shuffle_within_chunk=true"]
+@pytest.mark.parametrize("overrides", [
+    ["lora.enabled=true", "lora.dropout=0.1", "schedule.shuffle_within_chunk=true"],
+    # The cached reference must be the input model's, not the checkpoint's; the AdamW state carries over.
+    ["method=kl", "layers.last_k=1", "optim.optimizer_reset=never"],
+], ids=["lora-dropout-shuffle", "kl-cached-reference"])
+def test_resume_after_a_kill_gives_the_same_model(overrides, micro_model_dir, micro_data_dir, tmp_path, monkeypatch):
     run(micro_model_dir, micro_data_dir, tmp_path / "straight", overrides)
 
     original_step = Engine._optimizer_step
@@ -60,7 +64,7 @@ def test_resume_after_a_kill_gives_the_same_model(micro_model_dir, micro_data_di
 
     def dying_step(self, group):
         calls["n"] += 1
-        if calls["n"] == 7:  # in the middle of the second chunk
+        if calls["n"] == 11:  # in the middle of the second chunk (8 steps per chunk)
             raise KeyboardInterrupt
         return original_step(self, group)
 

@@ -161,7 +161,10 @@ def unlearn(
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
     save: Annotated[Optional[str], typer.Option(help="'merged' (default) or 'adapter' (LoRA only).")] = None,
-    val_forget: Annotated[Optional[Path], typer.Option(help="Validation forget set: enables checkpoint selection.")] = None,
+    val_forget: Annotated[Optional[Path], typer.Option(
+        help="Validation forget set: with --val-retain, enables checkpoint selection. The default metric, the "
+             "final score, also needs --val-members, --val-nonmembers and --val-general "
+             "(or --set validation.metric=task_aggregate).")] = None,
     val_retain: Annotated[Optional[Path], typer.Option(help="Validation retain set.")] = None,
     val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (document jsonl).")] = None,
     val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (document jsonl).")] = None,
@@ -170,6 +173,7 @@ def unlearn(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Unlearn the forget set from a model (SUGD by default) and save the result."""
+    from accelerate import PartialState
     from rich.console import Console
 
     from unlearnlm.config import load_config
@@ -186,6 +190,8 @@ def unlearn(
             overrides.append(f"validation.{name}={value}")
     resolved = load_config(config, overrides)
     report = run_unlearning(model, forget, retain, out, resolved, resume=resume, overwrite=overwrite)
+    if not PartialState().is_main_process:
+        return  # one summary per run, not one per process
     console = Console(stderr=True)
     style = "yellow" if report["stopped_reason"] != "completed" else "green"
     console.print(f"[{style}]{report['stopped_reason']}[/]: {report['steps']} steps in {report['wall_seconds']:.1f}s, "

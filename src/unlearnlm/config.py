@@ -244,4 +244,19 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
         raise UserError("settings 'layers.last_k' and 'layers.indices' are exclusive")
     if resolved.schedule.epochs_per_chunk < 1 or resolved.optim.batch_size < 1 or resolved.optim.grad_accum < 1:
         raise UserError("epochs_per_chunk, batch_size and grad_accum must be at least 1")
+    _check_validation_metric(resolved.validation)
     return resolved
+
+
+# The sets each selection metric is computed from, besides forget and retain.
+METRIC_NEEDS = {"final": ("members", "nonmembers", "general"), "mia_score": ("members", "nonmembers"),
+                "utility": ("general",), "task_aggregate": ()}
+
+
+def _check_validation_metric(plan: ValidationSettings) -> None:
+    if not (plan.enabled and plan.select):
+        return
+    missing = [name for name in METRIC_NEEDS[plan.metric] if getattr(plan, name) is None]
+    if missing:
+        raise UserError(f"setting 'validation.metric'={plan.metric!r} needs validation.{' and validation.'.join(missing)} "
+                        "(or validation.metric=task_aggregate)")

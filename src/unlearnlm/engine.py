@@ -12,10 +12,10 @@ import math
 import random
 import resource
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -28,7 +28,17 @@ from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
-from unlearnlm.runstate import load_checkpoint, load_trainable, process_rng_state, save_checkpoint, save_trainable
+from unlearnlm.evaluation.sharding import in_lockstep
+from unlearnlm.runstate import (
+    is_sharded,
+    load_checkpoint,
+    load_trainable,
+    optimizer_state,
+    process_rng_state,
+    save_checkpoint,
+    save_trainable,
+    trainable_state,
+)
 
 
 @dataclass
@@ -120,6 +130,7 @@ class Engine:
         # which would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factors[min(step, len(self.factors) - 1)])
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
         self.reference_cache: dict[str, torch.Tensor] = {}
         self.log_path = work_dir / "unlearn_log.jsonl"
 
@@ -202,6 +213,8 @@ class Engine:
         summary = RunSummary()
         start_phase, elapsed_before = 0, 0.0
         state_dir = self.work_dir / "state"
+        # Before any checkpoint is loaded: the reference is the input model, also on resume.
+        self._fill_reference_cache()
         if resume:
             position = self._load_checkpoint(state_dir)
             start_phase, summary.steps, elapsed_before = position["next_phase"], position["steps"], position["seconds"]
@@ -212,7 +225,6 @@ class Engine:
             if self.accelerator.is_main_process:
                 self.log_path.write_text("")
             self._checkpoint(state_dir, 0, summary, elapsed_before)
-        self._fill_reference_cache()
         started = time.perf_counter()
         self.model.train()
         for phase_index in range(start_phase, len(self.phases)):
@@ -303,8 +315,9 @@ class Engine:
     def _validate(self, phase: Phase, summary: RunSummary) -> None:
         started = time.perf_counter()
         self.model.eval()
-        # Every process runs the validator (it may shard the rows); the main process's scores decide.
-        scores = broadcast_object_list([self.validator(self.unwrapped)])[0]
+        # Every process runs the validator (it may share out the rows); the main process's scores decide.
+        with self._evaluation_view():
+            scores = broadcast_object_list([self.validator(self.unwrapped)])[0]
         self.model.train()
         metric = self.config.validation.metric
         record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
@@ -312,23 +325,42 @@ class Engine:
         self._log(record)
         if self.config.validation.select and (summary.best is None or scores[metric] > summary.best[metric]):
             summary.best = record
+            best = trainable_state(self.unwrapped, keep=self.accelerator.is_main_process)
             if self.accelerator.is_main_process:
-                save_trainable(self.unwrapped, self.work_dir / "best")
+                save_trainable(best, self.work_dir / "best")
             self.accelerator.wait_for_everyone()
         summary.validation_seconds += time.perf_counter() - started
 
+    @contextmanager
+    def _evaluation_view(self) -> Iterator[None]:
+        """Under FSDP: every process evaluates every row, in step, with the root module's own weights
+        (embeddings, final norm, head) gathered throughout. peft's ``generate`` calls the inner
+        model's forward, which skips the root's hook that would gather them."""
+        if not self.sharded:
+            yield
+            return
+        self.unwrapped.unshard()
+        try:
+            with in_lockstep():
+                yield
+        finally:
+            self.unwrapped.reshard()
+
     def _checkpoint(self, state_dir: Path, next_phase: int, summary: RunSummary, seconds: float) -> None:
+        main = self.accelerator.is_main_process
+        trainable = trainable_state(self.unwrapped, keep=main)
+        optimizer = optimizer_state(self.unwrapped, self.optimizer.optimizer, keep=main)
         # Each process's random state is kept, so that a resumed run draws what it would have drawn.
         rng_states = gather_object([process_rng_state()])
-        if self.accelerator.is_main_process:
+        if main:
             position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
                         "validations": summary.validations, "validation_seconds": summary.validation_seconds, "log_bytes": self.log_path.stat().st_size,
                         "world_size": self.accelerator.num_processes}
-            save_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler, position, rng_states)
+            save_checkpoint(state_dir, trainable, optimizer, self.scheduler.state_dict(), position, rng_states)
         self.accelerator.wait_for_everyone()
 
     def _load_checkpoint(self, state_dir: Path) -> dict:
-        return load_checkpoint(state_dir, self.unwrapped, self.optimizer, self.scheduler,
+        return load_checkpoint(state_dir, self.unwrapped, self.optimizer.optimizer, self.scheduler,
                                self.accelerator.process_index, self.accelerator.num_processes)
 
     def _log(self, row: dict) -> None:
@@ -426,14 +458,21 @@ def unlearn(
         "steps": summary.steps,
         "phases": len(engine.phases),
         "world_size": engine.accelerator.num_processes,
+        "distributed_type": engine.accelerator.distributed_type.value,
+        "sharded_weights": engine.sharded,
         "wall_seconds": round(summary.seconds, 3),
         "validation_seconds": round(summary.validation_seconds, 3),
         "stopped_reason": summary.stopped_reason,
         "best": summary.best,
         **peak_memory_mb(),
     }
-    if engine.accelerator.is_main_process:
-        save_model(engine.unwrapped, tokenizer, work_dir, config.save)
+    main = engine.accelerator.is_main_process
+    trained = trainable_state(engine.unwrapped, keep=main) if engine.sharded else {}
+    if main:
+        # Under FSDP no process holds the whole model: the main one rebuilds it from the input model
+        # and the gathered trainable weights (the frozen ones never changed).
+        final = rebuild_model(model_path, config, trained) if engine.sharded else engine.unwrapped
+        save_model(final, tokenizer, work_dir, config.save)
         (work_dir / "run.json").write_text(json.dumps(report, indent=2))
         _drop_resume_state(work_dir)
         finalize_output(work_dir, out_dir)
@@ -442,16 +481,32 @@ def unlearn(
 
 
 def build_accelerator() -> Accelerator:
-    """One process, or data parallel (DDP) over the processes that torchrun / accelerate launch started.
+    """One process, data parallel (DDP) or sharded (FSDP2) over the processes that torchrun /
+    accelerate launch started.
 
-    Sharded setups are refused: checkpoints, the best state and the saved model read the trainable
-    weights on the main process alone, which holds only a shard of them under FSDP or ZeRO-3.
+    FSDP1 and DeepSpeed are refused: the checkpoints, the best state and the saved model gather the
+    trainable weights with FSDP2's DTensor API, which they do not use.
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise UserError(f"{accelerator.distributed_type.value} is not supported yet; use data parallel (accelerate "
-                        "config resources/accelerate/ddp.yaml, or torchrun), see docs/scale.md")
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                        "(see resources/accelerate/fsdp.yaml)")
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"{kind.value} is not supported; for models that do not fit one GPU use FSDP2 "
+                        "(accelerate config resources/accelerate/fsdp.yaml), see docs/scale.md")
     return accelerator
+
+
+def rebuild_model(model_path: str | Path, config: UnlearnConfig, trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The input model, on the CPU, with the trainable weights of a run put in."""
+    from unlearnlm.model import apply_trainable, load_model_and_tokenizer
+    from unlearnlm.runstate import load_trainable_state
+
+    model, _ = load_model_and_tokenizer(model_path, config.dtype)
+    model = apply_trainable(model, config.lora, config.layers)
+    load_trainable_state(model, trainable)
+    return model
 
 
 def on_main_process(accelerator: Accelerator, function: Callable, *args):

@@ -21,7 +21,7 @@ import torch
 
 from unlearnlm.data.tokenize import Example, collate
 from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, length_sorted_batches, model_device
-from unlearnlm.evaluation.sharding import gather_in_order, process_share
+from unlearnlm.evaluation.sharding import gather_in_order, process_share, synced_generation
 
 MAX_NEW_TOKENS = 256
 
@@ -42,6 +42,7 @@ def _greedy_settings(model, tokenizer, max_new_tokens: int) -> dict:
         "max_new_tokens": max_new_tokens,
         "pad_token_id": tokenizer.eos_token_id,
         "eos_token_id": stop_token_ids(model, tokenizer),
+        "synced_gpus": synced_generation(),
     }
 
 

@@ -8,23 +8,51 @@ sorted by length.
 
 These are collectives: in a distributed run every process must call them (the engine's validator
 does). Outside one they change nothing.
+
+A model sharded across the processes (FSDP) cannot share work this way: each of its forward passes
+gathers weights from every process, so all processes must run the same passes in step. Inside
+:func:`in_lockstep` every process runs every batch, and ``generate`` keeps finished processes
+stepping until all are done (its ``synced_gpus``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch.distributed as dist
 
 T = TypeVar("T")
 
+_lockstep = False
+
+
+def _distributed() -> bool:
+    # The process group torchrun / accelerate launch set up; reading it creates no state of its own.
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 
 def _rank_and_world() -> tuple[int, int]:
-    # The process group torchrun / accelerate launch set up; reading it creates no state of its own.
-    if dist.is_available() and dist.is_initialized():
+    if _distributed() and not _lockstep:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def in_lockstep() -> Iterator[None]:
+    """Every process evaluates every row, for a model sharded across the processes."""
+    global _lockstep
+    previous, _lockstep = _lockstep, True
+    try:
+        yield
+    finally:
+        _lockstep = previous
+
+
+def synced_generation() -> bool:
+    """``generate(synced_gpus=...)``: whether processes must keep stepping until all are done."""
+    return _lockstep and _distributed()
 
 
 def process_share(batches: Sequence[T]) -> Sequence[T]:

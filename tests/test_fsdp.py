@@ -1,0 +1,202 @@
+"""Two FSDP2 processes (gloo, on CPU), started by ``accelerate launch`` with the shipped fsdp.yaml,
+against one process with the same global batch.
+
+accelerate turns FSDP on only for GPU-type setups; on CPUs its processes come up as MULTI_CPU with
+the FSDP settings of the config in their environment. The worker (the bottom of this file) switches
+the state to FSDP with exactly those settings, after which ``accelerator.prepare`` shards the model
+with ``fully_shard`` as it does on GPUs: every weight becomes a DTensor split over the two processes,
+and the engine's gathers, shard loads, lockstep validation and final save run for real.
+
+Two runs share one launch: layer-focused KL on the memorized micro target, validated after every
+chunk (generation, MIA and utility in lockstep), killed in the middle of its second chunk and
+resumed (shard loads and the gathered optimizer state); and NPO with LoRA on a random micro model,
+with checkpoint selection (the adapter-disabled reference, the gathered best state, the merge on the
+rebuilt model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unlearnlm.config import load_config
+from unlearnlm.engine import unlearn
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FSDP_CONFIG = SRC / "unlearnlm" / "resources" / "accelerate" / "fsdp.yaml"
+
+COMMON = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chunk=2", "optim.lr=5e-3", "max_length=48",
+          "validation.max_new_tokens=8", "validation.batch_size=4"]
+# optimizer_reset=never: the AdamW state saved after chunk 1 decides the resumed run's steps.
+# select=false: the saved model is the last state, the one the resumed run reached.
+LAYERS_KL = COMMON + ["method=kl", "layers.last_k=1", "optim.optimizer_reset=never", "validation.select=false"]
+LORA_NPO = COMMON + ["method=npo", "lora.enabled=true", "optim.grad_accum=2", "validation.metric=task_aggregate"]
+KILL_AT_STEP = 11  # chunk 1 has 8 steps of the global batch of 2; the micro target's 10 rows make 3 chunks
+
+
+def validation(sets: Path) -> list[str]:
+    """Every validation set of a target's benchmark sets: the final score can be computed."""
+    files = {"forget": "forget", "retain": "retain", "members": "mia_members", "nonmembers": "mia_nonmembers",
+             "general": "general"}
+    return [f"validation.{name}={sets}/{file}.jsonl" for name, file in files.items()]
+
+
+def validation_of(data_dir: Path) -> list[str]:
+    return [f"validation.forget={data_dir}/forget.jsonl", f"validation.retain={data_dir}/retain.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(micro_target, micro_model_dir, micro_data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+               "--num_processes", "2", "--main_process_port", "0", __file__,
+               str(micro_target[0]), str(micro_model_dir), str(micro_data_dir), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def one_process_run(model_dir: Path, data_dir: Path, out: Path, settings: list[str]) -> Path:
+    """The same run in this process, with the global batch of the two processes as its batch."""
+    config = load_config(None, settings + ["optim.batch_size=2"])
+    unlearn(model_dir, data_dir / "forget.jsonl", data_dir / "retain.jsonl", out, config, show_progress=False)
+    return out
+
+
+def assert_same_weights(two_dir: Path, one_dir: Path, before: dict[str, torch.Tensor]) -> None:
+    after_two, after_one = (load_file(str(directory / "model.safetensors")) for directory in (two_dir, one_dir))
+    assert sorted(after_two) == sorted(after_one) == sorted(before)  # a plain model: LoRA merged away
+    assert max((after_one[name] - before[name]).abs().max().item() for name in before) > 1e-3
+    for name in before:
+        torch.testing.assert_close(after_two[name], after_one[name], rtol=0, atol=1e-5)
+
+
+def validations(run_dir: Path) -> list[dict]:
+    rows = map(json.loads, (run_dir / "unlearn_log.jsonl").read_text().splitlines())
+    return [row for row in rows if row.get("event") == "validation"]
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_fsdp_resumed_layer_run_gives_the_model_and_validations_of_one_process(fsdp_processes, one_process,
+                                                                              micro_target, tmp_path):
+    target = micro_target[0]
+    sets = target / "benchmark"
+    one_dir = one_process_run(target, sets, tmp_path / "one", LAYERS_KL + validation(sets))
+    two_dir = fsdp_processes / "layers"
+    two, one = (json.loads((directory / "run.json").read_text()) for directory in (two_dir, one_dir))
+    assert two["distributed_type"] == "FSDP" and two["sharded_weights"] and not one["sharded_weights"]
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 20
+    assert json.loads((fsdp_processes / "killed.json").read_text()) == {"interrupted_at_step": KILL_AT_STEP}
+    # The trainable count is the whole layer's, not one shard's.
+    assert two["trainable_parameters"] == one["trainable_parameters"]
+    assert_same_weights(two_dir, one_dir, load_file(str(target / "model.safetensors")))
+    # Lockstep validation scored what one process scores, and picked the same state.
+    seen = [validations(directory) for directory in (two_dir, one_dir)]
+    assert [v["step"] for v in seen[0]] == [v["step"] for v in seen[1]] == [8, 16, 20]
+    assert len({v["final"] for v in seen[1]}) > 1  # the scores moved, so agreeing on them means something
+    for seen_two, seen_one in zip(*seen):
+        for metric in ("final", "task_aggregate", "mia_score", "utility", "forget_mean", "retain_mean"):
+            assert seen_two[metric] == pytest.approx(seen_one[metric], abs=1e-6)
+
+
+def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one_process, micro_model_dir,
+                                                             micro_data_dir, tmp_path):
+    one_dir = one_process_run(micro_model_dir, micro_data_dir, tmp_path / "one", LORA_NPO + validation_of(micro_data_dir))
+    two_dir = fsdp_processes / "lora"
+    two, one = (json.loads((directory / "run.json").read_text()) for directory in (two_dir, one_dir))
+    assert two["sharded_weights"] and two["steps"] == one["steps"] == 12
+    # Both kept the state of the first chunk (the random model scores 0 throughout): the saved
+    # weights are the best state's, gathered, saved and loaded back under FSDP, not the last ones.
+    assert two["best"]["step"] == one["best"]["step"] == 4
+    assert_same_weights(two_dir, one_dir, load_file(str(micro_model_dir / "model.safetensors")))
+    # Only the main process wrote, and nothing was left behind.
+    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["killed.json", "layers", "lora"]
+
+
+def test_fsdp_version_1_is_refused(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from unlearnlm.engine import build_accelerator
+    from unlearnlm.errors import UserError
+
+    class FakeAccelerator:
+        distributed_type = DistributedType.FSDP
+        is_fsdp2 = False
+
+        def __init__(self, **_):
+            pass
+
+    monkeypatch.setattr("unlearnlm.engine.Accelerator", FakeAccelerator)
+    with pytest.raises(UserError, match="fsdp_version: 2"):
+        build_accelerator()
+
+
+# --- the worker: one of the two processes accelerate launch starts ------------------------------
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Put accelerate in FSDP mode with the plugin its launcher configured (from fsdp.yaml)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    assert os.environ.get("ACCELERATE_USE_FSDP") == "true" and not torch.cuda.is_available()
+    Accelerator(cpu=True)  # the process group, as MULTI_CPU
+    state = AcceleratorState()
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def cli_unlearn(model_dir: str, data_dir: str, out: str, settings: list[str], resume: bool = False) -> None:
+    from unlearnlm.cli import app
+
+    paths = ["--model", model_dir, "--forget", f"{data_dir}/forget.jsonl", "--retain", f"{data_dir}/retain.jsonl"]
+    overrides = [arg for setting in settings + ["optim.batch_size=1"] for arg in ("--set", setting)]
+    code = app(["unlearn", *paths, "--out", out, *overrides, *(["--resume"] if resume else [])], standalone_mode=False)
+    assert code in (None, 0), f"unlearn exited with {code}"
+
+
+class Killed(Exception):
+    """Stands for a kill (click would swallow a KeyboardInterrupt)."""
+
+
+def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
+    from unlearnlm.engine import Engine
+
+    enable_fsdp_on_cpu()
+    sets = f"{target}/benchmark"
+    settings = LAYERS_KL + validation(Path(sets))
+    original_step, steps = Engine._optimizer_step, {"n": 0}
+
+    def dying_step(self, group):
+        steps["n"] += 1
+        if steps["n"] == KILL_AT_STEP:
+            raise Killed
+        return original_step(self, group)
+
+    Engine._optimizer_step = dying_step
+    try:
+        cli_unlearn(target, sets, f"{out}/layers", settings)
+    except Killed:
+        if torch.distributed.get_rank() == 0:
+            (Path(out) / "killed.json").write_text(json.dumps({"interrupted_at_step": steps["n"]}))
+    Engine._optimizer_step = original_step
+    cli_unlearn(target, sets, f"{out}/layers", settings, resume=True)
+    cli_unlearn(model_dir, data_dir, f"{out}/lora", LORA_NPO + validation_of(Path(data_dir)))
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
