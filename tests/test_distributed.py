@@ -29,6 +29,7 @@ ACCELERATE_CONFIGS = SRC / "unlearnlm" / "resources" / "accelerate"
 # Uneven on purpose: 9 rows per chunk in global batches of 2 leave the last batch to one process
 # (the other runs a zero-weight row); grad_accum=2 exercises no_sync; NPO with LoRA exercises the
 # adapter-disabled reference forward under DDP; the time budget needs the processes to agree.
+EVAL_ARGS = ["--batch-size", "3", "--max-new-tokens", "6"]
 SETTINGS = ["method=npo", "lora.enabled=true", "schedule.chunk_size=3", "schedule.ratio=2",
             "schedule.epochs_per_chunk=2", "optim.lr=5e-3", "optim.grad_accum=2", "optim.time_budget_s=3600",
             "max_length=48"]
@@ -43,7 +44,17 @@ def two_processes(micro_model_dir, micro_data_dir, tmp_path_factory) -> Path:
                str(micro_model_dir), str(micro_data_dir), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The eval command on its own, as a user launches it: it joins the process group itself.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "unlearnlm", "eval",
+               "--model", str(out / "model"), *data_args(micro_data_dir), "--out", str(out / "eval"), *EVAL_ARGS]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results written to") == 1  # one process reported, and wrote
     return out
+
+
+def data_args(data_dir: Path) -> list[str]:
+    return ["--forget", str(data_dir / "forget.jsonl"), "--retain", str(data_dir / "retain.jsonl")]
 
 
 @pytest.fixture
@@ -76,7 +87,7 @@ def test_two_processes_train_the_weights_one_process_trains(two_processes, one_p
         assert row_two[0] == row_one[0]
         assert all(a == b or abs(a - b) < 1e-4 for a, b in zip(row_two[1:], row_one[1:]))
     # Only the main process wrote: the output and the evaluation scores, no partial directory.
-    assert sorted(path.name for path in two_processes.iterdir()) == ["model", "scores.json"]
+    assert sorted(path.name for path in two_processes.iterdir()) == ["eval", "model", "scores.json"]
 
 
 def test_two_processes_give_the_scores_of_one(two_processes, one_process, micro_model_dir, micro_data_dir):
@@ -85,6 +96,20 @@ def test_two_processes_give_the_scores_of_one(two_processes, one_process, micro_
     # The work was shared (the first process generated half the prompts); the scores did not move.
     assert one["generated"] == {"batched": 36, "official": 36} and two["generated"] == {"batched": 18, "official": 18}
     assert two["results"] == one["results"]
+
+
+def test_the_eval_command_on_two_processes_writes_what_one_process_writes(two_processes, one_process,
+                                                                          micro_data_dir, tmp_path):
+    from unlearnlm.cli import app
+
+    app(["eval", "--model", str(two_processes / "model"), *data_args(micro_data_dir), "--out", str(tmp_path / "eval"),
+         *EVAL_ARGS],
+        standalone_mode=False)
+    two, one = (json.loads((directory / "evaluation_results.json").read_text())
+                for directory in (two_processes / "eval", tmp_path / "eval"))
+    del two["timings"], one["timings"]
+    assert two == one and "harmonic-mean-task-aggregate" in one
+    assert (two_processes / "eval" / "generations.jsonl").read_text() == (tmp_path / "eval" / "generations.jsonl").read_text()
 
 
 def test_shipped_accelerate_configs_are_data_parallel():

@@ -113,14 +113,18 @@ def eval_command(
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.mmlu import load_mmlu
     from unlearnlm.evaluation.report import results_table, terms_table, write_report
+    from unlearnlm.evaluation.sharding import join_launched_processes
 
     data = EvalData(forget_rows, retain_rows, members, nonmembers, general, load_mmlu(mmlu) if mmlu else None)
     settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
                             mmlu_shots=mmlu_shots, redact=redact)
     chosen_dtype = dtype.value if dtype else ("bfloat16" if official else "float32")
+    main = join_launched_processes()  # launched on several processes: each scores its share of the rows
     console = Console()
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not main) as progress:
         named_results = evaluate_paths(model, data, settings, chosen_dtype, _eval_progress(progress))
+    if not main:
+        return  # every process holds the gathered results; one writes them
     written = write_report(named_results, out, overwrite)
     console.print(results_table(named_results))
     console.print(terms_table(named_results))

@@ -17,6 +17,7 @@ stepping until all are done (its ``synced_gpus``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -37,6 +38,18 @@ def _rank_and_world() -> tuple[int, int]:
     if _distributed() and not _lockstep:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def join_launched_processes() -> bool:
+    """Join the process group of a ``torchrun`` / ``accelerate launch`` start, each process on its
+    own GPU, so that evaluation shares out its batches. True on the main process (and outside a launch).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 @contextmanager
