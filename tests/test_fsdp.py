@@ -10,8 +10,8 @@ and the engine's gathers, shard loads, lockstep validation and final save run fo
 Two runs share one launch: layer-focused KL on the memorized micro target, validated after every
 chunk (generation, MIA and utility in lockstep), killed in the middle of its second chunk and
 resumed (shard loads and the gathered optimizer state); and NPO with LoRA on a random micro model,
-with checkpoint selection (the adapter-disabled reference, the gathered best state, the merge on the
-rebuilt model).
+with gradient checkpointing and checkpoint selection (the adapter-disabled reference, the gathered
+best state, the merge on the rebuilt model).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ COMMON = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chun
 # optimizer_reset=never: the AdamW state saved after chunk 1 decides the resumed run's steps.
 # select=false: the saved model is the last state, the one the resumed run reached.
 LAYERS_KL = COMMON + ["method=kl", "layers.last_k=1", "optim.optimizer_reset=never", "validation.select=false"]
-LORA_NPO = COMMON + ["method=npo", "lora.enabled=true", "optim.grad_accum=2", "validation.metric=task_aggregate"]
+LORA_NPO = COMMON + ["method=npo", "lora.enabled=true", "optim.grad_accum=2", "gradient_checkpointing=true",
+                     "validation.metric=task_aggregate"]
 KILL_AT_STEP = 11  # chunk 1 has 8 steps of the global batch of 2; the micro target's 10 rows make 3 chunks
 
 
