@@ -14,12 +14,13 @@ import resource
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.records import Record, content_sha256
@@ -487,7 +488,10 @@ def build_accelerator() -> Accelerator:
     FSDP1 and DeepSpeed are refused: the checkpoints, the best state and the saved model gather the
     trainable weights with FSDP2's DTensor API, which they do not use.
     """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # The main process alone writes checkpoints and the final model (under FSDP it first rebuilds the
+    # whole model) while the others wait at a barrier: allow more than NCCL's default 10 minutes.
+    waiting = InitProcessGroupKwargs(timeout=timedelta(hours=1))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting])
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
