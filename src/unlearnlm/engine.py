@@ -27,9 +27,9 @@ from unlearnlm.data.records import Record, content_sha256
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
+from unlearnlm.evaluation.sharding import in_lockstep
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
-from unlearnlm.evaluation.sharding import in_lockstep
 from unlearnlm.runstate import (
     is_sharded,
     load_checkpoint,
