@@ -166,7 +166,7 @@ def worker(model_dir: str, data_dir: str, out: str) -> None:
     """One of the two processes torchrun starts: the CLI's unlearn, then an evaluation."""
     from unlearnlm.cli import app
 
-    paths = ["--model", model_dir, "--forget", f"{data_dir}/forget.jsonl", "--retain", f"{data_dir}/retain.jsonl"]
+    paths = ["--model", model_dir, *data_args(Path(data_dir))]
     overrides = [arg for setting in SETTINGS + ["optim.batch_size=1"] for arg in ("--set", setting)]
     app(["unlearn", *paths, "--out", f"{out}/model", *overrides], standalone_mode=False)
     results = evaluate_micro_model(Path(model_dir), Path(data_dir))
