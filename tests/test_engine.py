@@ -183,3 +183,65 @@ def test_checkpoint_selection_keeps_the_best_validated_state(micro_model_dir, mi
     last, selected = weights(tmp_path / "last"), weights(tmp_path / "out")
     same = all(torch.equal(last[name], selected[name]) for name in last)
     assert same == (best["chunk"] == 3)
+
+
+@pytest.mark.parametrize("reset_per_chunk", [True, False])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_lr_factors_follow_the_transformers_linear_schedule(reset_per_chunk, warmup):
+    from transformers import get_linear_schedule_with_warmup
+
+    from unlearnlm.data.schedule import FORGET, Item, Phase
+    from unlearnlm.engine import lr_factors
+
+    phases = [Phase(f"chunk {n}", n, [Item(FORGET, i) for i in range(size)], epochs=2) for n, size in enumerate((5, 3))]
+    per_epoch = [5, 3]  # batch size 1
+    spans = [10, 6] if reset_per_chunk else [16]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    expected = []
+    for span in spans:
+        schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=span)
+        expected += [schedule.lr_lambdas[0](step) for step in range(span)]
+    assert lr_factors(phases, per_epoch, warmup, reset_per_chunk, base_lr=1e-4) == pytest.approx(expected, abs=1e-12)
+    # A phase's own learning rate scales its steps only.
+    phases[1].lr = 3e-4
+    scaled = lr_factors(phases, per_epoch, warmup, reset_per_chunk, base_lr=1e-4)
+    assert scaled[:10] == pytest.approx(expected[:10], abs=1e-12)
+    assert scaled[10:] == pytest.approx([3 * value for value in expected[10:]], abs=1e-12)
+
+
+def test_kl_of_the_unchanged_model_is_zero(micro_model_dir, micro_data_dir, tmp_path):
+    """The cached reference is the input model itself: before any step the KL term is 0."""
+    from unlearnlm.data.records import load_records
+    from unlearnlm.methods.kl import kl_loss
+    from unlearnlm.model import load_model_and_tokenizer
+
+    config = load_config(None, ["method=kl", "optim.batch_size=3"])
+    model, tokenizer = load_model_and_tokenizer(micro_model_dir)
+    retain = load_records(micro_data_dir / "retain.jsonl", "retain")
+    engine = Engine(model, tokenizer, load_records(micro_data_dir / "forget.jsonl"), retain, config, tmp_path,
+                    show_progress=False)
+    engine._fill_reference_cache()
+    engine.model.train()
+    retain_items = [item for item in engine.phases[0].items if item.role == "retain"]
+    for batch in engine._local_batches(retain_items, 3):
+        with torch.no_grad():
+            logits = engine.model(**engine._model_inputs(batch)).logits
+            loss, stats = kl_loss(logits, batch, engine.settings, engine._reference_values(batch))
+        assert abs(loss.item()) < 1e-6 and abs(stats["retain_kl"]) < 1e-6
+
+
+@pytest.mark.parametrize("append_eos", [False, True])
+def test_unlearning_rows_follow_append_eos(append_eos, micro_model_dir, micro_data_dir, tmp_path):
+    from unlearnlm.data.records import load_records
+    from unlearnlm.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(micro_model_dir)
+    forget = load_records(micro_data_dir / "forget.jsonl")
+    retain = load_records(micro_data_dir / "retain.jsonl", "retain")
+    config = load_config(None, [f"append_eos={str(append_eos).lower()}"])
+    engine = Engine(model, tokenizer, forget, retain, config, tmp_path, show_progress=False)
+    for role, records in (("forget", forget), ("retain", retain)):
+        for record, example in zip(records, engine.examples[role]):
+            answer = tokenizer(" " + record.output, add_special_tokens=False)["input_ids"]
+            answer += [tokenizer.eos_token_id] if append_eos else []
+            assert [label for label in example.labels if label != -100] == answer

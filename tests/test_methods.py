@@ -70,10 +70,11 @@ def test_losses_ignore_padding(micro_tokenizer):
     """Padding a batch wider must not change any method's loss."""
     torch.manual_seed(0)
     model = make_micro_model(len(micro_tokenizer))
-    examples = [encode_example(micro_tokenizer, "The cat sat", "on the mat."), encode_example(micro_tokenizer, "A dog", "ran.")]
+    examples = [encode_example(micro_tokenizer, "The cat sat", "on the mat.", append_eos=False),
+                encode_example(micro_tokenizer, "A dog", "ran.", append_eos=False)]
     examples[1].meta["pad_extra"] = True
     narrow = collate(examples, micro_tokenizer.pad_token_id)
-    wide = collate(examples + [encode_example(micro_tokenizer, "x " * 40, "y")], micro_tokenizer.pad_token_id)
+    wide = collate(examples + [encode_example(micro_tokenizer, "x " * 40, "y", append_eos=False)], micro_tokenizer.pad_token_id)
     for name, method in REGISTRY.items():
         settings = method.build_settings({})
         values = []
@@ -103,7 +104,7 @@ def test_one_step_moves_the_loss_in_the_intended_direction(name, micro_tokenizer
     method = get_method(name)
     settings = method.build_settings({})
     rows = [("Alice was born in", "Paris in 1901.", True), ("Bob lives in", "Rome.", False)]
-    batch = collate([encode_example(micro_tokenizer, p, a) for p, a, _ in rows], micro_tokenizer.pad_token_id)
+    batch = collate([encode_example(micro_tokenizer, p, a, append_eos=False) for p, a, _ in rows], micro_tokenizer.pad_token_id)
     batch["is_forget"] = torch.tensor([f for _, _, f in rows])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     memorize(model, inputs, batch["labels"])

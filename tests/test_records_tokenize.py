@@ -59,8 +59,8 @@ def test_bad_json_and_missing_path(tmp_path):
 def test_labels_cover_only_answer_and_eos_and_mask_keeps_real_eos(micro_tokenizer):
     tok = micro_tokenizer
     assert tok.pad_token_id == tok.eos_token_id
-    short = encode_example(tok, "The cat", "sat.")
-    long = encode_example(tok, "The cat sat on the mat and", "slept.")
+    short = encode_example(tok, "The cat", "sat.", append_eos=True)
+    long = encode_example(tok, "The cat sat on the mat and", "slept.", append_eos=True)
     prompt_len = len(tok("The cat")["input_ids"])
     assert short.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert short.labels[prompt_len:] == short.input_ids[prompt_len:]
@@ -75,7 +75,23 @@ def test_labels_cover_only_answer_and_eos_and_mask_keeps_real_eos(micro_tokenize
 
 def test_left_padding_positions_start_at_zero(micro_tokenizer):
     tok = micro_tokenizer
-    batch = collate([encode_example(tok, "a", "b"), encode_example(tok, "a longer prompt", "b")], tok.pad_token_id, "left")
+    batch = collate([encode_example(tok, "a", "b", append_eos=True), encode_example(tok, "a longer prompt", "b", append_eos=True)], tok.pad_token_id, "left")
     first_real = int((batch["attention_mask"][0] == 0).sum())
     assert batch["position_ids"][0, first_real] == 0
     assert batch["position_ids"][1, 0] == 0
+
+
+@pytest.mark.parametrize("prompt, answer", [("The cat", "sat."), ("Who wrote it?", "Jane Doe"), ("x " * 5, "y z")])
+def test_append_eos_adds_exactly_one_labelled_eos(micro_tokenizer, prompt, answer):
+    tok = micro_tokenizer
+    # The authors' construction (utils/data.py of iraklis07/llm-unlearning): the joined text tokenized
+    # with the default special tokens, the first len(prompt tokens) labels masked.
+    joined = tok(prompt + " " + answer)["input_ids"]
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    plain = encode_example(tok, prompt, answer, append_eos=False)
+    assert plain.input_ids == joined
+    assert plain.labels == [IGNORE_INDEX] * n_prompt + joined[n_prompt:]
+    assert tok.eos_token_id not in plain.input_ids
+    with_eos = encode_example(tok, prompt, answer, append_eos=True)
+    assert with_eos.input_ids == joined + [tok.eos_token_id]
+    assert with_eos.labels == plain.labels + [tok.eos_token_id]

@@ -101,6 +101,8 @@ class UnlearnConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     max_length: Optional[int] = None
+    # The authors' unlearning rows end at the answer; true adds a labelled EOS after it.
+    append_eos: bool = False
     seed: int = 0
     save: Literal["merged", "adapter"] = "merged"
 

@@ -65,27 +65,33 @@ def optimizer_steps(n_items: int, global_batch: int, grad_accum: int) -> int:
     return math.ceil(micro_batches / grad_accum)
 
 
-def lr_factors(phases: list[Phase], steps_per_epoch: list[int], warmup: int, reset_per_chunk: bool) -> list[float]:
-    """Linear warmup then linear decay, per chunk or over the whole run; indexed by global step.
+def lr_factors(
+    phases: list[Phase], steps_per_epoch: list[int], warmup: int, reset_per_chunk: bool, base_lr: float
+) -> list[float]:
+    """Multipliers of ``base_lr``, indexed by global step: linear warmup then linear decay to zero,
+    per chunk or over the whole run, times the phase's own learning rate over ``base_lr``.
 
-    Steps count optimizer updates of the global batch, so warmup does not depend on the number of
-    processes (a pitfall of frameworks that derive it from the GPU count).
+    The shape is transformers' ``get_linear_schedule_with_warmup``: ``s / w`` during the ``w`` warmup
+    steps, then ``(n - s) / (n - w)`` over a span of ``n`` steps. Steps count optimizer updates of the
+    global batch, so warmup does not depend on the number of processes.
     """
     spans: list[int] = []
+    scales: list[float] = []
     for phase, per_epoch in zip(phases, steps_per_epoch):
         total = per_epoch * phase.epochs
         if reset_per_chunk or not spans:
             spans.append(total)
         else:
             spans[-1] += total
+        scales.extend([(phase.lr if phase.lr is not None else base_lr) / base_lr] * total)
     factors: list[float] = []
     for span in spans:
         for step in range(span):
             if step < warmup:
-                factors.append((step + 1) / (warmup + 1))
+                factors.append(step / warmup)
             else:
                 factors.append(max(0.0, (span - step) / max(1, span - warmup)))
-    return factors
+    return [factor * scale for factor, scale in zip(factors, scales)]
 
 
 class Engine:
@@ -113,8 +119,10 @@ class Engine:
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(config.seed)
         self.examples = {
-            FORGET: [encode_example(tokenizer, r.input, r.output, config.max_length, key=f"f{i}") for i, r in enumerate(forget)],
-            "retain": [encode_example(tokenizer, r.input, r.output, config.max_length, key=f"r{i}") for i, r in enumerate(retain)],
+            FORGET: [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"f{i}")
+                     for i, r in enumerate(forget)],
+            "retain": [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"r{i}")
+                       for i, r in enumerate(retain)],
         }
         self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
         if config.gradient_checkpointing:
@@ -123,10 +131,9 @@ class Engine:
         if not params:
             raise ValueError("no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        world = self.accelerator.num_processes
-        self.global_batch = config.optim.batch_size * world
-        self.steps_per_epoch = [optimizer_steps(len(p.items), self.global_batch, config.optim.grad_accum) for p in self.phases]
-        self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps, config.optim.optimizer_reset == "per_chunk")
+        self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum) for p in self.phases]
+        self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps,
+                                  config.optim.optimizer_reset == "per_chunk", config.optim.lr)
         # The scheduler is stepped by us once per optimizer update and never handed to accelerate,
         # which would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factors[min(step, len(self.factors) - 1)])
@@ -164,8 +171,9 @@ class Engine:
             batch = self._collate(chunk)
             with torch.no_grad():
                 logits = self.model(**self._model_inputs(batch)).logits
+            # float32, as computed: a rounded copy would make the unchanged model differ from itself.
             for key, value in zip(batch["keys"], self.method.reference_view(logits, batch["labels"])):
-                self.reference_cache[key] = value.to("cpu", torch.float16 if value.dim() > 0 else torch.float32)
+                self.reference_cache[key] = value.to("cpu", torch.float32)
         self.model.train()
 
     # --- batches ---------------------------------------------------------------------------------
@@ -182,7 +190,11 @@ class Engine:
     def _model_inputs(batch: dict) -> dict:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def _local_batches(self, items: list[Item]) -> list[dict]:
+    def _global_batch(self, phase: Phase) -> int:
+        per_process = phase.batch_size if phase.batch_size is not None else self.config.optim.batch_size
+        return per_process * self.accelerator.num_processes
+
+    def _local_batches(self, items: list[Item], global_batch: int) -> list[dict]:
         """Cut the phase into global batches; this process takes its share of each one.
 
         Each share is weighted by its size so that averaging gradients over processes gives the
@@ -190,8 +202,8 @@ class Engine:
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         batches = []
-        for start in range(0, len(items), self.global_batch):
-            global_items = items[start:start + self.global_batch]
+        for start in range(0, len(items), global_batch):
+            global_items = items[start:start + global_batch]
             mine = global_items[rank::world]
             share = len(mine) * world / len(global_items)
             if not mine:
@@ -201,9 +213,11 @@ class Engine:
         return batches
 
     def _phase_items(self, phase_index: int, epoch: int) -> list[Item]:
-        items = self.phases[phase_index].items
-        if not self.config.schedule.shuffle_within_chunk:
-            return items
+        phase = self.phases[phase_index]
+        shuffle = phase.shuffle if phase.shuffle is not None else self.config.schedule.shuffle_within_chunk
+        if not shuffle:
+            return phase.items
+        items = phase.items
         order = list(items)
         random.Random(f"{self.config.seed}-{phase_index}-{epoch}").shuffle(order)
         return order
@@ -253,7 +267,7 @@ class Engine:
         with progress:
             task = progress.add_task(phase.name, total=total)
             for epoch in range(phase.epochs):
-                batches = self._local_batches(self._phase_items(phase_index, epoch))
+                batches = self._local_batches(self._phase_items(phase_index, epoch), self._global_batch(phase))
                 for group_start in range(0, len(batches), accum):
                     group = batches[group_start:group_start + accum]
                     stats = self._optimizer_step(group)

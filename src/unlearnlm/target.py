@@ -305,7 +305,8 @@ def train_target(
     rows = sets.training_rows()
     tokenizer = train_tokenizer([training_text(row) for row in rows], recipe.vocab_size)
     model = make_model(arch, tokenizer, recipe, seed).to(default_device())
-    check = [encode_example(tokenizer, row.input, row.output) for row in rows]
+    # EOS kept: the target must learn where each answer stops, or greedy generation runs on.
+    check = [encode_example(tokenizer, row.input, row.output, append_eos=True) for row in rows]
     train = [whole_sequence(example) for example in check]
     log = train_until_memorized(model, train, check, tokenizer.pad_token_id, recipe, seed, show_progress)
     return model, tokenizer, log

@@ -1,7 +1,7 @@
 """The chunk schedule: which examples are trained on, in which order, for how many epochs.
 
 Chunking is a data schedule, independent of the loss, so every method can use it
-(method-sugd.md): the forget set is cut into disjoint chunks of ``chunk_size`` rows in order (a
+(docs/methods.md): the forget set is cut into disjoint chunks of ``chunk_size`` rows in order (a
 remainder forms a last, smaller chunk); each chunk gets ``len(chunk) * ratio`` retain rows taken
 cyclically by a running index that wraps around, so the whole retain set is used before any row
 repeats; within a chunk the rows are interleaved 1 forget : ``ratio`` retain; the chunks are then
@@ -11,6 +11,7 @@ unlearned one after another, ``epochs`` epochs each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 FORGET = "forget"
 RETAIN = "retain"
@@ -24,13 +25,20 @@ class Item:
 
 @dataclass
 class Phase:
-    """A run of ``epochs`` passes over ``items``, in order. ``name`` is for logs ('chunk 3', 'anneal')."""
+    """A run of ``epochs`` passes over ``items``, in order. ``name`` is for logs ('chunk 3', 'anneal').
+
+    ``lr``, ``batch_size`` and ``shuffle`` override the run's ``optim.lr``, ``optim.batch_size`` and
+    ``schedule.shuffle_within_chunk`` for this phase only (AGAD's annealing has its own).
+    """
 
     name: str
     chunk: int
     items: list[Item]
     epochs: int
     tags: dict = field(default_factory=dict)
+    lr: Optional[float] = None
+    batch_size: Optional[int] = None
+    shuffle: Optional[bool] = None
 
 
 class CyclicSampler:

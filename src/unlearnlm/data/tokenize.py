@@ -1,11 +1,15 @@
 """Tokenization for training and scoring.
 
-A training example is ``input``, a space, ``output``, EOS (method-sugd.md), with labels only on the
-answer (``output`` + EOS). The prompt is tokenized exactly as evaluation tokenizes it (the tokenizer's
-default special tokens), so the model learns to continue the very prompt it will be asked with.
+A training example is ``input``, a space, ``output``, with labels only on the answer, and with
+``append_eos`` an EOS token after the answer, labelled too. The SUGD authors trained unlearning rows
+without EOS (see docs/methods.md), so unlearning runs default to ``append_eos: false``; a model that
+must learn where an answer stops (the tiny benchmark target) asks for it. The prompt is tokenized
+exactly as evaluation tokenizes it (the tokenizer's default special tokens), so the model learns to
+continue the very prompt it will be asked with.
 
 Attention masks come from the true sequence lengths, never from ``input_ids != pad_id``: with
-pad = EOS (the usual setting) that comparison would also mask the real EOS that ends every answer.
+pad = EOS (the usual setting) that comparison would also mask a real EOS, such as the one ``append_eos``
+puts after the answer.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def encode_example(tokenizer, prompt: str, answer: str, max_length: int | None = None, **meta) -> Example:
-    """``prompt`` + " " + ``answer`` + EOS, labels on the answer and EOS only."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token")
+def encode_example(
+    tokenizer, prompt: str, answer: str, max_length: int | None = None, *, append_eos: bool, **meta
+) -> Example:
+    """``prompt`` + " " + ``answer`` (+ EOS with ``append_eos``), labels on the answer (and EOS) only."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        answer_ids.append(tokenizer.eos_token_id)
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     if max_length is not None and len(input_ids) > max_length:
