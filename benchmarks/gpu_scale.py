@@ -11,8 +11,8 @@ The prepared command for one H100 (estimated at about 5 minutes, most of it the 
 
 On a CPU, ``--arch tiny`` runs the same path on a tiny OLMo in seconds (the test does).
 
-Variants: ``layers`` (the arch's layer-focused preset: olmo-7b-sugd trains the last 8 of 32 layers,
-olmo-1b-sugd the last 4 of 16) and ``lora`` (olmo-7b-sugd-lora: r 16 on q/v/up/down, batch 16),
+Variants: ``layers`` (the arch's layer-focused preset: olmo-7b-sugd trains the last 8 of 32 layers
+with the embeddings and the LM head, olmo-1b-sugd-ours the last 4 of 16) and ``lora`` (olmo-7b-sugd-lora: r 16 on q/v/up/down, batch 16),
 each also with gradient checkpointing (``+gc``). Text is tokenized with a byte-level BPE trained
 here on the LUME rows; the model keeps OLMo's 50,304-row vocabulary, so the output layer and the
 loss cost what they cost with the real tokenizer. The projection multiplies the measured seconds
@@ -50,7 +50,7 @@ ARCHS: dict[str, dict] = {
              "intermediate_size": 128, "vocab_size": 1024, "max_position_embeddings": 4096, "clip_qkv": None},
 }
 # Which preset each variant runs; 'layers' on the tiny model keeps the 7B recipe (last 8 of 10 layers).
-LAYER_PRESETS = {"olmo-7b": "olmo-7b-sugd", "olmo-1b": "olmo-1b-sugd", "tiny": "olmo-7b-sugd"}
+LAYER_PRESETS = {"olmo-7b": "olmo-7b-sugd", "olmo-1b": "olmo-1b-sugd-ours", "tiny": "olmo-7b-sugd"}
 LORA_PRESET = "olmo-7b-sugd-lora"
 VARIANTS = ("layers", "layers+gc", "lora", "lora+gc")
 TOKENIZER_VOCAB = 16384  # a BPE trained on ~2,000 rows: long enough merges for realistic lengths

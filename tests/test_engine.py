@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from unlearnlm.config import load_config
 from unlearnlm.engine import Engine, unlearn
 from unlearnlm.errors import UserError
-from unlearnlm.model import apply_trainable, trainable_parameter_names
+from unlearnlm.model import apply_trainable, count_parameters, trainable_parameter_names
 
 
 FAST = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chunk=2", "optim.lr=1e-3",
@@ -133,17 +133,59 @@ def test_reference_methods_without_lora_use_a_cache_not_a_second_model(method, m
     assert report["steps"] == 2
 
 
-def test_olmo_7b_preset_trains_exactly_the_last_eight_layers():
-    """The real recipe's parameter set, on a random OLMo with the real depth and a tiny width."""
-    from transformers import AutoModelForCausalLM, OlmoConfig
+def _tiny(arch: str, layers: int = 32, tie: bool = False):
+    from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
 
-    config = load_config("configs/olmo-7b-sugd.yaml")
-    olmo = AutoModelForCausalLM.from_config(OlmoConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=32, num_attention_heads=2))
-    model = apply_trainable(olmo, config.lora, config.layers)
-    layers = {int(name.split(".")[2]) for name in trainable_parameter_names(model)}
+    dims = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                tie_word_embeddings=tie)
+    return AutoModelForCausalLM.from_config(OlmoConfig(**dims) if arch == "olmo" else LlamaConfig(**dims))
+
+
+# Counted by hand for vocabulary V=64, width H=16, MLP width I=32: a decoder layer holds q, k, v, o (4 H^2)
+# and gate, up, down (3 H I); Llama adds two RMSNorm weights (2 H), OLMo's LayerNorms have no weights.
+# Embeddings and LM head are V H each; Llama's final norm is H, OLMo's has none.
+V, H, I = 64, 16, 32
+LAYER = {"olmo": 4 * H * H + 3 * H * I, "llama": 4 * H * H + 3 * H * I + 2 * H}
+FINAL_NORM = {"olmo": 0, "llama": H}
+
+
+@pytest.mark.parametrize("arch", ["olmo", "llama"])
+@pytest.mark.parametrize("outside", [[], ["final_norm"], ["embeddings", "lm_head"], ["embeddings", "final_norm", "lm_head"]])
+def test_layer_focus_trains_exactly_the_listed_weights(arch, outside):
+    from unlearnlm.config import LayerSettings, LoraSettings
+
+    model = apply_trainable(_tiny(arch, layers=4), LoraSettings(), LayerSettings(last_k=2, train_outside=outside))
+    expected = 2 * LAYER[arch] + V * H * (("embeddings" in outside) + ("lm_head" in outside))
+    expected += FINAL_NORM[arch] * ("final_norm" in outside)
+    assert count_parameters(model)[0] == expected
+    names = set(trainable_parameter_names(model))
+    outside_names = {"embeddings": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+    listed = {outside_names[name] for name in outside if not (arch == "olmo" and name == "final_norm")}
+    assert {name for name in names if not name.startswith("model.layers.")} == listed
+    assert {int(name.split(".")[2]) for name in names if name.startswith("model.layers.")} == {2, 3}
+
+
+def test_layer_focus_refuses_half_of_tied_embeddings_and_lora():
+    from unlearnlm.config import LayerSettings, LoraSettings
+
+    with pytest.raises(UserError, match="ties its embeddings"):
+        apply_trainable(_tiny("llama", layers=2, tie=True), LoraSettings(), LayerSettings(last_k=1, train_outside=["lm_head"]))
+    with pytest.raises(UserError, match="train_outside"):
+        apply_trainable(_tiny("llama", layers=2), LoraSettings(enabled=True), LayerSettings(last_k=1, train_outside=["lm_head"]))
+    with pytest.raises(UserError, match="train_outside"):
+        apply_trainable(_tiny("llama", layers=2), LoraSettings(), LayerSettings(train_outside=["lm_head"]))
+
+
+@pytest.mark.parametrize("preset, outside", [("olmo-7b-sugd", 2 * V * H), ("olmo-7b-sugd-experiments", 0)])
+def test_olmo_7b_presets_train_the_last_eight_layers_and_their_notebooks_extras(preset, outside):
+    """The real recipes' parameter sets, on a random OLMo with the real depth and a tiny width:
+    SUGD.ipynb also trains embeddings and LM head; SUGD-Experiments.ipynb freezes both (OLMo's final
+    norm has no weights)."""
+    config = load_config(f"configs/{preset}.yaml")
+    model = apply_trainable(_tiny("olmo"), config.lora, config.layers)
+    layers = {int(name.split(".")[2]) for name in trainable_parameter_names(model) if name.startswith("model.layers.")}
     assert layers == set(range(24, 32))
-    assert all(name.startswith("model.layers.") for name in trainable_parameter_names(model))
+    assert count_parameters(model)[0] == 8 * LAYER["olmo"] + outside
 
 
 def test_lora_on_selected_layers_only():
@@ -245,3 +287,21 @@ def test_unlearning_rows_follow_append_eos(append_eos, micro_model_dir, micro_da
             answer = tokenizer(" " + record.output, add_special_tokens=False)["input_ids"]
             answer += [tokenizer.eos_token_id] if append_eos else []
             assert [label for label in example.labels if label != -100] == answer
+
+
+def test_agad_phases_run_with_their_own_batch_size_and_learning_rate(micro_model_dir, micro_data_dir, tmp_path):
+    """12 forget rows in chunks of 5 (5, 5, 2), forget batch 2: 3, 3 and 1 steps; two anneals on
+    int(24 x 0.5) = 12 retain rows at batch 4: 3 steps each; the final anneal, 24 rows: 6 steps."""
+    run(micro_model_dir, micro_data_dir, tmp_path / "out", [
+        "method=agad", "schedule.chunk_size=5", "schedule.epochs_per_chunk=1", "method_args.anneal_fraction=0.5",
+        "method_args.anneal_epochs=1", "method_args.anneal_batch_size=4", "method_args.anneal_lr=2e-3"])
+    rows = map(json.loads, (tmp_path / "out" / "unlearn_log.jsonl").read_text().splitlines())
+    steps = [row for row in rows if "step" in row and "phase" in row and "event" not in row]
+    phases = [row["phase"] for row in steps]
+    assert [(name, phases.count(name)) for name in dict.fromkeys(phases)] == [
+        ("forget chunk 1", 3), ("anneal after chunk 1", 3), ("forget chunk 2", 3), ("anneal after chunk 2", 3),
+        ("forget chunk 3", 1), ("final anneal", 6)]
+    # The logged lr is the one for the next step: in a 3-step anneal at 2e-3, after step 1 it is 2e-3 x 2/3.
+    first_anneal = phases.index("anneal after chunk 1")
+    assert steps[first_anneal]["lr"] == pytest.approx(2e-3 * 2 / 3, rel=1e-9)
+    assert steps[0]["lr"] == pytest.approx(1e-3 * 2 / 3, rel=1e-9)

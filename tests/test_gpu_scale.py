@@ -41,8 +41,9 @@ def test_tiny_run_reports_every_variant(gpu_scale, tmp_path):
     layers, lora = results
     assert (layers["preset"], lora["preset"]) == ("olmo-7b-sugd", "olmo-7b-sugd-lora")
     assert layers["steps"] == lora["steps"] == 3 and layers["timed_steps"] == 1
-    # Last 8 of the tiny model's 10 layers train; LoRA trains adapters only, on top of the same model.
-    assert layers["trainable_params"] == 8 * (4 * 64 * 64 + 3 * 64 * 128)
+    # Last 8 of the tiny model's 10 layers train, with the untied embeddings and LM head (1,024 x 64 each)
+    # as in the preset's notebook; LoRA trains adapters only, on top of the same model.
+    assert layers["trainable_params"] == 8 * (4 * 64 * 64 + 3 * 64 * 128) + 2 * 1024 * 64
     assert 0 < lora["trainable_params"] < layers["trainable_params"] < layers["total_params"] < lora["total_params"]
     assert all(row["tokens_per_s"] > 0 and row["projected_hours"] > 0 for row in results)
     # The 7B preset's schedule on 1,400 forget rows: 44 chunks of (32 forget + 224 retain) x 7 epochs at batch 1.

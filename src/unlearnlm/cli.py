@@ -211,9 +211,11 @@ def presets() -> None:
     """List the configuration presets shipped with unlearnlm."""
     from unlearnlm.config import PRESET_DIR, preset_names
 
+    # Each preset's header: a one-line summary, then a line naming where its values come from.
     for name in preset_names():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:24s} {first}")
+        header = [line.lstrip("# ") for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines() if line.startswith("#")]
+        print(f"{name:26s} {header[0]}")
+        print(f"{'':26s} {next(line for line in header if line.startswith('Source:'))}")
 
 
 @app.command()

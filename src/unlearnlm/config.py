@@ -30,10 +30,16 @@ class LoraSettings:
 
 @dataclass
 class LayerSettings:
-    """Which decoder layers train. ``last_k`` and ``indices`` are exclusive; neither means all."""
+    """Which decoder layers train. ``last_k`` and ``indices`` are exclusive; neither means all.
+
+    ``train_outside`` names the weights outside the decoder layers that train with the selected
+    layers (the rest of the model stays frozen); the authors' two notebooks differ here, see
+    docs/methods.md.
+    """
 
     last_k: Optional[int] = None
     indices: Optional[list[int]] = None
+    train_outside: list[Literal["embeddings", "final_norm", "lm_head"]] = field(default_factory=list)
 
 
 @dataclass

@@ -58,10 +58,39 @@ def select_layers(n_layers: int, settings: LayerSettings) -> list[int] | None:
     return None
 
 
+NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f")
+
+
+def outside_modules(model: nn.Module, layer_path: str) -> dict[str, nn.Module]:
+    """The token embeddings, the final norm and the LM head, by their ``layers.train_outside`` names."""
+    parent = model.get_submodule(layer_path.rsplit(".", 1)[0]) if "." in layer_path else model
+    norms = [getattr(parent, name) for name in NORM_NAMES if isinstance(getattr(parent, name, None), nn.Module)]
+    found = {"embeddings": model.get_input_embeddings(), "final_norm": norms[0] if norms else None,
+             "lm_head": model.get_output_embeddings()}
+    return {name: module for name, module in found.items() if module is not None}
+
+
+def unfreeze_outside(model: nn.Module, layer_path: str, names: list[str]) -> None:
+    modules = outside_modules(model, layer_path)
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise UserError(f"setting 'layers.train_outside': this model has no {missing[0]} module")
+    if "embeddings" in modules and "lm_head" in modules and modules["embeddings"].weight is modules["lm_head"].weight \
+            and ("embeddings" in names) != ("lm_head" in names):
+        raise UserError("setting 'layers.train_outside': this model ties its embeddings to its LM head; "
+                        "list both or neither")
+    for name in names:
+        modules[name].requires_grad_(True)
+
+
 def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings) -> nn.Module:
-    """Freeze what must not change. LoRA adapters go only on the selected layers when both are set."""
+    """Freeze what must not change. LoRA adapters go only on the selected layers when both are set;
+    with a layer selection, ``layers.train_outside`` adds embeddings, final norm or LM head."""
     layer_path, stack = decoder_layers(model)
     selected = select_layers(len(stack), layers)
+    if layers.train_outside and (lora.enabled or selected is None):
+        raise UserError("setting 'layers.train_outside' needs layers.last_k or layers.indices and no LoRA "
+                        "(without a layer selection every weight trains)")
     if lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -80,6 +109,7 @@ def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings)
     model.requires_grad_(False)
     for index in selected:
         stack[index].requires_grad_(True)
+    unfreeze_outside(model, layer_path, layers.train_outside)
     return model
 
 
