@@ -1,6 +1,6 @@
 """`unlearnlm bench`: every method on the same tiny target, the same sets and the same tuning effort.
 
-Protocol (benchmark-tiny.md): each method variant tries the same number of configurations on a
+Protocol (docs/benchmark.md): each method variant tries the same number of configurations on a
 tuning draw of documents (its own target, trained the same way), the best by final score is then run
 on the reported draw, once per seed. Every unlearning run is a separate process, so its peak memory
 is its own. Nothing is tuned on the reported draw; the SUGD trajectory is logged there with

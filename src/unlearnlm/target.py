@@ -2,7 +2,7 @@
 
 ``build_target`` draws the sets (``data.sets``), trains a byte-level BPE tokenizer on the training
 text, trains a randomly initialized Llama (or OLMo) on F, R and G until it reproduces them, checks
-the benchmark's bar (every per-task mean >= 0.9 on F and R, utility >= 0.9; benchmark-tiny.md) and
+the benchmark's bar (every per-task mean >= 0.9 on F and R, utility >= 0.9; docs/benchmark.md) and
 saves a standard Hugging Face directory with the set files it used (``benchmark/``) and a training
 log (``target.json``).
 

@@ -1,4 +1,4 @@
-"""The tiny benchmark's sets, drawn from a LUME-format directory (benchmark-tiny.md).
+"""The tiny benchmark's sets, drawn from a LUME-format directory (docs/benchmark.md).
 
 A LUME-format directory holds ``train/{forget,retain}.jsonl`` and ``validation/{forget,retain}.jsonl``.
 Rows sharing a document id (``id[:-3]``) form a document, and a document is always used whole.

@@ -1,6 +1,6 @@
 """The official SemEval-2025 Task 4 scores, as pure functions over plain rows.
 
-This module is the single home of the definitions in ``docs/semeval25-scoring.md``; everything
+This module is the single home of the definitions in ``docs/scoring.md``; everything
 else (the evaluator, the report, the training engine's checkpoint selection) calls it.
 
 A row is a mapping with at least ``id`` (or ``kind``), ``task``, ``split``, ``output`` and

@@ -1,4 +1,4 @@
-"""Utility, the tiny benchmark's stand-in for MMLU (benchmark-tiny.md).
+"""Utility, the tiny benchmark's stand-in for MMLU (docs/benchmark.md).
 
 Four-way multiple choice on the question rows of the general set G: the options are the true answer
 and three answers of other G questions of the same task and the same question kind, where the kind

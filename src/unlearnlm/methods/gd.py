@@ -14,7 +14,7 @@ class Settings:
 
 
 def gradient_difference_loss(logits: torch.Tensor, batch: dict, settings, reference=None):
-    """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (method-sugd.md)."""
+    """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (docs/methods.md)."""
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
     return mix_roles(is_forget, -nll, settings.retain_weight * nll), role_means(nll, is_forget)
