@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--last-k", type=int, default=1)
+    parser.add_argument("--last-k", type=int, default=1, help="0: the whole model trains (the demo preset)")
     parser.add_argument("--pad-to-multiple-of", type=int, default=8,
                         help="their collator's padding (8); 1 pads to the longest row only, as unlearnlm does")
     return parser.parse_args(argv)
@@ -71,6 +71,8 @@ def write_parquet(rows_dir: Path, data_dir: Path) -> None:
 
 def freeze_like_the_notebook(model: torch.nn.Module, last_k: int, variant: str) -> None:
     """What the two notebooks freeze for ``train_last_k``; everything else keeps requires_grad."""
+    if last_k == 0:
+        return
     layers = model.model.layers
     for index, layer in enumerate(layers):
         layer.requires_grad_(index >= len(layers) - last_k)
@@ -159,11 +161,12 @@ def our_config(args: argparse.Namespace, micro_batches: int = 1):
     from unlearnlm.config import load_config
 
     outside = ",".join(VARIANTS[args.variant])
+    layers = [f"layers.last_k={args.last_k}", f"layers.train_outside=[{outside}]"] if args.last_k else []
     return load_config(None, [
-        "method=sugd", f"method_args.retain_weight={args.retain_weight}", f"schedule.chunk_size={args.chunk_size}",
+        *layers, "method=sugd", f"method_args.retain_weight={args.retain_weight}", f"schedule.chunk_size={args.chunk_size}",
         f"schedule.ratio={args.ratio}", f"schedule.epochs_per_chunk={args.epochs}", f"optim.lr={args.lr}",
         f"optim.batch_size={args.batch_size // micro_batches}", f"optim.grad_accum={micro_batches}",
-        f"layers.last_k={args.last_k}", f"layers.train_outside=[{outside}]", "append_eos=false", "dtype=float32"])
+        "append_eos=false", "dtype=float32"])
 
 
 def run_ours(args: argparse.Namespace, out: Path, micro_batches: int = 1) -> None:

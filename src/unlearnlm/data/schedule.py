@@ -10,7 +10,7 @@ unlearned one after another, ``epochs`` epochs each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 FORGET = "forget"
@@ -35,7 +35,6 @@ class Phase:
     chunk: int
     items: list[Item]
     epochs: int
-    tags: dict = field(default_factory=dict)
     lr: Optional[float] = None
     batch_size: Optional[int] = None
     shuffle: Optional[bool] = None
