@@ -19,9 +19,10 @@ transformers; the adaptations made here at run time, without changing what is co
 - CPU, float32 and no mixed precision, where their notebooks ran bf16 weights on a GPU (SUGD.ipynb
   with fp16 autocast); the comparison is of the algorithm, not of the hardware.
 
-The layer focus follows one of their two notebooks (``--variant``): ``main`` (SUGD.ipynb: only the
-decoder layers below the last k are frozen) or ``experiments`` (SUGD-Experiments.ipynb: the token
-embeddings and the LM head are frozen too).
+What trains follows their notebooks (``--variant``): ``main`` (SUGD.ipynb: only the decoder layers
+below the last k are frozen), ``experiments`` (SUGD-Experiments.ipynb: the token embeddings and the LM
+head are frozen too) or ``lora`` (their LoRA: r 16, alpha 32 on q/v/up/down, merged at the end; both
+sides seed 0 before creating the adapters, so they start from the same ones).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import torch
 from safetensors.torch import load_file
 
 SCORES = ("aggregate-score", "harmonic-mean-task-aggregate", "mia_final_score", "utility", "aggregated-terms")
-VARIANTS = {"main": ["embeddings", "final_norm", "lm_head"], "experiments": ["final_norm"]}
+VARIANTS = {"main": ["embeddings", "final_norm", "lm_head"], "experiments": ["final_norm"], "lora": []}
+# The LoRA of their notebooks (SUGD.ipynb, example-notebooks/Sequential.ipynb), peft's default dropout 0.
+LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +70,20 @@ def write_parquet(rows_dir: Path, data_dir: Path) -> None:
         frame = pd.DataFrame([{"id": r["id"], "input": r["input"], "output": r["output"], "task": r["task"],
                                "split": split} for r in rows])
         frame.to_parquet(data_dir / f"{split}_train-00000-of-00001.parquet", engine="pyarrow")
+
+
+def prepare_like_the_notebook(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """LoRA as their notebooks apply it (after seeding as our engine does, so that both draw the same
+    initial adapters), or what their notebooks freeze for ``train_last_k``."""
+    if args.variant == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import set_seed
+
+        set_seed(0)
+        return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], bias="none",
+                                                target_modules=LORA["target_modules"], task_type=TaskType.CAUSAL_LM))
+    freeze_like_the_notebook(model, args.last_k, args.variant)
+    return model
 
 
 def freeze_like_the_notebook(model: torch.nn.Module, last_k: int, variant: str) -> None:
@@ -115,12 +132,18 @@ def authors_trainer(args: argparse.Namespace, data_dir: Path, out: Path, model: 
 def run_authors(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    freeze_like_the_notebook(model, args.last_k, args.variant)
+    model = prepare_like_the_notebook(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), args)
     trainer, tokenizer = authors_trainer(args, data_dir, out, model)
     trainer.train(split_retain=True)
+    if args.variant == "lora":
+        model = model.merge_and_unload()
     model.save_pretrained(out / "authors")
     tokenizer.save_pretrained(out / "authors")
+
+
+def gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    return dict(zip([name for name, _ in named], torch.autograd.grad(loss, [parameter for _, parameter in named])))
 
 
 def first_batch_gradients(args: argparse.Namespace, data_dir: Path, out: Path) -> dict:
@@ -129,28 +152,33 @@ def first_batch_gradients(args: argparse.Namespace, data_dir: Path, out: Path) -
     from methods import sequential
     from transformers import AutoModelForCausalLM
 
+    from accelerate.utils import set_seed
+
     from unlearnlm.data.records import load_records
     from unlearnlm.engine import Engine
+    from unlearnlm.model import apply_trainable
 
-    theirs_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    theirs_model = prepare_like_the_notebook(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), args)
     trainer, tokenizer = authors_trainer(args, data_dir, out, theirs_model)
     chunk = trainer.forget_dataset.select(range(min(args.chunk_size, len(trainer.forget_dataset))))
     retain, _ = trainer._get_cycled_retain_samples(trainer.retain_dataset, len(chunk) * args.ratio, 0)
     rows = sequential.AdvSupervisedDataset(chunk, retain, positive_ratio=args.ratio, positive_factor=args.retain_weight)
     batch = trainer.data_collator([rows[index] for index in range(min(args.batch_size, len(rows)))])
     theirs_loss = sequential.AscentPlusDescentTrainer.compute_loss(None, theirs_model, batch)
-    theirs = dict(zip([name for name, _ in theirs_model.named_parameters()],
-                      torch.autograd.grad(theirs_loss, list(theirs_model.parameters()))))
+    theirs = gradients(theirs_model, theirs_loss)
 
-    ours_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = our_config(args)
+    set_seed(config.seed)
+    ours_model = apply_trainable(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
+                                 config.lora, config.layers)
     samples = args.model / "benchmark"
     engine = Engine(ours_model, tokenizer, load_records(samples / "forget.jsonl"),
-                    load_records(samples / "retain.jsonl", "retain"), our_config(args), out / "engine", show_progress=False)
+                    load_records(samples / "retain.jsonl", "retain"), config, out / "engine", show_progress=False)
     ours_batch = engine._local_batches(engine._phase_items(0, 0), engine._global_batch(engine.phases[0]))[0]
     logits = engine.model(**engine._model_inputs(ours_batch)).logits
     ours_loss, _ = engine.method.loss(logits, ours_batch, engine.settings, None)
-    ours = dict(zip([name for name, _ in ours_model.named_parameters()],
-                    torch.autograd.grad(ours_loss, list(ours_model.parameters()))))
+    ours = gradients(ours_model, ours_loss)
+    assert ours.keys() == theirs.keys(), "the two loops train different weights"
     largest = max(gradient.abs().max().item() for gradient in theirs.values())
     difference = max((ours[name] - theirs[name]).abs().max().item() for name in theirs)
     return {"loss_theirs": theirs_loss.item(), "loss_ours": ours_loss.item(), "max_abs_gradient": largest,
@@ -161,9 +189,13 @@ def our_config(args: argparse.Namespace, micro_batches: int = 1):
     from unlearnlm.config import load_config
 
     outside = ",".join(VARIANTS[args.variant])
-    layers = [f"layers.last_k={args.last_k}", f"layers.train_outside=[{outside}]"] if args.last_k else []
+    if args.variant == "lora":
+        trained = ["lora.enabled=true", f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", "lora.dropout=0",
+                   f"lora.target_modules=[{','.join(LORA['target_modules'])}]"]
+    else:
+        trained = [f"layers.last_k={args.last_k}", f"layers.train_outside=[{outside}]"] if args.last_k else []
     return load_config(None, [
-        *layers, "method=sugd", f"method_args.retain_weight={args.retain_weight}", f"schedule.chunk_size={args.chunk_size}",
+        *trained, "method=sugd", "seed=0", f"method_args.retain_weight={args.retain_weight}", f"schedule.chunk_size={args.chunk_size}",
         f"schedule.ratio={args.ratio}", f"schedule.epochs_per_chunk={args.epochs}", f"optim.lr={args.lr}",
         f"optim.batch_size={args.batch_size // micro_batches}", f"optim.grad_accum={micro_batches}",
         "append_eos=false", "dtype=float32"])
