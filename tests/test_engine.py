@@ -47,7 +47,7 @@ def test_refuses_existing_output_and_writing_into_the_input(micro_model_dir, mic
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         run(micro_model_dir, micro_data_dir, tmp_path / "taken", [])
-    with pytest.raises(UserError, match="inside the input"):
+    with pytest.raises(UserError, match="overlaps the input"):
         run(micro_model_dir, micro_data_dir, micro_model_dir / "out", [])
 
 
