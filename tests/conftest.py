@@ -1,4 +1,5 @@
-"""Shared fixtures: a few real LUME rows, a tokenizer trained on them, and a micro random Llama."""
+"""Shared fixtures: a few real LUME rows, a tokenizer trained on them, a micro random Llama, and the
+comparison of a two-process run with a one-process run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 LUME = Path(__file__).resolve().parents[1] / "src" / "unlearnlm" / "resources" / "lume"
 
@@ -81,3 +83,31 @@ def micro_target(tmp_path_factory) -> tuple[Path, Path]:
         directory, built = cached_target("micro", seed=0)
     assert built
     return directory, cache
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """This process as the one-process side of a two-process comparison: the same device (the CPU)
+    and the same thread count (OMP_NUM_THREADS=1) as each launched process."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_same_update(two_dir: Path, one_dir: Path, before: dict[str, torch.Tensor]) -> None:
+    """Two processes and one reach the same weights, up to the order of their sums.
+
+    The two processes each sum half of the global batch and then add the halves; one process sums
+    it whole. Rounding differs by about 1e-7 of each sum, and AdamW divides every gradient by its
+    own running scale, so the difference grows with the update, not with the weights: it is bounded
+    relative to the largest change training made (measured: about 1e-3 of it on two x86 machines).
+    A run that saw other rows or weighed them otherwise differs by a sizeable part of the update.
+    """
+    after_two, after_one = (load_file(str(directory / "model.safetensors")) for directory in (two_dir, one_dir))
+    assert sorted(after_two) == sorted(after_one) == sorted(before)
+    update = max((after_one[name] - before[name]).abs().max().item() for name in before)
+    assert update > 1e-3  # training moved the weights, so agreeing on them means something
+    worst = max((after_two[name] - after_one[name]).abs().max().item() for name in before)
+    assert worst <= 1e-2 * update, f"the runs differ by {worst:.2e}, {worst / update:.1%} of the update {update:.2e}"

@@ -47,7 +47,7 @@ def test_refuses_existing_output_and_writing_into_the_input(micro_model_dir, mic
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         run(micro_model_dir, micro_data_dir, tmp_path / "taken", [])
-    with pytest.raises(UserError, match="inside the input"):
+    with pytest.raises(UserError, match="overlaps the input"):
         run(micro_model_dir, micro_data_dir, micro_model_dir / "out", [])
 
 
@@ -87,24 +87,36 @@ def _steps(out) -> list:
     return [(row.get("step"), row.get("loss")) for row in rows]
 
 
-def test_divergence_guard_keeps_the_last_good_state(micro_model_dir, micro_data_dir, tmp_path, monkeypatch):
+def test_divergence_guard_restores_the_state_saved_before_the_chunk(micro_model_dir, micro_data_dir, tmp_path,
+                                                                   monkeypatch, capfd):
+    from unlearnlm.cli import main
     from unlearnlm.methods import REGISTRY
     from unlearnlm.methods.gd import gradient_difference_loss as original
 
+    # Chunks are 8 steps (4 forget + 4 retain rows, batches of 2, 2 epochs). The state saved before
+    # chunk 2 is the state after step 8: that of a run stopped there.
+    run(micro_model_dir, micro_data_dir, tmp_path / "before_chunk_2", ["optim.max_steps=8"])
     calls = {"n": 0}
 
     def poisoned(logits, batch, settings, reference=None):
         calls["n"] += 1
         loss, stats = original(logits, batch, settings, reference)
-        if calls["n"] >= 9:  # chunk 2 is steps 5..8 with grad_accum 1; this is chunk 3
+        if calls["n"] >= 9:  # the first step of chunk 2, whose NaN update reaches the weights
             return loss * float("nan"), {**stats, "forget_loss": float("nan")}
         return loss, stats
 
     monkeypatch.setattr(REGISTRY["sugd"], "loss", poisoned)
-    report = run(micro_model_dir, micro_data_dir, tmp_path / "out", ["method=sugd"])
-    assert report["stopped_reason"].startswith("diverged at step 9: non-finite loss")
-    saved = weights(tmp_path / "out")
-    assert all(torch.isfinite(t).all() for t in saved.values())
+    paths = ["--model", str(micro_model_dir), "--forget", str(micro_data_dir / "forget.jsonl"),
+             "--retain", str(micro_data_dir / "retain.jsonl"), "--out", str(tmp_path / "out")]
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["unlearn", *paths, *[arg for setting in FAST for arg in ("--set", setting)]])
+    assert exited.value.code == 0
+    said = " ".join(capfd.readouterr().err.split())
+    assert "diverged at step 9: non-finite loss; kept the state before chunk 2" in said
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["stopped_reason"].startswith("diverged at step 9")
+    restored, expected = weights(tmp_path / "out"), weights(tmp_path / "before_chunk_2")
+    assert all(torch.equal(restored[name], expected[name]) for name in expected)
 
 
 def test_forget_loss_bound_stops_gradient_ascent(micro_model_dir, micro_data_dir, tmp_path):
@@ -200,31 +212,35 @@ def test_lora_on_selected_layers_only():
     assert {name.split(".")[-4] for name in names} == {"q_proj", "v_proj", "up_proj", "down_proj"}
 
 
-def test_checkpoint_selection_keeps_the_best_validated_state(micro_model_dir, micro_data_dir, tmp_path):
-    forget, retain = micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl"
-    validation = [f"validation.forget={forget}", f"validation.retain={retain}", "validation.max_new_tokens=8",
-                  "validation.metric=task_aggregate"]
-    report = run(micro_model_dir, micro_data_dir, tmp_path / "out", validation)
+def test_checkpoint_selection_keeps_the_best_validated_state(micro_target, tmp_path):
+    """On the memorized micro target at lr 1e-3 the utility falls chunk after chunk (measured: 1.0,
+    0.86, 0.71), so the best state is not the last and keeping the wrong one shows."""
+    target = micro_target[0]
+    sets = target / "benchmark"
+    validation = [f"validation.forget={sets}/forget.jsonl", f"validation.retain={sets}/retain.jsonl",
+                  f"validation.general={sets}/general.jsonl", "validation.metric=utility", "validation.max_new_tokens=16"]
+    config = load_config(None, FAST + ["optim.lr=1e-3", "max_length=64"] + validation)
+    report = unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", tmp_path / "out", config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "out" / "unlearn_log.jsonl").read_text().splitlines()]
     validations = [row for row in rows if row.get("event") == "validation"]
     assert [row["chunk"] for row in validations] == [1, 2, 3]
-    best = max(validations, key=lambda row: row["task_aggregate"])
-    assert report["best"]["step"] == best["step"]
-    assert report["best"]["task_aggregate"] == best["task_aggregate"]
+    assert len({row["utility"] for row in validations}) > 1  # the scores differ across chunks
+    best = max(validations, key=lambda row: row["utility"])
+    last = validations[-1]
+    assert best["chunk"] != last["chunk"] and best["utility"] > last["utility"]
+    assert report["best"]["step"] == best["step"] and report["best"]["utility"] == best["utility"]
     assert 0 < report["validation_seconds"] < report["wall_seconds"]
-    # The saved model is that state: scoring it again gives the selected score.
+    # The saved model is the best state: scoring it again gives that state's scores, not the last one's.
     from unlearnlm.data.records import load_records
     from unlearnlm.evaluation.evaluator import quick_scores
     from unlearnlm.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tmp_path / "out")
-    rescored = quick_scores(model, tokenizer, load_records(forget), load_records(retain, "retain"), max_new_tokens=8)
-    assert rescored["task_aggregate"] == pytest.approx(best["task_aggregate"], abs=1e-9)
-    # And it differs from the last state unless the last chunk was the best one.
-    run(micro_model_dir, micro_data_dir, tmp_path / "last", [])
-    last, selected = weights(tmp_path / "last"), weights(tmp_path / "out")
-    same = all(torch.equal(last[name], selected[name]) for name in last)
-    assert same == (best["chunk"] == 3)
+    rescored = quick_scores(model, tokenizer, load_records(sets / "forget.jsonl"), load_records(sets / "retain.jsonl", "retain"),
+                            general=load_records(sets / "general.jsonl", "general"), max_new_tokens=16)
+    for metric in ("utility", "forget_mean", "retain_mean"):
+        assert rescored[metric] == pytest.approx(best[metric], abs=1e-9), metric
+    assert (rescored["utility"], rescored["forget_mean"]) != (last["utility"], last["forget_mean"])
 
 
 @pytest.mark.parametrize("reset_per_chunk", [True, False])

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from rouge_score import rouge_scorer
-from sklearn.metrics import auc, roc_curve
 
 from conftest import make_micro_model
 from unlearnlm.cli import main
@@ -77,15 +76,18 @@ def test_each_sequence_stops_at_its_own_eos(micro_tokenizer, lume_rows):
 @pytest.fixture(scope="module")
 def eval_inputs(micro_tokenizer, lume_rows):
     """Rows whose expected outputs are built from the model's own greedy generations, so that the
-    scores are neither all 0 nor all 1: every other question is answered exactly (up to outer
-    whitespace), and each completion's reference is the generation followed by the true output."""
+    scores are neither all 0 nor all 1 and none of the 12 terms is 0 (one zero term makes the
+    harmonic mean 0, whatever the others): in forget every question of a task but its last is
+    answered exactly (up to outer whitespace), in retain only the first of each task; each
+    completion's reference is the generation followed by the true output."""
     model = make_micro_model(len(micro_tokenizer), seed=3)
     retain = lume_rows["retain"]
     # Retain rows of all three tasks (a Task2, a Task3 and a Task1 document); G and the nonmembers from others.
     split_rows = {"forget": lume_rows["forget"], "retain": retain[0:6] + retain[12:14] + retain[20:22]}
     generated = generate_batched(model, micro_tokenizer, [encode_prompt(micro_tokenizer, row["input"][:PROMPT_CHARS])
                                                          for rows in split_rows.values() for row in rows], 8, MAX_NEW)
-    data, position, questions = {}, 0, 0
+    questions = Counter((split, row["task"]) for split, rows in split_rows.items() for row in rows if row["id"][-3:-1] == "qa")
+    data, position, seen = {}, 0, Counter()
     for split, rows in split_rows.items():
         data[split] = []
         for row in rows:
@@ -94,8 +96,10 @@ def eval_inputs(micro_tokenizer, lume_rows):
             if row["id"][-3:-1] == "sc":
                 output = generation + " " + output
             else:
-                questions += 1
-                output = f"  {generation} " if questions % 2 else output
+                seen[split, row["task"]] += 1
+                number, count = seen[split, row["task"]], questions[split, row["task"]]
+                answered = number < count if split == "forget" else number == 1
+                output = f"  {generation} " if answered else output
             data[split].append(Record(row["id"], row["input"][:PROMPT_CHARS], output, row["task"], split))
     members = documents_from_rows(data["forget"])
     nonmembers = [row["input"] for row in retain[6:12] + retain[14:20] + retain[22:24] if row["id"][-3:-1] == "sc"]
@@ -111,27 +115,39 @@ def evaluated(eval_inputs, micro_tokenizer):
 
 
 def official_recomputation(rows: list[dict], member_losses: list[float], nonmember_losses: list[float], utility: float) -> dict:
-    """The organizers' compute_metrics, restated independently of unlearnlm.evaluation.scoring."""
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-    per_row, terms = {}, []
+    """The organizers' compute_metrics as docs/semeval25-scoring.md defines it, restated without
+    unlearnlm.evaluation.scoring (nor the sklearn and statistics calls it makes)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def kind(row: dict) -> str:  # the official rule: id[:-1] ends in "sc" or "qa"
+        return "sc" if row["id"][:-1].endswith("sc") else "qa" if row["id"][:-1].endswith("qa") else "?"
+
+    per_row = {}
     for row in rows:
-        if row["id"][:-1].endswith("sc"):
-            per_row[row["id"]] = scorer.score(row["output"], row["generation"])["rougeL"].recall
-        else:
-            per_row[row["id"]] = int(row["output"].strip().lower() == row["generation"].strip().lower())
+        if kind(row) == "sc":  # regurgitation: ROUGE-L recall of the generation against the output
+            per_row[row["id"]] = scorer.score(target=row["output"], prediction=row["generation"])["rougeL"].recall
+        else:  # knowledge: the whole generation is the answer, up to case and outer whitespace
+            assert kind(row) == "qa", row["id"]
+            per_row[row["id"]] = 1 if row["output"].strip().lower() == row["generation"].strip().lower() else 0
+    # 12 terms: forget then retain, tasks in sorted order, regurgitation (sc) then knowledge (qa).
+    raw, terms = {}, []
     for split in ("forget", "retain"):
-        split_rows = [row for row in rows if row["split"] == split]
-        for task in sorted({row["task"] for row in split_rows}):
-            for kind in ("sc", "qa"):
-                values = [per_row[row["id"]] for row in split_rows if row["task"] == task and row["id"][:-1].endswith(kind)]
+        for task in ("Task1", "Task2", "Task3"):
+            for row_kind in ("sc", "qa"):
+                values = [per_row[row["id"]] for row in rows
+                          if row["split"] == split and row["task"] == task and kind(row) == row_kind]
                 mean = sum(values) / len(values)
+                raw[split, task, row_kind] = mean
                 terms.append(1 - mean if split == "forget" else mean)
-    false_positive, true_positive, _ = roc_curve([1] * len(member_losses) + [0] * len(nonmember_losses),
-                                                 [-loss for loss in member_losses + nonmember_losses])
-    mia = 1 - abs(auc(false_positive, true_positive) - 0.5) * 2
-    task_aggregate = statistics.harmonic_mean(terms)
-    return {"per_row": per_row, "terms": terms, "task_aggregate": task_aggregate, "mia": mia,
-            "final": statistics.mean([task_aggregate, utility, mia])}
+    task_aggregate = 0.0 if 0 in terms else len(terms) / sum(1 / term for term in terms)
+    # Loss attack AUC, members labelled 1 and score -loss: the share of (member, nonmember) pairs in
+    # which the member has the lower loss, a tie counting 1/2 (what roc_curve + auc integrate to).
+    pairs = [(member, nonmember) for member in member_losses for nonmember in nonmember_losses]
+    mia_auc = sum(1.0 if member < nonmember else 0.5 if member == nonmember else 0.0
+                  for member, nonmember in pairs) / len(pairs)
+    mia = 1 - 2 * abs(mia_auc - 0.5)
+    return {"per_row": per_row, "raw": raw, "terms": terms, "task_aggregate": task_aggregate, "mia_auc": mia_auc,
+            "mia": mia, "final": (task_aggregate + mia + utility) / 3}
 
 
 def test_written_scores_equal_the_official_recomputation(evaluated, tmp_path):
@@ -139,18 +155,28 @@ def test_written_scores_equal_the_official_recomputation(evaluated, tmp_path):
     written = json.loads((out / "evaluation_results.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 12 + 10 and set(rows[0]) == {"id", "task", "kind", "split", "input", "output", "generation", "score"}
+    # Utility (the final score's third term) by counting the written predictions.
+    predictions = written["utility_details"]["predictions"]
+    assert written["utility"] == sum(item["predicted"] == item["answer"] for item in predictions) / len(predictions)
     mia = written["mia"]
     expected = official_recomputation(rows, mia["member_losses"], mia["nonmember_losses"], written["utility"])
     for row in rows:
         assert row["score"] == pytest.approx(expected["per_row"][row["id"]], abs=1e-9)
+    for (split, task, kind), mean in expected["raw"].items():
+        metric = "regurgitation-score" if kind == "sc" else "knowledge-score"
+        assert written[f"{split}-set"][task][metric] == pytest.approx(mean, abs=1e-9)
     assert len(written["aggregated-terms"]) == 12
     assert written["aggregated-terms"] == pytest.approx(expected["terms"], abs=1e-9)
     assert written["harmonic-mean-task-aggregate"] == pytest.approx(expected["task_aggregate"], abs=1e-9)
+    assert written["mia_loss_acc"] == pytest.approx(expected["mia_auc"], abs=1e-9)
     assert written["mia_final_score"] == pytest.approx(expected["mia"], abs=1e-9)
     assert written["aggregate-score"] == pytest.approx(expected["final"], abs=1e-9)
-    # The crafted outputs make the scores informative: some but not all questions answered.
+    # The crafted outputs make the scores informative: some but not all questions answered, no zero
+    # term (which would make the harmonic mean 0 whatever the other terms), an MIA score off 0 and 1.
     knowledge = [row["score"] for row in rows if row["kind"] == "qa"]
     assert 0 < sum(knowledge) < len(knowledge)
+    assert all(term > 0 for term in expected["terms"]) and 0 < expected["task_aggregate"] < 1
+    assert 0 < expected["mia"] < 1
 
 
 def test_results_carry_the_details(evaluated):

@@ -66,12 +66,47 @@ def test_option_loglikelihoods_are_the_summed_continuation_logprobs(general, mic
             assert score == pytest.approx(expected, abs=1e-4)
 
 
-def test_utility_is_the_accuracy_of_the_most_likely_option(general, micro_tokenizer):
-    model = make_micro_model(len(micro_tokenizer))
-    result = utility_score(model, micro_tokenizer, general, batch_size=16)
-    items = build_choice_items(general)
-    scores = option_loglikelihoods(model, micro_tokenizer, items, batch_size=16)
-    picks = [max(range(len(values)), key=values.__getitem__) for values in scores]
-    assert result["accuracy"] == sum(pick == item.answer_index for pick, item in zip(picks, items)) / len(items)
-    assert set(result["per_task"]) == {"Task1", "Task2", "Task3"}
+def test_utility_is_the_accuracy_of_the_most_likely_option(monkeypatch):
+    # A hand-made G: Task1 has 4 people (4 distinct qa0 answers, so each question's options are exactly
+    # those 4), Task2 has 5 (each question gets its answer and 3 of the 4 others); one sc row to skip.
+    answers = {"Task1": ["Paris", "Rome", "Oslo", "Lima"], "Task2": ["1901", "1902", "1903", "1904", "1905"]}
+    general = [Record(f"{task}{index}qa0", f"{task} question {index}?", answer, task, "general")
+               for task, task_answers in answers.items() for index, answer in enumerate(task_answers)]
+    general.append(Record("Task1x9sc1", "Task1 completion", "a sentence", "Task1", "general"))
+    true_answer = {row.input: row.output for row in general if row.kind == "qa"}
+    # The fake model knows Task1 questions 0, 1, 2 (not 3) and Task2 question 0 (not 1-4).
+    known = {"Task1 question 0?", "Task1 question 1?", "Task1 question 2?", "Task2 question 0?"}
+
+    def fake_loglikelihoods(model, tokenizer, items, *args, **kwargs):
+        # Known question: its true answer scores 0, every other option -1, so the answer wins.
+        # Unknown question: the true answer scores -1, every other option -0.5, so a wrong option wins.
+        return [[(0.0 if item.question in known else -1.0) if option == true_answer[item.question] else
+                 (-1.0 if item.question in known else -0.5) for option in item.options] for item in items]
+
+    monkeypatch.setattr("unlearnlm.evaluation.utility.option_loglikelihoods", fake_loglikelihoods)
+    result = utility_score(None, None, general)
+    # By hand: Task1 3 of 4 right, Task2 1 of 5 right, together 4 of 9 (not the mean of the task
+    # accuracies, (3/4 + 1/5) / 2 = 0.475).
+    assert result["n_questions"] == 9
+    assert result["per_task"] == {"Task1": pytest.approx(3 / 4), "Task2": pytest.approx(1 / 5)}
+    assert result["accuracy"] == pytest.approx(4 / 9)
+    for prediction in result["predictions"]:
+        question = next(row.input for row in general if row.id == prediction["id"])
+        picked = prediction["options"][prediction["predicted"]]
+        assert (picked == true_answer[question]) == (question in known), prediction
     assert json.dumps(result)  # plain data, ready for evaluation_results.json
+
+
+def test_utility_first_maximum_wins_a_tie(monkeypatch):
+    # Every option scores the same: the prediction is option 0, right only where the answer was drawn first.
+    general = [Record(f"Task1{index}qa0", f"question {index}?", answer, "Task1", "general")
+               for index, answer in enumerate(["Paris", "Rome", "Oslo", "Lima", "Bern", "Kyiv", "Riga", "Rabat"])]
+    monkeypatch.setattr("unlearnlm.evaluation.utility.option_loglikelihoods",
+                        lambda model, tokenizer, items, *args, **kwargs: [[-1.0] * len(item.options) for item in items])
+    result = utility_score(None, None, general)
+    assert [prediction["predicted"] for prediction in result["predictions"]] == [0] * 8
+    # Count by hand over the drawn option lists: how many put the true answer first.
+    answers = {row.id: row.output for row in general}
+    first_is_answer = sum(prediction["options"][0] == answers[prediction["id"]] for prediction in result["predictions"])
+    assert 0 < first_is_answer < 8  # the seeded shuffle puts the answer first for some, not all
+    assert result["accuracy"] == pytest.approx(first_is_answer / 8)

@@ -29,6 +29,8 @@ from safetensors.torch import load_file
 from unlearnlm.config import load_config
 from unlearnlm.engine import unlearn
 
+from conftest import assert_same_update
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 FSDP_CONFIG = SRC / "unlearnlm" / "resources" / "accelerate" / "fsdp.yaml"
 
@@ -72,12 +74,6 @@ def one_process_run(model_dir: Path, data_dir: Path, out: Path, settings: list[s
     return out
 
 
-def assert_same_weights(two_dir: Path, one_dir: Path, before: dict[str, torch.Tensor]) -> None:
-    after_two, after_one = (load_file(str(directory / "model.safetensors")) for directory in (two_dir, one_dir))
-    assert sorted(after_two) == sorted(after_one) == sorted(before)  # a plain model: LoRA merged away
-    assert max((after_one[name] - before[name]).abs().max().item() for name in before) > 1e-3
-    for name in before:
-        torch.testing.assert_close(after_two[name], after_one[name], rtol=0, atol=1e-5)
 
 
 def validations(run_dir: Path) -> list[dict]:
@@ -85,9 +81,7 @@ def validations(run_dir: Path) -> list[dict]:
     return [row for row in rows if row.get("event") == "validation"]
 
 
-@pytest.fixture
-def one_process(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+pytestmark = pytest.mark.slow
 
 
 def test_fsdp_resumed_layer_run_gives_the_model_and_validations_of_one_process(fsdp_processes, one_process,
@@ -102,7 +96,7 @@ def test_fsdp_resumed_layer_run_gives_the_model_and_validations_of_one_process(f
     assert json.loads((fsdp_processes / "killed.json").read_text()) == {"interrupted_at_step": KILL_AT_STEP}
     # The trainable count is the whole layer's, not one shard's.
     assert two["trainable_parameters"] == one["trainable_parameters"]
-    assert_same_weights(two_dir, one_dir, load_file(str(target / "model.safetensors")))
+    assert_same_update(two_dir, one_dir, load_file(str(target / "model.safetensors")))
     # Lockstep validation scored what one process scores, and picked the same state.
     seen = [validations(directory) for directory in (two_dir, one_dir)]
     assert [v["step"] for v in seen[0]] == [v["step"] for v in seen[1]] == [8, 16, 20]
@@ -121,7 +115,7 @@ def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one
     # Both kept the state of the first chunk (the random model scores 0 throughout): the saved
     # weights are the best state's, gathered, saved and loaded back under FSDP, not the last ones.
     assert two["best"]["step"] == one["best"]["step"] == 4
-    assert_same_weights(two_dir, one_dir, load_file(str(micro_model_dir / "model.safetensors")))
+    assert_same_update(two_dir, one_dir, load_file(str(micro_model_dir / "model.safetensors")))
     # Only the main process wrote, and nothing was left behind.
     assert sorted(path.name for path in fsdp_processes.iterdir()) == ["killed.json", "layers", "lora"]
 
@@ -200,4 +194,7 @@ def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
+    from unlearnlm.evaluation.sharding import leave_process_group
+
     worker(*sys.argv[1:])
+    leave_process_group()

@@ -23,7 +23,17 @@ from unlearnlm.evaluation.mia import (
     min_k_score,
     run_mia,
 )
-from unlearnlm.evaluation.scoring import mia_loss_auc
+
+
+def pair_counting_auc(member_scores, nonmember_scores) -> float:
+    """AUC as a probability: P(a member's score ranks above a nonmember's), a tie counting 1/2."""
+    wins = sum(1.0 if m > n else 0.5 if m == n else 0.0 for m in member_scores for n in nonmember_scores)
+    return wins / (len(member_scores) * len(nonmember_scores))
+
+
+def official_mia_score(auc: float) -> float:
+    """docs/semeval25-scoring.md: MIA score = 1 - 2 * |AUC - 0.5|."""
+    return 1 - 2 * abs(auc - 0.5)
 
 
 def stats(*logprobs: float, mu: float | None = None, sigma: float | None = None) -> TokenStats:
@@ -40,10 +50,27 @@ def report(members: list[TokenStats], nonmembers: list[TokenStats], member_texts
 
 
 def test_loss_attack_auc():
+    # Mean losses: members 0.1, 0.2; nonmembers 1.0, 2.0. Every member has the lower loss (higher
+    # score -loss): 4 of 4 pairs, AUC 1, score 1 - 2|1 - 0.5| = 0.
     members = [stats(-0.1, -0.1), stats(-0.2, -0.2)]
     nonmembers = [stats(-1.0, -1.0), stats(-2.0, -2.0)]
     assert report(members, nonmembers)["loss"] == {"auc": 1.0, "score": 0.0}
-    assert report(nonmembers, members)["loss"]["auc"] == 0.0
+    # Swapped: 0 of 4 pairs, AUC 0, and the score is 0 as well.
+    assert report(nonmembers, members)["loss"] == {"auc": 0.0, "score": 0.0}
+
+
+def test_loss_attack_auc_counts_ties_as_half():
+    # Mean losses: members 1, 2, 3; nonmembers 2, 4. Member wins (lower loss): 1<2 1, 1<4 1, 2=2 1/2,
+    # 2<4 1, 3>2 0, 3<4 1 -> 4.5 of 6 pairs: AUC 3/4, score 1 - 2 * 1/4 = 1/2.
+    members = [stats(-1.0, -1.0), stats(-2.0, -2.0), stats(-3.0, -3.0)]
+    nonmembers = [stats(-2.0, -2.0), stats(-4.0, -4.0)]
+    result = report(members, nonmembers)["loss"]
+    assert result["auc"] == pytest.approx(0.75)
+    assert result["score"] == pytest.approx(0.5)
+    # Reversed roles: 1.5 of 6 pairs, AUC 1/4, score 1 - 2 * 1/4 = 1/2 again.
+    result = report(nonmembers, members)["loss"]
+    assert result["auc"] == pytest.approx(0.25)
+    assert result["score"] == pytest.approx(0.5)
 
 
 def test_min_k_sees_rare_tokens_that_the_mean_loss_hides():
@@ -124,7 +151,13 @@ def test_run_mia_reports_every_attack(micro_tokenizer, lume_rows):
     texts = [row["input"][:120] for row in lume_rows["retain"][:6]]
     result = run_mia(model, micro_tokenizer, texts[:3], texts[3:], batch_size=2)
     assert set(result["attacks"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
-    assert result["attacks"]["loss"]["auc"] == mia_loss_auc(result["member_losses"], result["nonmember_losses"])
+    # The official attack: score -loss, members labelled 1; the AUC by counting the 3 x 3 pairs.
+    expected_auc = pair_counting_auc([-loss for loss in result["member_losses"]],
+                                     [-loss for loss in result["nonmember_losses"]])
+    assert result["attacks"]["loss"]["auc"] == pytest.approx(expected_auc, abs=1e-12)
+    for attack in result["attacks"].values():
+        assert 0 <= attack["auc"] <= 1
+        assert attack["score"] == pytest.approx(official_mia_score(attack["auc"]), abs=1e-12)
     quick = run_mia(model, micro_tokenizer, texts[:3], texts[3:], batch_size=2, suite=False)
     assert set(quick["attacks"]) == {"loss"}
     assert quick["member_losses"] == pytest.approx(result["member_losses"], abs=1e-6)

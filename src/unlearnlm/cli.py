@@ -50,7 +50,7 @@ def target_command(
     from unlearnlm.evaluation.inputs import check_output_dir
 
     # Bad input fails before torch is imported.
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[data])
     draw_sets(data, size.value, seed, draw)
 
     from rich.console import Console
@@ -93,11 +93,11 @@ def eval_command(
 ) -> None:
     """Score models with the official SemEval-2025 Task 4 metrics (plus the MIA suite, utility, MMLU)."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_mia_documents
+    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
 
     # Every input is checked before torch is imported and the first model loads: a typo should fail
     # in a second, not after a model load.
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[*model, forget, retain, mia_members, mia_nonmembers, utility, mmlu])
     for path in model:
         check_model_dir(path)
     if (mia_members is None) != (mia_nonmembers is None):
@@ -105,7 +105,7 @@ def eval_command(
     forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
     members = load_mia_documents(mia_members) if mia_members else None
     nonmembers = load_mia_documents(mia_nonmembers) if mia_nonmembers else None
-    general = load_records(utility, "general") if utility else None
+    general = load_general_set(utility) if utility else None
 
     from rich.console import Console
     from rich.progress import Progress
@@ -236,8 +236,16 @@ def demo(
     redact: Annotated[bool, typer.Option(help="Mask forget-set answers in printed tables and reports.")] = False,
 ) -> None:
     """Build (or reuse) a tiny memorized target, unlearn it with SUGD, and print the before/after scores."""
+    from unlearnlm.config import load_config
+    from unlearnlm.data.sets import get_preset
     from unlearnlm.demo import run_demo
+    from unlearnlm.paths import refuse_overlap
+    from unlearnlm.target import cache_root
 
+    # Checked before the demo touches its output or starts building a target.
+    load_config(config)
+    get_preset(size)
+    refuse_overlap(out, [cache_root()])
     run_demo(out, size=size, seed=seed, config=config, redact=redact)
 
 
@@ -254,6 +262,8 @@ def bench(
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench import BenchOptions, run_bench
+    from unlearnlm.paths import refuse_overlap
+    from unlearnlm.target import cache_root
 
     try:
         grid_values = [float(x) for x in grid.split(",") if x.strip()]
@@ -264,17 +274,45 @@ def bench(
         raise UserError("--grid and --seeds need at least one value each")
     if any(value <= 0 for value in grid_values):
         raise UserError("--grid multiplies learning rates: its values must be positive")
+    refuse_overlap(out, [cache_root()])
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
                            target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory))
 
 
-def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback or a
+    usage box; a launched process group is closed by every process before it exits."""
+    from typer.exceptions import TyperException
+
+    code = 0
     try:
-        app()
+        code = app(args=argv, prog_name="unlearnlm", standalone_mode=False) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = _fail(str(err))
+    except TyperException as err:  # a missing or unknown option, a value of the wrong kind
+        code = _usage_failure(err)
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    else:
+        from unlearnlm.evaluation.sharding import leave_process_group
+
+        leave_process_group()
+    sys.exit(code)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _usage_failure(err: Exception) -> int:
+    message = err.format_message() if hasattr(err, "format_message") else str(err)
+    if not message:  # no arguments at all: the help was printed
+        return 2
+    context = getattr(err, "ctx", None)
+    command = context.command_path if context is not None else "unlearnlm"
+    return _fail(f"{command}: {message.rstrip('.')} (see '{command} --help')")
 
 
 if __name__ == "__main__":

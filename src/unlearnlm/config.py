@@ -19,12 +19,24 @@ import yaml
 from unlearnlm.errors import UserError
 
 
+def bounded(default: Any, *, at_least: float | None = None, above: float | None = None,
+            below: float | None = None) -> Any:
+    """A dataclass field whose value (or each item of a list value) must lie in the given range.
+
+    Checked when the config loads, so a bad value fails in a second with the key's name, not
+    after a model has loaded or, worse, after training (a zero chunk size, a negative rate).
+    """
+    limits = {name: value for name, value in (("at_least", at_least), ("above", above), ("below", below))
+              if value is not None}
+    return field(default=default, metadata={"bounds": limits})
+
+
 @dataclass
 class LoraSettings:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = bounded(16, at_least=1)
+    alpha: int = bounded(32, above=0)
+    dropout: float = bounded(0.0, at_least=0, below=1)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"])
 
 
@@ -37,8 +49,8 @@ class LayerSettings:
     docs/methods.md.
     """
 
-    last_k: Optional[int] = None
-    indices: Optional[list[int]] = None
+    last_k: Optional[int] = bounded(None, at_least=1)
+    indices: Optional[list[int]] = bounded(None, at_least=0)
     train_outside: list[Literal["embeddings", "final_norm", "lm_head"]] = field(default_factory=list)
 
 
@@ -46,24 +58,24 @@ class LayerSettings:
 class ScheduleSettings:
     """The data schedule (see data/schedule.py); ``chunk_size: null`` means one chunk of everything."""
 
-    chunk_size: Optional[int] = 32
-    ratio: int = 7
-    epochs_per_chunk: int = 7
+    chunk_size: Optional[int] = bounded(32, at_least=1)
+    ratio: int = bounded(7, at_least=0)  # 0: forget rows only
+    epochs_per_chunk: int = bounded(7, at_least=1)
     shuffle_within_chunk: bool = False
 
 
 @dataclass
 class OptimSettings:
-    lr: float = 1e-5
-    batch_size: int = 1
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
+    lr: float = bounded(1e-5, above=0)
+    batch_size: int = bounded(1, at_least=1)
+    grad_accum: int = bounded(1, at_least=1)
+    weight_decay: float = bounded(0.0, at_least=0)
+    warmup_steps: int = bounded(0, at_least=0)
+    max_grad_norm: Optional[float] = bounded(1.0, above=0)
     # The authors rebuilt AdamW for every chunk; 'never' keeps one optimizer state across chunks.
     optimizer_reset: Literal["per_chunk", "never"] = "per_chunk"
-    max_steps: Optional[int] = None
-    time_budget_s: Optional[float] = None
+    max_steps: Optional[int] = bounded(None, at_least=1)
+    time_budget_s: Optional[float] = bounded(None, above=0)
 
 
 @dataclass
@@ -75,12 +87,12 @@ class ValidationSettings:
     members: Optional[str] = None
     nonmembers: Optional[str] = None
     general: Optional[str] = None
-    every_steps: Optional[int] = None  # None: after every chunk
+    every_steps: Optional[int] = bounded(None, at_least=1)  # None: after every chunk
     metric: Literal["final", "task_aggregate", "mia_score", "utility"] = "final"
     # False: log the trajectory only and keep the last state (e.g. when validating on reported data).
     select: bool = True
-    max_new_tokens: int = 64
-    batch_size: int = 16
+    max_new_tokens: int = bounded(64, at_least=1)
+    batch_size: int = bounded(16, at_least=1)
 
     @property
     def enabled(self) -> bool:
@@ -91,7 +103,7 @@ class ValidationSettings:
 class GuardSettings:
     """Gradient ascent diverges: stop on a non-finite loss or a forget loss above this bound."""
 
-    max_forget_loss: Optional[float] = 30.0
+    max_forget_loss: Optional[float] = bounded(30.0, above=0)
 
 
 @dataclass
@@ -106,7 +118,7 @@ class UnlearnConfig:
     guard: GuardSettings = field(default_factory=GuardSettings)
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
-    max_length: Optional[int] = None
+    max_length: Optional[int] = bounded(None, at_least=2)  # a prompt token and an answer token
     # The authors' unlearning rows end at the answer; true adds a labelled EOS after it.
     append_eos: bool = False
     seed: int = 0
@@ -173,8 +185,25 @@ def build_dataclass(cls: type, data: dict | None, prefix: str = "") -> Any:
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise UserError(f"unknown setting {where!r}")
-    values = {name: _check_value(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _check_value(value, hints[name], key)
+        _check_bounds(values[name], fields[name].metadata.get("bounds", {}), key)
     return cls(**values)
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
+    for item in value if isinstance(value, list) else [value]:
+        if item is None:
+            continue
+        if "at_least" in bounds and item < bounds["at_least"]:
+            raise UserError(f"setting {key!r}: must be at least {bounds['at_least']:g}, got {item!r}")
+        if "above" in bounds and item <= bounds["above"]:
+            raise UserError(f"setting {key!r}: must be above {bounds['above']:g}, got {item!r}")
+        if "below" in bounds and item >= bounds["below"]:
+            raise UserError(f"setting {key!r}: must be below {bounds['below']:g}, got {item!r}")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -250,8 +279,14 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     method.build_settings(resolved.method_args)
     if resolved.layers.last_k is not None and resolved.layers.indices is not None:
         raise UserError("settings 'layers.last_k' and 'layers.indices' are exclusive")
-    if resolved.schedule.epochs_per_chunk < 1 or resolved.optim.batch_size < 1 or resolved.optim.grad_accum < 1:
-        raise UserError("epochs_per_chunk, batch_size and grad_accum must be at least 1")
+    if resolved.layers.indices is not None and len(set(resolved.layers.indices)) != len(resolved.layers.indices):
+        raise UserError(f"setting 'layers.indices': {resolved.layers.indices} names a layer twice")
+    if resolved.layers.indices == []:
+        raise UserError("setting 'layers.indices': an empty list trains nothing (use null for every layer)")
+    if resolved.lora.enabled and not resolved.lora.target_modules:
+        raise UserError("setting 'lora.target_modules': LoRA needs at least one module name")
+    if resolved.save == "adapter" and not resolved.lora.enabled:
+        raise UserError("setting 'save'='adapter' needs LoRA (lora.enabled=true); without it save the merged model")
     _check_validation_metric(resolved.validation)
     return resolved
 

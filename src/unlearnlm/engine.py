@@ -445,18 +445,26 @@ def unlearn(
     The input model is only read. Returns the ``run.json`` contents.
     """
     from unlearnlm.data.records import load_records
-    from unlearnlm.model import apply_trainable, load_model_and_tokenizer, save_model
-    from unlearnlm.runstate import finalize_output, prepare_output
+    from unlearnlm.evaluation.inputs import check_model_dir
+    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
+    from unlearnlm.runstate import check_output, finalize_output, prepare_output
 
     forget = load_records(forget_path, "forget")
     retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
     out_dir = Path(out_dir)
     accelerator = build_accelerator()
-    work_dir = on_main_process(accelerator, prepare_output, out_dir, [Path(model_path)], resume, overwrite)
+    plan = config.validation
+    inputs = [Path(model_path), Path(forget_path), Path(retain_path),
+              *(Path(p) for p in (plan.forget, plan.retain, plan.members, plan.nonmembers, plan.general) if p)]
+    on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
+    check_model_dir(model_path)
+    check_layer_choice(model_path, config.layers)
     model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
     validator = build_validator(config, tokenizer) if config.validation.enabled else None
+    # Only now, with every input read and checked, is anything written.
+    work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
     summary = engine.run(resume=resume)
     trainable, total = engine.parameter_counts()
@@ -567,13 +575,14 @@ def build_validator(config: UnlearnConfig, tokenizer) -> Callable[[torch.nn.Modu
     """Checkpoint selection: the SemEval scores of held-out sets, in the evaluator's fast mode."""
     from unlearnlm.data.records import load_documents, load_records
     from unlearnlm.evaluation.evaluator import quick_scores
+    from unlearnlm.evaluation.inputs import load_general_set
     from unlearnlm.evaluation.likelihood import TokenCache
 
     plan = config.validation
     forget, retain = load_records(plan.forget, "forget"), load_records(plan.retain, "retain")
     members = load_documents(plan.members) if plan.members else None
     nonmembers = load_documents(plan.nonmembers) if plan.nonmembers else None
-    general = load_records(plan.general, "retain") if plan.general else None
+    general = load_general_set(plan.general) if plan.general else None
     cache = TokenCache()  # the same rows at every validation: tokenize them once
 
     def validate(model: torch.nn.Module) -> dict:

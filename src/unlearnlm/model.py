@@ -58,6 +58,17 @@ def select_layers(n_layers: int, settings: LayerSettings) -> list[int] | None:
     return None
 
 
+def check_layer_choice(path: str | Path, settings: LayerSettings) -> None:
+    """Check ``layers.*`` against the depth in ``config.json``, before any weights load."""
+    from transformers import AutoConfig
+
+    if settings.last_k is None and settings.indices is None:
+        return
+    depth = getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "num_hidden_layers", None)
+    if depth is not None:
+        select_layers(depth, settings)
+
+
 NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f")
 
 

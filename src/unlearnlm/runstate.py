@@ -3,13 +3,20 @@
 A run writes into ``.<name>.partial`` beside the output directory and renames it at the end, so an
 output directory is either complete or absent. The partial directory holds ``state/`` (the latest
 chunk checkpoint), which ``--resume`` continues from after a kill.
+
+A checkpoint is written whole into ``state.tmp/``, flushed to disk and marked complete, and only then
+swapped in: ``state/`` becomes ``state.old/``, ``state.tmp/`` becomes ``state/``, and ``state.old/`` is
+removed. A kill at any instant leaves at least one complete checkpoint among the three names, and
+:func:`recover_checkpoint` puts it back under ``state/``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,31 +26,36 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from unlearnlm.errors import UserError
+from unlearnlm.paths import partial_dir_for, refuse_overlap
 
 
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-def partial_dir_for(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial"
-
-
-def prepare_output(out_dir: Path, input_paths: list[Path], resume: bool, overwrite: bool) -> Path:
-    """Check the output location and return the partial directory to work in."""
+def check_output(out_dir: Path, input_paths: list[Path], resume: bool, overwrite: bool) -> None:
+    """Refuse a bad output location before anything is loaded or written."""
+    refuse_overlap(out_dir, input_paths)
     out_dir = out_dir.resolve()
-    for source in input_paths:
-        source = source.resolve()
-        if out_dir == source or source in out_dir.parents:
-            raise UserError(f"{out_dir}: refusing to write inside the input {source}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir}: output directory exists and is not empty (use --overwrite)")
     partial = partial_dir_for(out_dir)
-    if partial.exists() and not resume:
-        if not overwrite:
-            raise UserError(f"{partial}: an interrupted run is there; use --resume to continue it or --overwrite to start over")
-        shutil.rmtree(partial)
-    if resume and not (partial / "state" / "position.json").is_file():
+    if partial.exists() and not resume and not overwrite:
+        raise UserError(f"{partial}: an interrupted run is there; use --resume to continue it or --overwrite to start over")
+    state = partial / "state"
+    if resume and not any(_is_complete(place) for place in (state, _staging_dir(state), _previous_dir(state))):
         raise UserError(f"{out_dir}: nothing to resume (no checkpoint in {partial})")
+
+
+def prepare_output(out_dir: Path, input_paths: list[Path], resume: bool, overwrite: bool) -> Path:
+    """Check the output location again and return the partial directory to work in."""
+    check_output(out_dir, input_paths, resume, overwrite)
+    partial = partial_dir_for(out_dir.resolve())
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    if resume:
+        recover_checkpoint(partial / "state")
     partial.mkdir(parents=True, exist_ok=True)
     return partial
 
@@ -93,8 +105,12 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def save_trainable(state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Write the weights under a temporary name and rename: a kill never leaves half a file."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / TRAINABLE_FILE))
+    staging = directory / f".{TRAINABLE_FILE}.tmp"
+    save_file(state, str(staging))
+    _flush(staging)
+    os.replace(staging, directory / TRAINABLE_FILE)
 
 
 def load_trainable(model: torch.nn.Module, directory: Path) -> None:
@@ -150,23 +166,99 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+COMPLETE_MARKER = "complete"
+
+
 def save_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
                     position: dict, rng_states: list[dict]) -> None:
-    """Write a checkpoint next to the old one, then swap, so a kill mid-write loses nothing.
+    """Write a checkpoint next to the last good one, then swap them (see the module docstring).
 
     Plain file writes, for the main process: the states come from :func:`trainable_state` and
     :func:`optimizer_state`. ``rng_states`` holds every process's random state, indexed by process.
     """
-    staging = directory.with_name(directory.name + ".tmp")
+    staging, previous = _staging_dir(directory), _previous_dir(directory)
+    recover_checkpoint(directory)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     save_trainable(trainable, staging)
+    _test_pause("writing")
     torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_states}, staging / "optimizer.pt")
     (staging / "position.json").write_text(json.dumps(position))
+    for name in ("optimizer.pt", "position.json"):
+        _flush(staging / name)
+    # The marker goes last: a directory without it was interrupted and is never resumed from.
+    (staging / COMPLETE_MARKER).write_text("")
+    _flush(staging / COMPLETE_MARKER)
+    _flush(staging)
+    _test_pause("written")
     if directory.exists():
-        shutil.rmtree(directory)
+        directory.rename(previous)
+    _test_pause("swapping")
     staging.rename(directory)
+    _flush(directory.parent)
+    _test_pause("swapped")
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def recover_checkpoint(directory: Path) -> bool:
+    """Finish or undo a checkpoint swap that a kill interrupted; True if a complete checkpoint is
+    then at ``directory``.
+
+    The newest complete checkpoint wins: ``state/`` if complete, else a complete ``state.tmp/``
+    (killed between the two renames), else ``state.old/``. Incomplete leftovers are removed.
+    """
+    staging, previous = _staging_dir(directory), _previous_dir(directory)
+    if not _is_complete(directory):
+        for candidate in (staging, previous):
+            if _is_complete(candidate):
+                if directory.exists():
+                    shutil.rmtree(directory)
+                candidate.rename(directory)
+                break
+    for leftover in (staging, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    return _is_complete(directory)
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def _staging_dir(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tmp")
+
+
+def _previous_dir(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".old")
+
+
+def _flush(path: Path) -> None:
+    """Force a file's (or a directory's entries') bytes to disk, so a rename never publishes data
+    that a power cut could still lose."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _test_pause(stage: str) -> None:
+    """Test hook for the kill tests: with ``UNLEARNLM_TEST_PAUSE_AT=<stage>:<n>`` the ``n``-th
+    checkpoint write announces ``<stage>`` in ``$UNLEARNLM_TEST_PAUSE_FILE`` and waits to be killed."""
+    wanted = os.environ.get("UNLEARNLM_TEST_PAUSE_AT")
+    if not wanted:
+        return
+    _PAUSE_COUNTS[stage] = _PAUSE_COUNTS.get(stage, 0) + 1
+    if wanted == f"{stage}:{_PAUSE_COUNTS[stage]}":
+        Path(os.environ["UNLEARNLM_TEST_PAUSE_FILE"]).write_text(stage)
+        while True:
+            time.sleep(1)
+
+
+_PAUSE_COUNTS: dict[str, int] = {}
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0, world_size: int = 1) -> dict:

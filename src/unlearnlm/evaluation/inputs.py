@@ -12,6 +12,7 @@ from typing import Iterable
 
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
+from unlearnlm.paths import refuse_overlap
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -23,14 +24,23 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a file, or a non-empty directory unless ``overwrite``."""
+def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse a file, a non-empty directory unless ``overwrite``, and any overlap with ``inputs``."""
     out = Path(out)
+    refuse_overlap(out, inputs)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
     return out
+
+
+def load_general_set(path: str | Path) -> list[Record]:
+    """The general set G: rows whose questions give the utility score, so it must have some."""
+    rows = load_records(path, "general")
+    if not any(row.kind == "qa" for row in rows):
+        raise UserError(f"{path}: no question-answer rows (ids ending in qa<n>), so no utility score can be measured")
+    return rows
 
 
 def documents_from_rows(rows: Iterable[Record]) -> list[str]:

@@ -52,6 +52,20 @@ def join_launched_processes() -> bool:
     return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
+def leave_process_group() -> None:
+    """Every process waits for the others, then closes the process group itself.
+
+    Left to interpreter exit, the group's communication threads are torn down by static
+    destructors in no fixed order while a peer may still be writing results, and a process can
+    abort ("terminate called without an active exception") after its work succeeded.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 @contextmanager
 def in_lockstep() -> Iterator[None]:
     """Every process evaluates every row, for a model sharded across the processes."""
