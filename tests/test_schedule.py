@@ -99,3 +99,15 @@ def test_agad_loss_is_the_token_mean_negated_on_forget():
         batch = {"labels": labels, "is_forget": torch.tensor([is_forget, is_forget])}
         loss, _ = method.loss(logits, batch, settings)
         assert loss.item() == pytest.approx(sign * 1.25 * math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method_args.anneal_epochs=0", "anneal_epochs"), ("method_args.anneal_fraction=0", "anneal_fraction"),
+    ("method_args.anneal_fraction=1.5", "anneal_fraction"), ("method_args.anneal_batch_size=0", "anneal_batch_size"),
+    ("method_args.anneal_every=-1", "anneal_every"), ("method_args.anneal_lr=0", "anneal_lr"),
+])
+def test_agad_settings_out_of_range_name_the_key(override, key):
+    from unlearnlm.errors import UserError
+
+    with pytest.raises(UserError, match=f"method_args.{key}"):
+        _agad_phases([override])

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from unlearnlm.config import bounded
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase, split_chunks
 from unlearnlm.errors import UserError
 from unlearnlm.methods import register
@@ -33,25 +34,24 @@ from unlearnlm.methods.base import Method, role_means, token_logprobs
 @dataclass
 class Settings:
     # The authors' ``interleaving_factor`` f anneals every 1/f chunks; 0 means no intermediate anneal.
-    anneal_every: int = 1
-    anneal_fraction: float = 0.25
-    anneal_epochs: int = 3
+    anneal_every: int = bounded(1, at_least=0)
+    # At most 1 as well, checked where the subset is drawn.
+    anneal_fraction: float = bounded(0.25, above=0)
+    anneal_epochs: int = bounded(3, at_least=1)
     # None: the run's optim.lr / optim.batch_size.
-    anneal_lr: Optional[float] = None
-    anneal_batch_size: Optional[int] = None
+    anneal_lr: Optional[float] = bounded(None, above=0)
+    anneal_batch_size: Optional[int] = bounded(None, at_least=1)
     final_anneal: bool = True
 
 
 def anneal_size(n_retain: int, fraction: float) -> int:
     """Rows per intermediate anneal: the fraction of the retain set, truncated as the authors do."""
-    if not 0 < fraction <= 1:
-        raise UserError(f"setting 'method_args.anneal_fraction'={fraction} must be in (0, 1]")
+    if fraction > 1:
+        raise UserError(f"setting 'method_args.anneal_fraction': must be at most 1, got {fraction!r}")
     return int(n_retain * fraction)
 
 
 def agad_schedule(n_forget: int, n_retain: int, config, settings: Settings, seed: int) -> list[Phase]:
-    if settings.anneal_every < 0:
-        raise UserError(f"setting 'method_args.anneal_every'={settings.anneal_every} must be >= 0")
     chunk_size = config.schedule.chunk_size
     chunks = split_chunks(n_forget, chunk_size)
     n_full = n_forget // chunk_size if chunk_size else len(chunks)
