@@ -111,3 +111,11 @@ def test_a_selection_metric_needs_the_sets_it_is_computed_from():
     assert load_config(None, sets + ["validation.metric=task_aggregate"]).validation.enabled
     # Logging a trajectory without selecting needs no more than the sets given.
     assert not load_config(None, sets + ["validation.select=false"]).validation.select
+
+
+@pytest.mark.parametrize("override, key", [("layers.train_outside=[head]", "layers.train_outside"),
+                                           ("layers.train_outside=lm_head", "layers.train_outside"),
+                                           ("append_eos=maybe", "append_eos")])
+def test_new_fidelity_settings_reject_bad_values_by_name(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
