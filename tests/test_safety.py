@@ -116,6 +116,8 @@ def bad_inputs(model: str, data: str, files: dict[str, Path]) -> dict[str, list[
         "max-length-one": [*unlearn, "--set", "max_length=1"],
         "guard-negative": [*unlearn, "--set", "guard.max_forget_loss=-5"],
         "adapter-without-lora": [*unlearn, "--save", "adapter"],
+        "train-outside-without-layers": [*unlearn, "--set", "layers.train_outside=[lm_head]"],
+        "append-eos-not-a-bool": [*unlearn, "--set", "append_eos=maybe"],
         "metric-without-its-sets": [*unlearn, "--val-forget", forget, "--val-retain", retain],
         "validation-every-zero": [*unlearn, "--set", "validation.every_steps=0"],
         "method-arg-unknown": [*unlearn, "--set", "method_args.retain_wieght=1"],

@@ -285,6 +285,10 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
         raise UserError("setting 'layers.indices': an empty list trains nothing (use null for every layer)")
     if resolved.lora.enabled and not resolved.lora.target_modules:
         raise UserError("setting 'lora.target_modules': LoRA needs at least one module name")
+    if resolved.layers.train_outside and (resolved.lora.enabled or
+                                          (resolved.layers.last_k is None and resolved.layers.indices is None)):
+        raise UserError("setting 'layers.train_outside' needs layers.last_k or layers.indices and no LoRA "
+                        "(without a layer selection every weight trains)")
     if resolved.save == "adapter" and not resolved.lora.enabled:
         raise UserError("setting 'save'='adapter' needs LoRA (lora.enabled=true); without it save the merged model")
     _check_validation_metric(resolved.validation)
