@@ -115,7 +115,7 @@ def evaluated(eval_inputs, micro_tokenizer):
 
 
 def official_recomputation(rows: list[dict], member_losses: list[float], nonmember_losses: list[float], utility: float) -> dict:
-    """The organizers' compute_metrics as docs/semeval25-scoring.md defines it, restated without
+    """The organizers' compute_metrics as docs/scoring.md defines it, restated without
     unlearnlm.evaluation.scoring (nor the sklearn and statistics calls it makes)."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 

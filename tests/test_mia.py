@@ -32,7 +32,7 @@ def pair_counting_auc(member_scores, nonmember_scores) -> float:
 
 
 def official_mia_score(auc: float) -> float:
-    """docs/semeval25-scoring.md: MIA score = 1 - 2 * |AUC - 0.5|."""
+    """docs/scoring.md: MIA score = 1 - 2 * |AUC - 0.5|."""
     return 1 - 2 * abs(auc - 0.5)
 
 
