@@ -208,3 +208,54 @@ def test_the_receipt_is_redacted_by_default_and_holds_the_hashes(target_audit, m
     assert receipt["data"]["forget"]["sha256"] == hashlib.sha256((sets / "forget.jsonl").read_bytes()).hexdigest()
     assert receipt["redacted"] is True and receipt["limits"]
     assert (tmp_path / "redacted" / "forget_scores.png").stat().st_size > 1000
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capfd) -> tuple[int, list[str]]:
+    from unlearnlm.cli import main
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code, [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
+def test_the_command_writes_a_redacted_receipt_by_default(micro_model_dir, micro_data_dir, tmp_path: Path, capfd) -> None:
+    out = tmp_path / "audit"
+    code, _ = run_cli(["audit", "--model", str(micro_model_dir), "--forget", str(micro_data_dir / "forget.jsonl"),
+                       "--retain", str(micro_data_dir / "retain.jsonl"), "--out", str(out), "--max-new-tokens", "8",
+                       "--relearn-steps", "2", "--samples", "2"], capfd)
+    assert code == 0
+    assert sorted(path.name for path in out.iterdir()) == ["forget_scores.png", RECEIPT_JSON, RECEIPT_MD]
+    receipt = json.loads((out / RECEIPT_JSON).read_text())
+    assert receipt["redacted"] is True
+    assert receipt["settings"]["relearn"]["steps"] == 2 and receipt["settings"]["sampling"]["samples"] == 2
+    text = (out / RECEIPT_JSON).read_text() + (out / RECEIPT_MD).read_text()
+    rows = load_records(micro_data_dir / "forget.jsonl", "forget")
+    assert not [row.output for row in rows if row.output in text or row.input in text]
+    assert {row["id"] for row in receipt["attacks"][0]["rows"]} == {row.id for row in rows}
+    assert not list(tmp_path.glob(".audit.partial"))
+
+
+@pytest.mark.parametrize("case", ["one document", "missing model", "zero rate", "out inside the model"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, micro_model_dir, micro_data_dir, tmp_path: Path,
+                                                         capfd) -> None:
+    forget, out = micro_data_dir / "forget.jsonl", tmp_path / "out"
+    extra: list[str] = []
+    model = micro_model_dir
+    if case == "one document":
+        first = json.loads(forget.read_text().splitlines()[0])
+        forget = tmp_path / "one.jsonl"
+        forget.write_text(json.dumps(first) + "\n")
+    elif case == "missing model":
+        model = tmp_path / "nowhere"
+    elif case == "zero rate":
+        extra = ["--relearn-lr", "0"]
+    else:
+        out = micro_model_dir / "audit"
+    code, lines = run_cli(["audit", "--model", str(model), "--forget", str(forget), "--retain",
+                           str(micro_data_dir / "retain.jsonl"), "--out", str(out), *extra], capfd)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert not out.exists()
