@@ -222,8 +222,14 @@ def run_cli(argv: list[str], capfd) -> tuple[int, list[str]]:
     return exited.value.code, [line for line in capfd.readouterr().err.splitlines() if line.strip()]
 
 
-def test_the_command_writes_a_redacted_receipt_by_default(micro_model_dir, micro_data_dir, tmp_path: Path, capfd) -> None:
+def tree_sha256(directory: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.iterdir())}
+
+
+def test_the_command_writes_a_redacted_receipt_by_default_and_leaves_the_inputs(micro_model_dir, micro_data_dir,
+                                                                                tmp_path: Path, capfd) -> None:
     out = tmp_path / "audit"
+    inputs_before = tree_sha256(micro_model_dir), tree_sha256(micro_data_dir)
     code, _ = run_cli(["audit", "--model", str(micro_model_dir), "--forget", str(micro_data_dir / "forget.jsonl"),
                        "--retain", str(micro_data_dir / "retain.jsonl"), "--out", str(out), "--max-new-tokens", "8",
                        "--relearn-steps", "2", "--samples", "2"], capfd)
@@ -237,6 +243,7 @@ def test_the_command_writes_a_redacted_receipt_by_default(micro_model_dir, micro
     assert not [row.output for row in rows if row.output in text or row.input in text]
     assert {row["id"] for row in receipt["attacks"][0]["rows"]} == {row.id for row in rows}
     assert not list(tmp_path.glob(".audit.partial"))
+    assert (tree_sha256(micro_model_dir), tree_sha256(micro_data_dir)) == inputs_before
 
 
 @pytest.mark.parametrize("case", ["one document", "missing model", "zero rate", "out inside the model"])
