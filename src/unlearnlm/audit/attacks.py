@@ -130,10 +130,11 @@ def quantize(model: torch.nn.Module, bits: int) -> torch.nn.Module:
     if bits == 8:
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=_decoder_linear)
     elif bits == 4:
-        grouped = lambda module, name: _decoder_linear(module, name) and module.in_features % INT4_GROUP == 0  # noqa: E731
-        per_row = lambda module, name: _decoder_linear(module, name) and module.in_features % INT4_GROUP != 0  # noqa: E731
-        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP)), filter_fn=grouped)
-        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)), filter_fn=per_row)
+        for grouped, granularity in ((True, PerGroup(INT4_GROUP)), (False, PerAxis(0))):
+            def chosen(module: torch.nn.Module, name: str, grouped: bool = grouped) -> bool:
+                return _decoder_linear(module, name) and (module.in_features % INT4_GROUP == 0) == grouped
+
+            quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity), filter_fn=chosen)
     else:
         raise ValueError(f"unsupported bit width {bits} (8 or 4)")
     return model
