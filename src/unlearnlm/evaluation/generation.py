@@ -15,7 +15,7 @@ Either way only the new tokens are decoded, with ``skip_special_tokens=True`` an
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -88,13 +88,16 @@ def generate_batched(
     batch_size: int = 16,
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: Progress | None = None,
+    sampling: Mapping[str, object] | None = None,
 ) -> list[str]:
     """Left-padded batches of similar-length prompts; same strings as :func:`generate_official`.
 
     In a distributed run each process generates its share of the batches (see ``sharding``).
+    ``sampling`` (e.g. ``{"do_sample": True, "temperature": 1.0, "top_p": 0.9}``) replaces greedy
+    decoding, for the audit's extraction attack; the caller seeds torch's generator.
     """
     device = model_device(model)
-    settings = _greedy_settings(model, tokenizer, max_new_tokens)
+    settings = {**_greedy_settings(model, tokenizer, max_new_tokens), **(sampling or {})}
     texts: list[str | None] = [None] * len(prompts)
     with evaluation_mode(model):
         for batch_indices in process_share(length_sorted_batches([len(prompt) for prompt in prompts], batch_size)):

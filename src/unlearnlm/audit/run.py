@@ -1,0 +1,277 @@
+"""``run_audit``: every attack on the audited model (and on the oracle), scored by the official scoring.
+
+An attack's result holds the official headline scores, the 12 (or fewer) aggregated terms, the raw
+forget score (mean of the per-task forget scores, not inverted: higher means more is remembered),
+the same score without the attack on the same rows, and the attack's budget. Attacks that change
+the model (relearning, quantization) are evaluated in full (generations, MIA, utility); attacks that
+change only the prompts or the decoding reuse the un-attacked model's MIA losses, utility and retain
+generations, since those do not depend on the forget prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from unlearnlm.audit.attacks import (
+    RelearnBudget,
+    SamplingBudget,
+    quantize,
+    relearn,
+    sampled_best_rows,
+    shortened,
+    split_documents,
+    with_document_context,
+)
+from unlearnlm.data.records import Record
+from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, generation_rows, load_model, run_evaluation
+from unlearnlm.evaluation.likelihood import TokenCache
+from unlearnlm.evaluation.scoring import aggregated_terms, final_score, headline, official_results, task_aggregate
+
+NO_ATTACK = "none"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    seed: int = 0
+    relearn: RelearnBudget = field(default_factory=RelearnBudget)
+    sampling: SamplingBudget = field(default_factory=SamplingBudget)
+    prompt_fractions: tuple[float, ...] = (0.5, 0.25)
+    bits: tuple[int, ...] = (8, 4)
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AuditData:
+    forget: Sequence[Record]
+    retain: Sequence[Record]
+    members: Sequence[str] | None = None
+    nonmembers: Sequence[str] | None = None
+    general: Sequence[Record] | None = None
+
+    def eval_data(self, forget: Sequence[Record]) -> EvalData:
+        return EvalData(forget, self.retain, self.members, self.nonmembers, self.general)
+
+
+Log = Callable[[str], None]
+
+
+def labelled_terms(results: Mapping) -> dict[str, float]:
+    """The aggregated terms of an official results dict, by label (forget terms inverted)."""
+    summaries = {"forget": results["forget-set"], "retain": results["retain-set"]}
+    return {term.label: term.value for term in aggregated_terms(summaries)}
+
+
+def _rows_record(rows: Sequence[Mapping]) -> list[dict]:
+    return [{key: row[key] for key in ("id", "task", "kind", "input", "output", "generation", "score")}
+            for row in rows if row["split"] == "forget"]
+
+
+def _summary(results: Mapping, attack: str, family: str, scored_on: str, budget: dict, before: float | None,
+             seconds: float) -> dict:
+    scores = headline(results)
+    return {
+        "attack": attack, "family": family, "scored_on": scored_on, "budget": budget,
+        "scores": scores, "terms": labelled_terms(results),
+        "forget_score": scores["forget_mean"],
+        "forget_score_without_attack": scores["forget_mean"] if before is None else before,
+        "recovery": 0.0 if before is None else scores["forget_mean"] - before,
+        "seconds": round(seconds, 2),
+        "rows": _rows_record(results["generations"]),
+    }
+
+
+def _with_forget_rows(base: Mapping, forget_rows: Sequence[Mapping]) -> dict:
+    """Official results of the un-attacked model with its forget rows replaced (prompt-only attacks)."""
+    retain_rows = [row for row in base["generations"] if row["split"] == "retain"]
+    mia = base.get("mia")
+    results = official_results(
+        [*forget_rows, *retain_rows],
+        member_losses=mia["member_losses"] if mia else None,
+        nonmember_losses=mia["nonmember_losses"] if mia else None,
+        utility=base.get("utility"),
+    )
+    results["generations"] = [*forget_rows, *retain_rows]
+    return results
+
+
+def best_rows(candidates: Sequence[Sequence[Mapping]]) -> list[dict]:
+    """Row by row, the candidate with the highest official score (the first one on a tie).
+
+    ``candidates`` are lists of scored rows in the same row order (one list per prompt or decoding).
+    """
+    return [dict(max(column, key=lambda row: row["score"])) for column in zip(*candidates, strict=True)]
+
+
+def _held_out(base: Mapping, held_out_ids: set[str]) -> dict:
+    """The un-attacked model's results on V only: its generations of V's rows, rescored."""
+    return _with_forget_rows(base, [row for row in base["generations"]
+                                    if row["split"] == "forget" and row["id"] in held_out_ids])
+
+
+def audit_one(path: str | Path, data: AuditData, train_half: Sequence[Record], held_out: Sequence[Record],
+              settings: AuditSettings, log: Log = lambda message: None) -> dict[str, dict]:
+    """Every attack on the model at ``path`` (only read; each attack starts from a fresh load)."""
+    eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+
+    def evaluate(model, tokenizer, forget: Sequence[Record]) -> dict:
+        return run_evaluation(model, tokenizer, data.eval_data(forget), eval_settings)
+
+    attacks: dict[str, dict] = {}
+    started = time.perf_counter()
+    model, tokenizer = load_model(path, settings.dtype)
+    base = evaluate(model, tokenizer, data.forget)
+    attacks[NO_ATTACK] = _summary(base, NO_ATTACK, NO_ATTACK, "F", {"decoding": "greedy"}, None,
+                                  time.perf_counter() - started)
+    before_f = attacks[NO_ATTACK]["forget_score"]
+    before_v = headline(_held_out(base, {row.id for row in held_out}))["forget_mean"]
+    log(f"{NO_ATTACK}: forget {before_f:.3f}")
+
+    def record(name: str, family: str, scored_on: str, budget: dict, results: Mapping, since: float) -> None:
+        before = before_v if scored_on == "V" else before_f
+        attacks[name] = _summary(results, name, family, scored_on, budget, before, time.perf_counter() - since)
+        log(f"{name}: forget {attacks[name]['forget_score']:.3f} (without attack {before:.3f})")
+
+    # Prompt and decoding attacks on the loaded, unchanged model. An attacker keeps whatever works,
+    # so each attack scores a row by its best candidate, the un-attacked greedy answer included
+    # (Patil et al. count an attack a success when any candidate holds the answer); each variant's
+    # own score is kept beside it.
+    greedy = [row for row in base["generations"] if row["split"] == "forget"]
+    since = time.perf_counter()
+    sampled = sampled_best_rows(model, tokenizer, data.forget, settings.sampling, settings.seed,
+                                settings.batch_size, settings.max_new_tokens, TokenCache())
+    variants = {"sampled": {"samples": sampled}}
+    record("sampled", "extraction", "F", {**settings.sampling.describe(), "also": "the greedy answer"},
+           _with_forget_rows(base, best_rows([greedy, sampled])), since)
+    since = time.perf_counter()
+    variants["prompt-cut"] = {f"last {fraction:.0%} of the prompt": generation_rows(
+        model, tokenizer, EvalData(shortened(data.forget, fraction), []), eval_settings) for fraction in settings.prompt_fractions}
+    record("prompt-cut", "extraction", "F",
+           {"prompts": "the whole prompt and its last " + ", ".join(f"{f:.0%}" for f in settings.prompt_fractions)
+            + " of words", "decoding": "greedy"},
+           _with_forget_rows(base, best_rows([greedy, *variants["prompt-cut"].values()])), since)
+    since = time.perf_counter()
+    variants["context"] = {"with context": generation_rows(
+        model, tokenizer, EvalData(with_document_context(data.forget), []), eval_settings)}
+    record("context", "extraction", "F",
+           {"prompts": "each question alone and after its document's earlier text (the completion prompt)",
+            "decoding": "greedy"},
+           _with_forget_rows(base, best_rows([greedy, *variants["context"].values()])), since)
+    for name, candidates in variants.items():
+        attacks[name]["variants"] = {label: headline(_with_forget_rows(base, rows))["forget_mean"]
+                                     for label, rows in candidates.items()}
+    since = time.perf_counter()
+    every = [greedy, *(rows for candidates in variants.values() for rows in candidates.values())]
+    record("extraction-any", "extraction", "F", {"candidates": "every candidate of the three attacks above"},
+           _with_forget_rows(base, best_rows(every)), since)
+    del model
+
+    # Attacks that change the weights: a fresh copy each time.
+    for bits in settings.bits:
+        since = time.perf_counter()
+        model, tokenizer = load_model(path, settings.dtype)
+        quantize(model, bits)
+        record(f"quant-{bits}bit", "quantization", "F",
+               {"bits": bits, "scheme": "round-to-nearest, weight-only (torchao)", "quantized": "decoder linear layers"},
+               evaluate(model, tokenizer, data.forget), since)
+        del model
+    for name, rows, mode, scored_on, forget in (
+        ("relearn-lora", train_half, "lora", "V", held_out),
+        ("relearn-full", train_half, "full", "V", held_out),
+        ("benign-retain", data.retain, "full", "F", data.forget),
+    ):
+        since = time.perf_counter()
+        model, tokenizer = load_model(path, settings.dtype)
+        model = relearn(model, tokenizer, rows, mode, settings.relearn, settings.seed)
+        budget = {**settings.relearn.describe(mode), "data": "T (half of the forget documents)" if scored_on == "V"
+                  else "the retain set", "rows": len(rows)}
+        record(name, "relearning", scored_on, budget, evaluate(model, tokenizer, forget), since)
+        del model
+    return attacks
+
+
+def worst_case(attacks: Mapping[str, Mapping]) -> dict:
+    """Each term's worst (lowest) value over the attacks, and the scores built from them.
+
+    The robust task aggregate is the harmonic mean of the worst terms (an attacker may use a
+    different attack for each term), robust MIA and utility are the lowest over the attacks, and the
+    robust final is their mean, as the official final is.
+    """
+    worst: dict[str, dict] = {}
+    for name, attack in attacks.items():
+        for label, value in attack["terms"].items():
+            if label not in worst or value < worst[label]["value"]:
+                worst[label] = {"value": value, "attack": name}
+    aggregate = task_aggregate([entry["value"] for entry in worst.values()])
+
+    def lowest(key: str) -> dict | None:
+        values = [(attack["scores"][key], name) for name, attack in attacks.items()]
+        if any(value is None for value, _ in values):
+            return None
+        value, name = min(values)
+        return {"value": value, "attack": name}
+
+    mia, utility = lowest("mia_score"), lowest("utility")
+    final = final_score(aggregate, mia and mia["value"], utility and utility["value"])
+    plain = attacks[NO_ATTACK]["scores"]
+    return {"terms": worst, "task_aggregate": aggregate, "mia_score": mia, "utility": utility, "final": final,
+            "plain": {"final": plain["final"], "task_aggregate": plain["task_aggregate"],
+                      "mia_score": plain["mia_score"], "utility": plain["utility"]}}
+
+
+def oracle_comparison(audited: Mapping[str, Mapping], oracle: Mapping[str, Mapping]) -> list[dict]:
+    """Per attack: the audited model's raw forget score and recovery beside the oracle's.
+
+    The oracle never saw F, so what it reaches under an attack is what the attack gives any model;
+    the audited model's excess over it is the leak.
+    """
+    return [{
+        "attack": name,
+        "audited_forget": audited[name]["forget_score"], "oracle_forget": oracle[name]["forget_score"],
+        "audited_recovery": audited[name]["recovery"], "oracle_recovery": oracle[name]["recovery"],
+        "excess_forget": audited[name]["forget_score"] - oracle[name]["forget_score"],
+        "excess_recovery": audited[name]["recovery"] - oracle[name]["recovery"],
+    } for name in audited if name in oracle]
+
+
+def run_audit(model: str | Path, data: AuditData, original: str | Path | None = None,
+              oracle: str | Path | None = None, settings: AuditSettings | None = None, log: Log = lambda message: None) -> dict:
+    """The whole audit as a dict (what ``receipt.json`` is written from; the bench can call it too)."""
+    settings = settings or AuditSettings()
+    started = time.perf_counter()
+    train_half, held_out = split_documents(data.forget, settings.seed)
+    audit: dict = {
+        "settings": settings.to_dict(),
+        "split": {
+            "seed": settings.seed,
+            "train_documents": sorted({row.document_id for row in train_half}),
+            "held_out_documents": sorted({row.document_id for row in held_out}),
+            "train_rows": len(train_half), "held_out_rows": len(held_out),
+        },
+        "models": {},
+    }
+    if original is not None:
+        since = time.perf_counter()
+        loaded, tokenizer = load_model(original, settings.dtype)
+        results = run_evaluation(loaded, tokenizer, data.eval_data(data.forget),
+                                 EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens))
+        audit["models"]["original"] = {"path": str(original), "attacks": {
+            NO_ATTACK: _summary(results, NO_ATTACK, NO_ATTACK, "F", {"decoding": "greedy"}, None, time.perf_counter() - since)}}
+        del loaded
+        log(f"original: final {audit['models']['original']['attacks'][NO_ATTACK]['scores']['final']}")
+    log(f"audited model: {model}")
+    audit["models"]["audited"] = {"path": str(model), "attacks": audit_one(model, data, train_half, held_out, settings, log)}
+    if oracle is not None:
+        log(f"oracle: {oracle}")
+        audit["models"]["oracle"] = {"path": str(oracle), "attacks": audit_one(oracle, data, train_half, held_out, settings, log)}
+        audit["oracle_comparison"] = oracle_comparison(audit["models"]["audited"]["attacks"], audit["models"]["oracle"]["attacks"])
+    audit["worst_case"] = worst_case(audit["models"]["audited"]["attacks"])
+    audit["seconds"] = round(time.perf_counter() - started, 1)
+    return audit
