@@ -89,7 +89,7 @@ def relearn(model: torch.nn.Module, tokenizer, rows: Sequence[Record], mode: str
     lora = LoraSettings(enabled=mode == "lora", r=budget.lora_r, alpha=budget.lora_alpha)
     model = apply_trainable(model, lora, LayerSettings())
     device = next(model.parameters()).device
-    examples = [encode_example(tokenizer, row.input, row.output) for row in rows]
+    examples = [encode_example(tokenizer, row.input, row.output, append_eos=False) for row in rows]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     params = [parameter for parameter in model.parameters() if parameter.requires_grad]
