@@ -62,7 +62,7 @@ def variants(n_layers: int) -> dict[str, Variant]:
 @dataclass
 class BenchOptions:
     out: Path
-    size: str = "mini"
+    size: str = "bench"
     methods: list[str] = field(default_factory=list)
     grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # learning-rate multipliers
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -115,18 +115,23 @@ def evaluation_data(target: Path):
 
 
 def score(model_dir: Path, data, batch_size: int, full: bool) -> dict:
+    """Headline scores and the 12 terms; ``full`` adds the MIA attack suite and what the bootstrap needs."""
+    from unlearnlm.evaluation.bootstrap import bootstrap_inputs
     from unlearnlm.evaluation.evaluator import EvalSettings, evaluate_paths
     from unlearnlm.evaluation.scoring import headline
 
     (_, results), = evaluate_paths([model_dir], data, EvalSettings(batch_size=batch_size, mia_suite=full))
-    return {**headline(results), "terms": dict(zip(results["aggregated-term-labels"], results["aggregated-terms"])),
-            "mia_auc": results.get("mia_loss_acc")}
+    scores = {**headline(results), "terms": dict(zip(results["aggregated-term-labels"], results["aggregated-terms"])),
+              "mia_auc": results.get("mia_loss_acc")}
+    if full:
+        scores["bootstrap"] = bootstrap_inputs(results)
+    return scores
 
 
 def run_bench(options: BenchOptions) -> dict:
     from rich.console import Console
 
-    from unlearnlm.target import cached_target
+    from unlearnlm.target import ORACLE_DIR, cached_target
 
     console = Console()
     started = time.perf_counter()
@@ -136,14 +141,17 @@ def run_bench(options: BenchOptions) -> dict:
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
     targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
+    oracle = targets[REPORT_DRAW] / ORACLE_DIR
     table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
     runs_dir = options.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     data = {draw: evaluation_data(path) for draw, path in targets.items()}
     target_scores = {draw: score(path, data[draw], options.batch_size, full=True) for draw, path in targets.items()}
+    oracle_scores = score(oracle, data[REPORT_DRAW], options.batch_size, full=True)
     budget = [f"optim.time_budget_s={options.time_budget_s}"] if options.time_budget_s else []
     results: dict = {"options": _jsonable(options), "targets": {str(d): str(p) for d, p in targets.items()},
-                     "target_scores": {str(d): s for d, s in target_scores.items()}, "tuning": [], "reported": []}
+                     "target_scores": {str(d): s for d, s in target_scores.items()}, "oracle": str(oracle),
+                     "oracle_scores": oracle_scores, "tuning": [], "reported": []}
 
     for name in chosen:
         variant = table[name]
@@ -198,19 +206,25 @@ def _run_facts(run: dict) -> dict:
 
 
 def summarize(results: dict) -> list[dict]:
-    """Mean and spread over seeds of each reported method."""
+    """Mean and spread over seeds of each reported method, its final's bootstrap interval over
+    documents and its final as a fraction of the oracle's."""
+    from unlearnlm.evaluation.bootstrap import final_interval
+
     summary = []
+    oracle_final = results["oracle_scores"]["final"]
     methods = dict.fromkeys(entry["method"] for entry in results["reported"])
     for method in methods:
         entries = [e for e in results["reported"] if e["method"] == method]
         row = {"method": method, "seeds": len(entries)}
-        for key in ("final", "task_aggregate", "mia_score", "utility"):
+        for key in ("final", "task_aggregate", "mia_score", "mia_auc", "utility"):
             values = [e["scores"][key] for e in entries if e["scores"][key] is not None]
             row[key] = statistics.mean(values) if values else None
             row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         for key in ("wall_seconds", "peak_rss_mb", "trainable_parameters"):
             values = [e[key] for e in entries if e[key] is not None]
             row[key] = statistics.mean(values) if values else None
+        row["final_interval"] = final_interval([e["scores"]["bootstrap"] for e in entries])
+        row["of_oracle"] = row["final"] / oracle_final if oracle_final else None
         summary.append(row)
     return summary
 
