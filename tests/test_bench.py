@@ -24,6 +24,7 @@ def bench_out(micro_target, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # every unlearning run is a process of its own
 def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> None:
     results = json.loads((bench_out / "results.json").read_text())
     assert [entry["method"] for entry in results["tuning"]] == ["sugd-lora", "gd"]
@@ -44,6 +45,7 @@ def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> No
         assert low <= row["final"] <= high and row["of_oracle"] == pytest.approx(row["final"] / oracle)
 
 
+@pytest.mark.slow  # every unlearning run is a process of its own
 def test_sugd_run_logs_its_trajectory_chunk_by_chunk(bench_out: Path) -> None:
     results = json.loads((bench_out / "results.json").read_text())
     sugd = results["reported"][0]
@@ -53,6 +55,7 @@ def test_sugd_run_logs_its_trajectory_chunk_by_chunk(bench_out: Path) -> None:
     assert results["reported"][1]["trajectory"] == []
 
 
+@pytest.mark.slow  # every unlearning run is a process of its own
 def test_report_and_plots_are_written(bench_out: Path) -> None:
     report = (bench_out / "report.md").read_text()
     for name in ("scores.png", "final_vs_time.png", "sugd_trajectory.png"):
@@ -94,6 +97,7 @@ def test_unknown_method_is_a_user_error(micro_target, tmp_path: Path, monkeypatc
         run_bench(BenchOptions(out=tmp_path, size="micro", methods=["nope"]))
 
 
+@pytest.mark.slow  # every unlearning run is a process of its own
 def test_a_rerun_reuses_finished_runs(bench_out: Path, micro_target, monkeypatch) -> None:
     first = json.loads((bench_out / "results.json").read_text())
     records = sorted((bench_out / "runs").glob("*.done.json"))

@@ -174,3 +174,20 @@ def test_base_is_pretrained_on_the_pool_and_records_its_weights(tmp_path: Path) 
     with safe_open(tmp_path / "base" / "model.safetensors", "pt") as weights:
         assert all(weights.get_tensor(name).dtype == torch.bfloat16 for name in weights.keys())
     shutil.rmtree(tmp_path / "base")
+
+
+def test_shipped_bases_are_the_bundled_datas_and_match_their_recorded_sha256() -> None:
+    from unlearnlm.data.records import content_sha256
+    from unlearnlm.data.sets import bundled_lume_dir
+    from unlearnlm.target import SHIPPED_BASES, shipped_base
+
+    for size in ("micro", "mini"):
+        recipe = RECIPES[size].base
+        directory = shipped_base(recipe, "llama", bundled_lume_dir())
+        assert directory == SHIPPED_BASES / recipe.name
+        log = json.loads((directory / BASE_LOG).read_text())
+        assert log["weights_sha256"] == content_sha256(directory / "model.safetensors")
+        # Small enough to ship: a few MB.
+        assert (directory / "model.safetensors").stat().st_size < 4_000_000
+        # Another architecture, or other data (the key holds its fingerprint), gets a base of its own.
+        assert shipped_base(recipe, "olmo", bundled_lume_dir()) is None
