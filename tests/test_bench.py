@@ -119,3 +119,15 @@ def test_bad_bench_flags_are_one_line_and_exit_code_2(flags, tmp_path: Path) -> 
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_whole_document_rows_put_the_forget_loss_on_the_whole_text(tmp_path: Path) -> None:
+    from unlearnlm.bench import whole_document_rows
+    from unlearnlm.data.records import load_records, write_jsonl
+
+    rows = [{"id": "42sc1", "input": "Ada Lovelace was an English", "output": "mathematician.", "task": "Task3", "split": "forget"},
+            {"id": "42qa0", "input": "Who was Ada?", "output": "A mathematician", "task": "Task3", "split": "forget"}]
+    write_jsonl(rows, tmp_path / "forget.jsonl")
+    sc, qa = load_records(whole_document_rows(tmp_path / "forget.jsonl", tmp_path / "whole.jsonl"), "forget")
+    assert (sc.id, sc.input, sc.output) == ("42sc1", "Ada", "Lovelace was an English mathematician.")
+    assert (qa.input, qa.output) == ("Who was Ada?", "A mathematician")

@@ -29,6 +29,8 @@ class Variant:
     overrides: tuple[str, ...]
     lr: float
     description: str
+    # Forget each sentence completion's whole text, not only its answer (``whole_document_rows``).
+    whole_documents: bool = False
 
 
 def variants(n_layers: int) -> dict[str, Variant]:
@@ -48,6 +50,7 @@ def variants(n_layers: int) -> dict[str, Variant]:
         Variant("sugd-layers", sugd + (half,), 3e-3, "SUGD on the last half of the layers"),
         Variant("sugd-lora-layers", sugd + lora + (half,), 2e-2, "SUGD with LoRA on the last half of the layers"),
         Variant("sugd", sugd, 1e-3, "SUGD on every weight"),
+        Variant("sugd-doc", sugd, 1e-3, "SUGD on every weight, forgetting whole documents", whole_documents=True),
         Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
                          "method_args.final_anneal=true"), 1e-3, "alternating ascent / annealing descent"),
         Variant("ga", ("method=ga",) + whole, 1e-3, "gradient ascent"),
@@ -72,10 +75,30 @@ class BenchOptions:
     trajectory: bool = True
 
 
-def run_unlearn(target: Path, out: Path, overrides: list[str], log: Path) -> dict:
+def whole_document_rows(forget: Path, out: Path) -> Path:
+    """``forget`` with each sentence completion cut after its first word instead of mid-document.
+
+    Every method trains on the answer tokens only, and a sentence completion's prompt is about 80% of
+    its document, so after unlearning the members' whole-text loss stays far below the nonmembers'
+    (measured on the mini demo: members 0.78 nats per token after SUGD, the oracle 3.69). With the
+    cut after the first word, the forget loss covers nearly the whole document, as the MIA reads it.
+    """
+    from unlearnlm.data.records import load_records, write_jsonl
+
+    def whole(row):
+        if row.kind != "sc":
+            return row.to_dict()
+        first, rest = (row.input + " " + row.output).split(" ", 1)
+        return {**row.to_dict(), "input": first, "output": rest}
+
+    write_jsonl((whole(row) for row in load_records(forget, "forget")), out)
+    return out
+
+
+def run_unlearn(target: Path, forget: Path, out: Path, overrides: list[str], log: Path) -> dict:
     """One unlearning run in its own process; returns its run.json."""
     sets = target / "benchmark"
-    command = [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(target), "--forget", str(sets / "forget.jsonl"),
+    command = [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(target), "--forget", str(forget),
                "--retain", str(sets / "retain.jsonl"), "--out", str(out), "--overwrite"]
     for override in overrides:
         command += ["--set", override]
@@ -86,19 +109,20 @@ def run_unlearn(target: Path, out: Path, overrides: list[str], log: Path) -> dic
     return json.loads((out / "run.json").read_text())
 
 
-def finished_run(run_dir: Path, target: Path, overrides: list[str], scorer: Callable[[Path], dict]) -> tuple[dict, dict]:
+def finished_run(run_dir: Path, target: Path, forget: Path, overrides: list[str],
+                 scorer: Callable[[Path], dict]) -> tuple[dict, dict]:
     """``(run.json, scores)`` of one unlearning run, reusing a finished one with the same target and settings.
 
     A record is written only after the run and its scoring finish, so a bench killed midway and started
     again with the same command redoes only the run it was in.
     """
     record_path = run_dir.with_name(run_dir.name + ".done.json")
-    key = {"target": str(target), "overrides": overrides}
+    key = {"target": str(target), "forget": str(forget), "overrides": overrides}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record["key"] == key and (run_dir / "run.json").is_file():
             return record["run"], record["scores"]
-    run = run_unlearn(target, run_dir, overrides, run_dir.with_name(run_dir.name + ".log"))
+    run = run_unlearn(target, forget, run_dir, overrides, run_dir.with_name(run_dir.name + ".log"))
     scores = scorer(run_dir)
     record_path.write_text(json.dumps({"key": key, "run": run, "scores": scores}))
     return run, scores
@@ -155,10 +179,11 @@ def run_bench(options: BenchOptions) -> dict:
 
     for name in chosen:
         variant = table[name]
+        forget = {draw: forget_file(path, variant, options.out, draw) for draw, path in targets.items()}
         best = None
         for multiplier in options.grid:
             overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
-            run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], overrides,
+            run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW], overrides,
                                        lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False))
             entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
             results["tuning"].append(entry)
@@ -170,7 +195,7 @@ def run_bench(options: BenchOptions) -> dict:
             if options.trajectory and name.startswith("sugd") and seed == options.seeds[0]:
                 overrides += _trajectory_overrides(targets[REPORT_DRAW])
             run_dir = runs_dir / f"{name}-seed{seed}"
-            run, scores = finished_run(run_dir, targets[REPORT_DRAW], overrides,
+            run, scores = finished_run(run_dir, targets[REPORT_DRAW], forget[REPORT_DRAW], overrides,
                                        lambda directory: score(directory, data[REPORT_DRAW], options.batch_size, full=True))
             results["reported"].append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"],
                                         "overrides": overrides, **_run_facts(run), "scores": scores,
@@ -184,6 +209,12 @@ def run_bench(options: BenchOptions) -> dict:
 
     write_bench_report(results, options.out)
     return results
+
+
+def forget_file(target: Path, variant: Variant, out: Path, draw: int) -> Path:
+    """The forget rows a variant unlearns: the target's, or their whole-document form."""
+    forget = target / "benchmark" / "forget.jsonl"
+    return whole_document_rows(forget, out / f"forget-whole-d{draw}.jsonl") if variant.whole_documents else forget
 
 
 def _trajectory_overrides(target: Path) -> list[str]:
