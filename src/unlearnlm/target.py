@@ -288,8 +288,8 @@ def fit(
 ) -> dict:
     """AdamW over the examples ``epoch_examples(epoch)`` gives for each epoch, until a stop.
 
-    ``done(epoch)`` returns a progress note (``"12/40"``) and ends training when it starts with the
-    same number on both sides of the slash; ``None`` means it did not check this epoch.
+    ``done(epoch)`` returns the rows recalled (``"12/40"``) and ends training when all are
+    (``"40/40"``); ``None`` means it did not check this epoch.
     """
     from transformers import get_cosine_schedule_with_warmup
 
