@@ -191,3 +191,16 @@ def test_shipped_bases_are_the_bundled_datas_and_match_their_recorded_sha256() -
         assert (directory / "model.safetensors").stat().st_size < 4_000_000
         # Another architecture, or other data (the key holds its fingerprint), gets a base of its own.
         assert shipped_base(recipe, "olmo", bundled_lume_dir()) is None
+
+
+def test_cli_base_with_a_bad_data_dir_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    from unlearnlm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["unlearnlm", "base", "--data", str(tmp_path / "absent"),
+                                      "--out", str(tmp_path / "out"), "--size", "micro"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "absent" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
