@@ -1,8 +1,9 @@
-"""Why the tiny benchmark's MIA score stays 0: member and nonmember losses, and the members' answer part.
+"""The gap an unlearning method must close for the MIA: member and nonmember losses, and the members' answer part.
 
     python benchmarks/mia_gap.py TARGET_DIR [UNLEARNED_DIR ...]
 
-TARGET_DIR is a target built by `unlearnlm target` (its `benchmark/` sets are used for every model).
+TARGET_DIR is a target built by `unlearnlm target` (its `benchmark/` sets are used for every model);
+pass its oracle (`TARGET_DIR/oracle`) among the others to see where exact unlearning lands.
 For each model it prints the mean token loss of every MIA member and nonmember document (the
 official MIA statistic) and of the members' answer tokens alone (the part unlearning trains on).
 """

@@ -100,7 +100,9 @@ def test_fsdp_resumed_layer_run_gives_the_model_and_validations_of_one_process(f
     # Lockstep validation scored what one process scores, and picked the same state.
     seen = [validations(directory) for directory in (two_dir, one_dir)]
     assert [v["step"] for v in seen[0]] == [v["step"] for v in seen[1]] == [8, 16, 20]
-    assert len({v["final"] for v in seen[1]}) > 1  # the scores moved, so agreeing on them means something
+    # The scores moved, so agreeing on them means something. On the pretrained-base micro target this
+    # short KL run moves the forget and retain means while the final stays at the target's 1/3.
+    assert len({(v["final"], v["forget_mean"], v["retain_mean"]) for v in seen[1]}) > 1
     for seen_two, seen_one in zip(*seen):
         for metric in ("final", "task_aggregate", "mia_score", "utility", "forget_mean", "retain_mean"):
             assert seen_two[metric] == pytest.approx(seen_one[metric], abs=1e-6)

@@ -96,7 +96,7 @@ def test_writer_and_manifest(mini: BenchmarkSets, tmp_path: Path) -> None:
 
 
 def test_presets_grow_and_full_takes_everything() -> None:
-    assert list(PRESETS)[:4] == ["micro", "mini", "small", "full"]
+    assert list(PRESETS)[:4] == ["micro", "mini", "bench", "full"]
     full = draw_sets(size="full")
     assert len(full.forget) == len(source_documents("train", "forget"))
     assert len(full.mia_members) == len(full.mia_nonmembers)

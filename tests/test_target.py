@@ -1,4 +1,4 @@
-"""The tiny target: the micro preset memorizes, saves a loadable HF directory, and fails loudly."""
+"""The tiny benchmark's models: the micro base, target and oracle, their calibration, and loud failures."""
 
 from __future__ import annotations
 
@@ -12,18 +12,41 @@ import torch
 from unlearnlm.data.records import load_documents, load_records
 from unlearnlm.errors import UserError
 from unlearnlm.target import (
-    BENCHMARK_DIR, LOG_NAME, RECIPES, build_target, cached_target, make_model, publish, train_tokenizer,
+    BARS, BASE_LOG, BENCHMARK_DIR, LOG_NAME, ORACLE_DIR, RECIPES, build_base, build_target, cached_target,
+    calibration_checks, make_model, publish, read_calibration, read_models, train_tokenizer,
 )
 
 
-def test_micro_target_memorized_its_sets(micro_target) -> None:
+def test_micro_target_memorized_its_sets_and_passed_calibration(micro_target) -> None:
     directory, _ = micro_target
     log = json.loads((directory / LOG_NAME).read_text())
-    assert log["rows_recalled"] == log["rows"] and log["answer_token_accuracy"] == 1.0
-    assert log["epochs"] <= RECIPES["micro"].max_epochs
-    # The evaluator's bar: the 12 per-task means on F and R, and utility.
-    assert len(log["final_check"]) == 13
-    assert all(value >= 0.9 for value in log["final_check"].values())
+    target = log["target"]
+    assert target["rows_recalled"] == target["rows"] and target["answer_token_accuracy"] == 1.0
+    assert target["epochs"] <= RECIPES["micro"].max_epochs
+    # The oracle made at least the target's optimizer steps, on R and G only, and recalls them.
+    oracle = log["oracle"]
+    assert oracle["steps"] >= target["steps"] and oracle["rows"] < target["rows"]
+    assert oracle["rows_recalled"] == oracle["rows"]
+    calibration = read_calibration(directory)
+    names = [check["name"] for check in calibration["checks"]]
+    # 12 target terms + utility, 6 oracle retain terms + utility, the oracle's forgetting, the nonmember loss;
+    # one member against one nonmember is too few for the MIA bars.
+    assert len(names) == 22 and not calibration["mia_checked"] and all(check["passed"] for check in calibration["checks"])
+    scores = calibration["scores"]
+    for model in ("base", "target", "oracle"):
+        assert scores[model]["member_loss"] > 0 and scores[model]["nonmember_loss"] > 0
+    # The target memorized its member; the base and the oracle never fine-tuned on it.
+    assert scores["target"]["member_loss"] < scores["oracle"]["member_loss"]
+    assert scores["target"]["member_loss"] < scores["base"]["member_loss"]
+
+
+def test_oracle_directory_loads_and_does_not_recall_the_forget_set(micro_target) -> None:
+    directory, _ = micro_target
+    models = read_models(directory)
+    assert models["oracle"] == directory / ORACLE_DIR and (models["base"] / BASE_LOG).is_file()
+    terms = read_calibration(directory)["scores"]["oracle"]["terms"]
+    forget = [value for name, value in terms.items() if name.startswith("forget")]
+    assert len(forget) == 6 and sum(forget) / 6 <= BARS.oracle_forget_share
 
 
 def test_saved_directory_loads_and_regenerates_a_forget_answer(micro_target) -> None:
@@ -57,11 +80,33 @@ def test_cache_reuses_the_built_target(micro_target, monkeypatch) -> None:
     assert directory.parent == cache / "targets" and directory.name.startswith("micro-0-d0-llama-")
 
 
-def test_a_short_budget_is_a_user_error_and_writes_nothing(tmp_path: Path) -> None:
+def test_a_short_budget_is_a_user_error_and_writes_nothing(micro_target, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))  # the micro base is built already
     out = tmp_path / "target"
     with pytest.raises(UserError, match="did not memorize"):
-        build_target(None, out, "micro", max_epochs=1, final_check=None, show_progress=False)
+        build_target(None, out, "micro", max_epochs=1, calibrate=False, show_progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def scores(target_auc: float, oracle_auc: float, oracle_forget: float, target_nonmember: float) -> dict:
+    terms = {f"{split} Task{task} {metric}": 1.0 for split in ("forget", "retain") for task in (1, 2, 3)
+             for metric in ("regurgitation", "knowledge")}
+    oracle_terms = {name: oracle_forget if name.startswith("forget") else 1.0 for name in terms}
+    return {"base": {"nonmember_loss": 4.0},
+            "target": {"terms": terms, "utility": 1.0, "mia_auc": target_auc, "nonmember_loss": target_nonmember},
+            "oracle": {"terms": oracle_terms, "utility": 1.0, "mia_score": 1 - 2 * abs(oracle_auc - 0.5)}}
+
+
+def test_calibration_names_each_missed_bar_and_by_how_much() -> None:
+    assert all(check.passed for check in calibration_checks(scores(0.95, 0.55, 0.2, 5.0), mia_docs=12))
+    failed = [check for check in calibration_checks(scores(0.85, 0.9, 0.6, 7.0), mia_docs=12) if not check.passed]
+    # AUC 0.9 is MIA score 1 - 2 * 0.4 = 0.2; the bar 1.5 x the base's 4.0 is 6.0.
+    assert [(check.name, round(check.value, 3), round(check.bound, 3)) for check in failed] == [
+        ("oracle mean forget term", 0.6, 0.5), ("target nonmember loss", 7.0, 6.0),
+        ("target MIA AUC", 0.85, 0.9), ("oracle MIA score", 0.2, 0.6)]
+    assert failed[-1].describe() == "oracle MIA score = 0.200, needs >= 0.600 (off by 0.400)"
+    # Below min_mia_docs members the MIA bars are not checked.
+    assert len(calibration_checks(scores(0.5, 0.9, 0.2, 5.0), mia_docs=1)) == 22
 
 
 def test_a_non_empty_output_directory_is_refused(tmp_path: Path) -> None:
@@ -85,7 +130,7 @@ def test_publish_replaces_an_old_directory_whole(tmp_path: Path) -> None:
 
 def test_olmo_architecture_is_available() -> None:
     tokenizer = train_tokenizer(["a small corpus for a small tokenizer"], vocab_size=300)
-    model = make_model("olmo", tokenizer, RECIPES["micro"], seed=0)
+    model = make_model("olmo", tokenizer, RECIPES["micro"].base, seed=0)
     assert type(model).__name__ == "OlmoForCausalLM"
     assert model.config.vocab_size == len(tokenizer) and model.config.eos_token_id == tokenizer.eos_token_id
 
@@ -94,6 +139,64 @@ def test_cli_bad_data_dir_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
     from unlearnlm.cli import main
 
     monkeypatch.setattr(sys, "argv", ["unlearnlm", "target", "--data", str(tmp_path / "absent"),
+                                      "--out", str(tmp_path / "out"), "--size", "micro"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "absent" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_is_pretrained_on_the_pool_and_records_its_weights(tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors import safe_open
+
+    from unlearnlm.data.records import content_sha256
+    from unlearnlm.data.sets import bundled_lume_dir, pretraining_pool
+
+    data = tmp_path / "data"
+    expected = set()
+    for part in ("train", "validation"):
+        (data / part).mkdir(parents=True)
+        for split in ("forget", "retain"):
+            lines = (bundled_lume_dir() / part / f"{split}.jsonl").read_text().splitlines()[:30]
+            (data / part / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+            # Every Task3 document; of the others, only those of validation forget, which no set draws from.
+            rows = [json.loads(line) for line in lines]
+            expected |= {row["id"][:-3] for row in rows if row["task"] == "Task3" or (part, split) == ("validation", "forget")}
+    log = build_base(data, tmp_path / "base", "micro", show_progress=False, shipped=True)
+    pool = pretraining_pool(data)
+    assert {document.id for document in pool} == expected and len(pool) == len(expected)
+    assert log["pool_documents"] == len(pool) and log["epochs"] == RECIPES["micro"].base.epochs
+    assert log["weights_sha256"] == content_sha256(tmp_path / "base" / "model.safetensors")
+    with safe_open(tmp_path / "base" / "model.safetensors", "pt") as weights:
+        assert all(weights.get_tensor(name).dtype == torch.bfloat16 for name in weights.keys())
+    shutil.rmtree(tmp_path / "base")
+
+
+def test_shipped_bases_are_the_bundled_datas_and_match_their_recorded_sha256() -> None:
+    from unlearnlm.data.records import content_sha256
+    from unlearnlm.data.sets import bundled_lume_dir
+    from unlearnlm.target import SHIPPED_BASES, shipped_base
+
+    for size in ("micro", "mini"):
+        recipe = RECIPES[size].base
+        directory = shipped_base(recipe, "llama", bundled_lume_dir())
+        assert directory == SHIPPED_BASES / recipe.name
+        log = json.loads((directory / BASE_LOG).read_text())
+        assert log["weights_sha256"] == content_sha256(directory / "model.safetensors")
+        # Small enough to ship: a few MB.
+        assert (directory / "model.safetensors").stat().st_size < 4_000_000
+        # Another architecture, or other data (the key holds its fingerprint), gets a base of its own.
+        assert shipped_base(recipe, "olmo", bundled_lume_dir()) is None
+
+
+def test_cli_base_with_a_bad_data_dir_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    from unlearnlm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["unlearnlm", "base", "--data", str(tmp_path / "absent"),
                                       "--out", str(tmp_path / "out"), "--size", "micro"])
     with pytest.raises(SystemExit) as exit_info:
         main()

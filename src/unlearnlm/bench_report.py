@@ -6,7 +6,6 @@ from pathlib import Path
 
 from unlearnlm.evaluation.report import markdown_table
 
-BASELINES = ("ga", "gd", "kl", "npo", "simnpo")  # the organizers' baselines and SimNPO; agad is the winners' second method
 SEMEVAL_7B = [("AILS-NTUA (1st)", 0.706, 0.827, 0.847, 0.443), ("baseline gradient ascent", 0.394, 0.0, 0.912, 0.269),
               ("baseline gradient difference", 0.243, 0.0, 0.382, 0.348), ("baseline KL minimization", 0.395, 0.0, 0.916, 0.269),
               ("baseline NPO", 0.188, 0.021, 0.080, 0.463)]
@@ -24,24 +23,44 @@ def write_bench_report(results: dict, out: Path) -> None:
     (out / "report.md").write_text(report_markdown(results, plots, trajectory), encoding="utf-8")
 
 
+def _interval(scores: dict) -> str:
+    from unlearnlm.evaluation.bootstrap import final_interval
+
+    low, high = final_interval([scores["bootstrap"]])
+    return f"{scores['final']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -> str:
-    target = results["target_scores"]["0"]
-    rows = [["target (before unlearning)", _fmt(target["final"]), _fmt(target["task_aggregate"]), _fmt(target["mia_score"]),
-             _fmt(target["utility"]), "", "", ""]]
+    target, oracle = results["target_scores"]["0"], results["oracle_scores"]
+
+    def of_oracle(final: float | None) -> str:
+        return f"{final / oracle['final']:.0%}" if final is not None and oracle["final"] else "n/a"
+
+    def utility(value: float | None) -> str:
+        return f"{_fmt(value)} ({value / target['utility']:.0%})" if value is not None and target["utility"] else _fmt(value)
+
+    rows = [[name, _interval(scores), of_oracle(scores["final"]), _fmt(scores["task_aggregate"]), _fmt(scores["mia_score"]),
+             _fmt(scores["mia_auc"]), utility(scores["utility"]), "", "", ""]
+            for name, scores in (("oracle (retrained without F)", oracle), ("target (before unlearning)", target))]
     for row in sorted(results["summary"], key=lambda r: -(r["final"] or 0)):
-        relative = row["utility"] / target["utility"] if row["utility"] is not None and target["utility"] else None
-        rows.append([row["method"], _fmt(row["final"], row["final_std"]), _fmt(row["task_aggregate"]), _fmt(row["mia_score"]),
-                     f"{_fmt(row['utility'])} ({relative:.0%})" if relative is not None else _fmt(row["utility"]),
-                     f"{row['wall_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a",
-                     f"{row['trainable_parameters']:,.0f}"])
-    headers = ["method", "final", "task aggregate", "MIA score", "utility (of target)", "unlearning s", "peak RSS MB", "trainable params"]
+        low, high = row["final_interval"]
+        final = f"{_fmt(row['final'], row['final_std'])} [{low:.3f}, {high:.3f}]"
+        rows.append([row["method"], final, of_oracle(row["final"]), _fmt(row["task_aggregate"]), _fmt(row["mia_score"]),
+                     _fmt(row["mia_auc"]), utility(row["utility"]), f"{row['wall_seconds']:.1f}",
+                     f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a", f"{row['trainable_parameters']:,.0f}"])
+    headers = ["method", "final ± seeds [95% CI]", "of oracle", "task aggregate", "MIA score", "MIA AUC",
+               "utility (of target)", "unlearning s", "peak RSS MB", "trainable params"]
     terms_headers = ["method", *results["reported"][0]["scores"]["terms"].keys()] if results["reported"] else []
-    terms_rows = [[e["method"] + f" (seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())] for e in results["reported"]]
+    terms_rows = [[name, *(_fmt(v) for v in scores["terms"].values())]
+                  for name, scores in (("oracle", oracle), ("target", target))]
+    terms_rows += [[e["method"] + f" (seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())]
+                   for e in results["reported"]]
     options = results["options"]
     parts = [
         "# Benchmark results", "",
         f"Size preset `{options['size']}`, grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1), "
-        f"seeds {options['seeds']} on the reported draw 0. Total wall time {results['wall_seconds'] / 60:.1f} min.", "",
+        f"seeds {options['seeds']} on the reported draw 0. Total wall time {results['wall_seconds'] / 60:.1f} min. "
+        "Final: mean over seeds ± their spread, and the 95% bootstrap interval over documents.", "",
         markdown_table(headers, rows), "",
         *[f"![{p.stem}]({p.name})" for p in plots], "",
     ]
@@ -55,9 +74,9 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
 
 
 def goal_checks(results: dict) -> list[list[str]]:
-    """The issue's goals, checked on the reported draw: SUGD's best variant against the baselines and gd's time.
-
-    SUGD and gd make the same number of passes over the forget set in ``bench.variants``.
+    """The issue's goals, checked on the reported draw: SUGD's best variant against the oracle, the
+    other methods and gd's time. SUGD and gd make the same number of passes over the forget set in
+    ``bench.variants``.
     """
     rows = {row["method"]: row for row in results["summary"] if row["final"] is not None}
     sugd = [row for name, row in rows.items() if name.startswith("sugd")]
@@ -65,14 +84,18 @@ def goal_checks(results: dict) -> list[list[str]]:
         return []
     best = max(sugd, key=lambda row: row["final"])
     target_utility = results["target_scores"]["0"]["utility"]
+    oracle_final = results["oracle_scores"]["final"]
     checks = []
-    baselines = [rows[name] for name in BASELINES if name in rows]
-    if baselines:
-        rival = max(baselines, key=lambda row: row["final"])
-        checks.append(["SUGD beats every baseline on the final score",
-                       f"{best['method']} {best['final']:.3f} vs best baseline {rival['method']} {rival['final']:.3f}",
+    others = [row for name, row in rows.items() if not name.startswith("sugd")]
+    if others:
+        rival = max(others, key=lambda row: row["final"])
+        checks.append(["SUGD beats every other method on the final score",
+                       f"{best['method']} {best['final']:.3f} vs best other {rival['method']} {rival['final']:.3f}",
                        _yes(best["final"] > rival["final"])])
-    checks.append(["final score at least 0.85", f"{best['method']} {best['final']:.3f}", _yes(best["final"] >= 0.85)])
+    if oracle_final:
+        checks.append(["SUGD's final at least 0.9 of the oracle's",
+                       f"{best['method']} {best['final']:.3f} = {best['final'] / oracle_final:.0%} of {oracle_final:.3f}",
+                       _yes(best["final"] >= 0.9 * oracle_final)])
     if best["utility"] is not None and target_utility:
         share = best["utility"] / target_utility
         checks.append(["utility at least 90% of the target's", f"{best['method']} {share:.0%}", _yes(share >= 0.9)])
@@ -110,13 +133,14 @@ def plot_scores(results: dict, path: Path) -> Path:
         for position, value in zip(positions, values):
             if value == 0:  # an empty bar would read as missing
                 axis.text(position, 0.01, "0", ha="center", va="bottom", fontsize=7, color=bars.patches[0].get_facecolor())
-    target = results["target_scores"]["0"]["final"]
+    target, oracle = results["target_scores"]["0"]["final"], results["oracle_scores"]["final"]
+    axis.axhline(oracle, color="green", linestyle="-", linewidth=1.5, label=f"oracle final ({oracle:.2f})")
     axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target final ({target:.2f})")
     axis.set_xticks([i + 1.5 * width for i in range(len(summary))], [row["method"] for row in summary], rotation=30, ha="right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("score (higher is better)")
     axis.set_title("Unlearning methods on the tiny LUME target")
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=5, fontsize=8)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=6, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -129,6 +153,9 @@ def plot_time(results: dict, path: Path) -> Path:
     for row in results["summary"]:
         axis.scatter(row["wall_seconds"], row["final"] or 0, s=40)
         axis.annotate(row["method"], (row["wall_seconds"], row["final"] or 0), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    oracle = results["oracle_scores"]["final"]
+    axis.axhline(oracle, color="green", linewidth=1.5, label=f"oracle final ({oracle:.2f})")
+    axis.legend(loc="lower right", fontsize=8)
     axis.set_xlabel("unlearning wall time (s)")
     axis.set_ylabel("final score")
     axis.set_title("Final score against unlearning time")

@@ -24,7 +24,7 @@ app = typer.Typer(
 class TargetSize(str, Enum):
     micro = "micro"
     mini = "mini"
-    small = "small"
+    bench = "bench"
     full = "full"
 
 
@@ -45,7 +45,8 @@ def target_command(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads; more than 1 pays only on an idle machine.")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
-    """Train a tiny model from scratch until it memorized LUME documents: the benchmark's target."""
+    """Fine-tune a small pretrained base until it memorized LUME documents (the target, at OUT) and
+    retrain it without the forget set (the oracle, at OUT/oracle); both are calibrated."""
     from unlearnlm.data.sets import draw_sets
     from unlearnlm.evaluation.inputs import check_output_dir
 
@@ -58,10 +59,36 @@ def target_command(
     from unlearnlm.target import build_target
 
     log = build_target(data, out, size.value, seed, arch.value, draw, overwrite, max_epochs, threads=threads)
+    base, target, oracle = log["base"], log["target"], log["oracle"]
     Console().print(
-        f"target: {out}  ({log['parameters']:,} parameters, {log['epochs']} epochs, "
-        f"{log['train_seconds']:.0f}s training, {log['rows_recalled']}/{log['rows']} rows recalled)"
+        f"base: {base['directory']} ({'built' if base['built'] else 'reused'})\n"
+        f"target: {out}  ({log['parameters']:,} parameters, {target['epochs']} epochs, {target['train_seconds']:.0f}s, "
+        f"{target['rows_recalled']}/{target['rows']} rows recalled)\n"
+        f"oracle: {out / 'oracle'}  ({oracle['steps']} steps, {oracle['train_seconds']:.0f}s)\n"
+        f"calibration passed; scores and losses in {out / 'benchmark' / 'manifest.json'}"
     )
+
+
+@app.command("base")
+def base_command(
+    out: Annotated[Path, typer.Option(help="Output model directory (must be empty unless --overwrite).")],
+    data: Annotated[Optional[Path], typer.Option(help="LUME-format directory (default: the bundled copy).")] = None,
+    size: Annotated[TargetSize, typer.Option(help="The target size whose base to pretrain.")] = TargetSize.mini,
+    arch: Annotated[TargetArch, typer.Option(help="Decoder architecture from transformers.")] = TargetArch.llama,
+    bfloat16: Annotated[bool, typer.Option(help="Store the weights in bfloat16 (the copy shipped in the package).")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads; more than 1 pays only on an idle machine.")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Pretrain the small base model on the pool of a LUME-format directory (`target` does it when needed)."""
+    from unlearnlm.evaluation.inputs import check_output_dir
+
+    check_output_dir(out, overwrite)
+
+    from unlearnlm.target import build_base
+
+    log = build_base(data, out, size.value, arch.value, overwrite, threads=threads, shipped=bfloat16)
+    print(f"base: {out}  ({log['parameters']:,} parameters, {log['epochs']} epochs on {log['pool_tokens']:,} tokens, "
+          f"{log['train_seconds']:.0f}s; weights sha256 {log['weights_sha256']})")
 
 # --- end target ----------------------------------------------------------------------------------
 
@@ -230,12 +257,13 @@ def methods() -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its models and reports.")] = Path("unlearnlm-demo"),
-    size: Annotated[str, typer.Option(help="Target size preset.")] = "mini",
+    size: Annotated[str, typer.Option(help="Size preset of the target and oracle.")] = "mini",
     seed: Annotated[int, typer.Option(help="Seed of the target and the document draw.")] = 0,
     config: Annotated[str, typer.Option(help="Unlearning preset or YAML file.")] = "demo",
     redact: Annotated[bool, typer.Option(help="Mask forget-set answers in printed tables and reports.")] = False,
 ) -> None:
-    """Build (or reuse) a tiny memorized target, unlearn it with SUGD, and print the before/after scores."""
+    """Build (or reuse) a tiny memorized target and its oracle, unlearn it with SUGD, and print the scores
+    of the base, target, oracle and unlearned model."""
     from unlearnlm.config import load_config
     from unlearnlm.data.sets import get_preset
     from unlearnlm.demo import run_demo
@@ -252,7 +280,7 @@ def demo(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
-    size: Annotated[str, typer.Option(help="Target size preset (mini: the benchmark, about 30 min on 2 CPU cores; micro: a smoke run, about 6 min).")] = "mini",
+    size: Annotated[str, typer.Option(help="Size preset of the targets (bench: the benchmark; micro: a smoke run).")] = "bench",
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Method variant to run (repeatable; default all).")] = None,
     grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
     seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",

@@ -1,8 +1,10 @@
 """`unlearnlm demo`: the whole job on real LUME data, offline, in minutes on a laptop CPU.
 
-Build (or reuse) the tiny `mini` target that memorized LUME documents, unlearn its forget set with
-SUGD (the `demo` preset), score the target and the unlearned model with the official SemEval-2025
-Task 4 scoring (utility in place of MMLU), and print and write the before/after comparison.
+Build (or reuse) the tiny `mini` models: the target that memorized LUME documents and the oracle
+retrained without its forget set, both fine-tuned from a small pretrained base (shipped in the
+package for the bundled data). Unlearn the target's forget set with SUGD (the `demo` preset), score
+the base, target, oracle and unlearned model with the official SemEval-2025 Task 4 scoring (utility
+in place of MMLU), and print and write the comparison: the unlearned model should land near the oracle.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def run_demo(out: Path, size: str = "mini", seed: int = 0, config: str = "demo",
     from unlearnlm.engine import unlearn
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.report import results_table, terms_table, write_report
-    from unlearnlm.target import cached_target
+    from unlearnlm.target import ORACLE_DIR, cached_target, read_models
 
     console = Console()
     prepare_demo_dir(out)
@@ -54,8 +56,10 @@ def run_demo(out: Path, size: str = "mini", seed: int = 0, config: str = "demo",
     data = EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(sets / "retain.jsonl", "retain"),
                     load_documents(sets / "mia_members.jsonl"), load_documents(sets / "mia_nonmembers.jsonl"),
                     load_records(sets / "general.jsonl", "retain"))
-    evaluated = evaluate_paths([target_dir, out / "unlearned"], data, EvalSettings(batch_size=batch_size, redact=redact))
-    named = [("target", evaluated[0][1]), ("unlearned", evaluated[1][1])]
+    names = ("base", "target", "oracle", "unlearned")
+    paths = [read_models(target_dir)["base"], target_dir, target_dir / ORACLE_DIR, out / "unlearned"]
+    evaluated = evaluate_paths(paths, data, EvalSettings(batch_size=batch_size, redact=redact))
+    named = [(name, results) for name, (_, results) in zip(names, evaluated)]
     write_report(named, out / "evaluation")
     timings["evaluate_s"] = time.perf_counter() - started
 
@@ -78,6 +82,10 @@ def demo_markdown(named: list, run: dict, timings: dict, target_dir: Path, confi
     terms = [[label, *(fmt(results["aggregated-terms"][i]) for _, results in named)] for i, label in enumerate(labels)]
     return "\n".join([
         "# unlearnlm demo: SUGD on a tiny target that memorized LUME",
+        "",
+        "The base is pretrained on biographies (the MIA members and nonmembers among them), the target is the base "
+        "fine-tuned on the forget, retain and general sets until it memorized them, the oracle is the base fine-tuned "
+        "without the forget set: what perfect unlearning would give.",
         "",
         comparison_markdown(named).replace("# Model comparison\n\n", ""),
         "",

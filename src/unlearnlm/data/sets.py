@@ -12,7 +12,12 @@ benchmark tunes on draw 1 and reports on draw 0) and the same seed always gives 
 - G (general): ``n`` documents per task of validation retain; the target learns them, unlearning never
   sees them, and the utility score asks their questions.
 - MIA members: the Task3 documents of F, as the target saw them (``input + " " + output`` of their
-  sentence-completion row). Nonmembers: as many Task3 documents of validation forget, never trained on.
+  sentence-completion row). Nonmembers: as many Task3 documents of validation forget, never fine-tuned on.
+- P (pretraining pool, ``pretraining_pool``): the stand-in for the web corpus the base model learns
+  language from. It does not depend on the draw: the text of every Task3 document (real Wikipedia
+  biographies, as Wikipedia was in the SemEval models' pretraining corpus, so the MIA members and
+  nonmembers alike) and every row of the Task1 and Task2 documents of validation forget, which no set
+  draws from. The other Task1 and Task2 documents are synthetic and were in no pretraining corpus.
 """
 
 from __future__ import annotations
@@ -59,7 +64,10 @@ PRESETS: dict[str, SizePreset] = {
         # then have one G question each, and utility borrows distractors from the other tasks.
         SizePreset("micro", forget_docs=1, retain_docs=1, general_docs=1, general_questions=1),
         SizePreset("mini", forget_docs=4, retain_docs=4, general_docs=4),
-        SizePreset("small", forget_docs=10, retain_docs=10, general_docs=8),
+        # The benchmark: 12 MIA members against 12 nonmembers, the fewest for which a model that cannot
+        # tell them apart (AUC 0.5) stays inside the oracle's bar of 0.6 with good odds (AUC spread
+        # about 0.12). Validation forget has 34 unseen Task3 documents: draws 0 and 1 fit.
+        SizePreset("bench", forget_docs=12, retain_docs=12, general_docs=4),
         SizePreset("full", forget_docs=None, retain_docs=None, general_docs=None, mia_docs=34),
     )
 }
@@ -189,8 +197,29 @@ def draw_sets(
     return BenchmarkSets(preset, seed, draw, forget, retain, general, members, nonmembers)
 
 
-def write_sets(sets: BenchmarkSets, out_dir: str | Path) -> Path:
-    """Write the five set files and ``manifest.json`` (what was drawn, and each file's sha256)."""
+def pretraining_pool(data_dir: str | Path | None = None) -> tuple[Document, ...]:
+    """P, the same for every draw and seed (see the module docstring), in file order."""
+    root = Path(data_dir) if data_dir is not None else bundled_lume_dir()
+    pool: list[Document] = []
+    for part in ("train", "validation"):
+        for split in ("forget", "retain"):
+            by_task = group_documents(load_records(root / part, split))
+            pool += by_task[MIA_TASK]
+            if (part, split) == ("validation", "forget"):
+                pool += [document for task in TASKS if task != MIA_TASK for document in by_task[task]]
+    return tuple(pool)
+
+
+def pool_texts(pool: tuple[Document, ...]) -> list[str]:
+    """P as text: a Task3 document is its page text alone (its questions were written for LUME, not
+    found on the web); a pool document of the other tasks gives every row, questions included."""
+    return [document.text() for document in pool if document.task == MIA_TASK] + [
+        row.input + " " + row.output for document in pool if document.task != MIA_TASK for row in document.rows
+    ]
+
+
+def write_sets(sets: BenchmarkSets, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write the five set files and ``manifest.json`` (what was drawn, each file's sha256, and ``extra``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     row_sets = {"forget.jsonl": sets.forget, "retain.jsonl": sets.retain, "general.jsonl": sets.general}
@@ -213,6 +242,7 @@ def write_sets(sets: BenchmarkSets, out_dir: str | Path) -> Path:
             }
             for name, documents in {**row_sets, **mia_sets}.items()
         },
+        **(extra or {}),
     }
     manifest_path = out / MANIFEST_NAME
     manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
