@@ -15,10 +15,8 @@ import pytest
 import torch
 
 from unlearnlm.audit.attacks import (
-    RelearnBudget,
     SamplingBudget,
     quantize,
-    relearn,
     shortened,
     split_documents,
     with_document_context,
@@ -27,8 +25,6 @@ from unlearnlm.audit.receipt import RECEIPT_JSON, RECEIPT_MD, build_receipt, wri
 from unlearnlm.audit.run import AuditData, AuditSettings, best_rows, run_audit, worst_case
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, load_model, run_evaluation
-from unlearnlm.evaluation.scoring import headline
 
 # --- building blocks, against hand-worked values ----------------------------------------------------
 
@@ -157,37 +153,6 @@ def test_relearning_on_t_gives_the_oracle_far_less_of_v_than_the_target_holds(ta
     comparison = {entry["attack"]: entry for entry in target_audit["oracle_comparison"]}
     assert comparison["relearn-full"]["excess_forget"] == pytest.approx(
         target["relearn-full"]["forget_score"] - oracle["relearn-full"]["forget_score"])
-
-
-def test_relearning_on_t_brings_v_back_to_an_unlearned_model_far_more_than_to_the_oracle(
-        micro_target, micro_model_dir, tmp_path: Path) -> None:
-    """SUGD (the demo preset at lr 1e-3, strong enough on the micro target) suppresses F; full
-    fine-tuning on T alone brings part of V back, and nothing to the oracle. Measured: V's forget score
-    0.034 before the attack, 0.084 after; the oracle's 0 and 0. The micro budget recovers little; the
-    mini target's numbers are in docs/audit.md."""
-    from unlearnlm.config import load_config
-    from unlearnlm.engine import unlearn
-
-    target = micro_target[0]
-    sets = target / "benchmark"
-    unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", tmp_path / "unlearned", load_config("demo", ["optim.lr=1e-3"]),
-            show_progress=False)
-    data = benchmark_data(target)
-    train, held_out = split_documents(data.forget, seed=0)
-
-    def v_score(path: Path, attacked: bool) -> float:
-        model, tokenizer = load_model(path)
-        if attacked:
-            model = relearn(model, tokenizer, train, "full", RelearnBudget(), seed=0)
-        results = run_evaluation(model, tokenizer, EvalData(held_out, data.retain), EvalSettings(max_new_tokens=96))
-        return headline(results)["forget_mean"]
-
-    unlearned = {attacked: v_score(tmp_path / "unlearned", attacked) for attacked in (False, True)}
-    oracle = {attacked: v_score(micro_model_dir, attacked) for attacked in (False, True)}
-    assert unlearned[False] < 0.5  # the unlearning did suppress V, so there is something to bring back
-    recovered, oracle_gain = unlearned[True] - unlearned[False], oracle[True] - oracle[False]
-    assert recovered > 0
-    assert oracle_gain < recovered and oracle[True] < unlearned[True]
 
 
 def test_the_receipt_is_redacted_by_default_and_holds_the_hashes(target_audit, micro_target, micro_model_dir,

@@ -320,7 +320,7 @@ def audit_command(
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the T/V split, the relearning and the sampling.")] = 0,
     relearn_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each relearning attack.")] = 30,
-    relearn_lr: Annotated[float, typer.Option(help="Learning rate of full relearning (LoRA: 10x); 5e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 5e-4,
+    relearn_lr: Annotated[float, typer.Option(help="Learning rate of full relearning (LoRA: 5x); 2e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 2e-4,
     samples: Annotated[int, typer.Option(min=1, help="Samples per prompt in the sampling attack.")] = 8,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for generation and scoring.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,

@@ -36,16 +36,18 @@ class RelearnBudget:
     """A fixed, small fine-tuning budget: AdamW on the answer tokens (as unlearning trains them).
 
     30 steps of 4 rows is "a few dozen steps", the scale at which Hu et al. and Deeb and Roger
-    report most of the unlearned knowledge back. The full fine-tuning rate is the `demo` preset's
-    unlearning rate, chosen for the tiny targets (on the mini target it leaves V fully recalled);
-    LoRA, which moves far fewer weights, gets ten times that. A 7B model wants rates near its own
-    unlearning rate (1e-5 in the SUGD presets).
+    report most of the unlearned knowledge back. The rates are the largest that leave a memorized
+    tiny target's V fully recalled (a sanity condition: relearning on T must not erase V); measured
+    on the pretrained micro target: full fine-tuning at 5e-4 dropped V's forget score to 0.89 and
+    LoRA at 5e-3 to 0.74, while 2e-4 and 1e-3 kept it at 1.0. LoRA, which moves far fewer weights,
+    gets five times the full rate. A 7B model wants rates near its own unlearning rate (1e-5 in the
+    SUGD presets).
     """
 
     steps: int = 30
     batch_size: int = 4
-    lr_full: float = 5e-4
-    lora_lr_factor: float = 10.0
+    lr_full: float = 2e-4
+    lora_lr_factor: float = 5.0
     lora_r: int = 8
     lora_alpha: int = 16
 
@@ -89,7 +91,9 @@ def relearn(model: torch.nn.Module, tokenizer, rows: Sequence[Record], mode: str
     lora = LoraSettings(enabled=mode == "lora", r=budget.lora_r, alpha=budget.lora_alpha)
     model = apply_trainable(model, lora, LayerSettings())
     device = next(model.parameters()).device
-    examples = [encode_example(tokenizer, row.input, row.output, append_eos=False) for row in rows]
+    # With EOS, as the target learned its rows: without it the fine-tuning also teaches the model not
+    # to stop, and exact-match answers fail for that reason alone, which would hide what came back.
+    examples = [encode_example(tokenizer, row.input, row.output, append_eos=True) for row in rows]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     params = [parameter for parameter in model.parameters() if parameter.requires_grad]
