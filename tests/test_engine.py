@@ -213,13 +213,13 @@ def test_lora_on_selected_layers_only():
 
 
 def test_checkpoint_selection_keeps_the_best_validated_state(micro_target, tmp_path):
-    """On the memorized micro target at lr 1e-3 the utility falls chunk after chunk (measured: 1.0,
-    0.86, 0.71), so the best state is not the last and keeping the wrong one shows."""
+    """On the memorized micro target at lr 3e-3 the utility falls after the first chunk (measured:
+    0.86, 0.29, 0.29), so the best state is not the last and keeping the wrong one shows."""
     target = micro_target[0]
     sets = target / "benchmark"
     validation = [f"validation.forget={sets}/forget.jsonl", f"validation.retain={sets}/retain.jsonl",
                   f"validation.general={sets}/general.jsonl", "validation.metric=utility", "validation.max_new_tokens=16"]
-    config = load_config(None, FAST + ["optim.lr=1e-3", "max_length=64"] + validation)
+    config = load_config(None, FAST + ["optim.lr=3e-3", "max_length=64"] + validation)
     report = unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", tmp_path / "out", config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "out" / "unlearn_log.jsonl").read_text().splitlines()]
     validations = [row for row in rows if row.get("event") == "validation"]
