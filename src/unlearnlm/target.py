@@ -133,7 +133,7 @@ RECIPES: dict[str, Recipe] = {
 
 @dataclass(frozen=True)
 class Bars:
-    """The calibration (benchmark-tiny.md). MIA bars apply only from ``min_mia_docs`` members on:
+    """The calibration (docs/benchmark.md). MIA bars apply only from ``min_mia_docs`` members on:
     with fewer, the AUC takes so few values that it says nothing about the models."""
 
     memorized: float = 0.9  # each of the target's 12 per-task means, and its utility
