@@ -22,9 +22,10 @@ from unlearnlm.audit.attacks import (
     with_document_context,
 )
 from unlearnlm.audit.receipt import RECEIPT_JSON, RECEIPT_MD, build_receipt, write_receipt
-from unlearnlm.audit.run import AuditData, AuditSettings, best_rows, run_audit, worst_case
+from unlearnlm.audit.run import AuditSettings, best_rows, run_audit, worst_case
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
+from unlearnlm.evaluation.evaluator import EvalData
 
 # --- building blocks, against hand-worked values ----------------------------------------------------
 
@@ -113,9 +114,9 @@ def test_quantization_rounds_each_weight_to_within_half_a_step_and_leaves_the_he
 FAST = AuditSettings(sampling=SamplingBudget(samples=4), max_new_tokens=96)
 
 
-def benchmark_data(target: Path) -> AuditData:
+def benchmark_data(target: Path) -> EvalData:
     sets = target / "benchmark"
-    return AuditData(load_records(sets / "forget.jsonl", "forget"), load_records(sets / "retain.jsonl", "retain"),
+    return EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(sets / "retain.jsonl", "retain"),
                      load_documents(sets / "mia_members.jsonl"), load_documents(sets / "mia_nonmembers.jsonl"),
                      load_records(sets / "general.jsonl", "general"))
 

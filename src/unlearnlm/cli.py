@@ -352,7 +352,8 @@ def audit_command(
 
     from unlearnlm.audit.attacks import RelearnBudget, SamplingBudget, split_documents
     from unlearnlm.audit.receipt import RECEIPT_MD, build_receipt, write_receipt
-    from unlearnlm.audit.run import AuditData, AuditSettings, run_audit
+    from unlearnlm.audit.run import AuditSettings, run_audit
+    from unlearnlm.evaluation.evaluator import EvalData
     from unlearnlm.runstate import finalize_output, prepare_output
 
     settings = AuditSettings(seed=seed, relearn=replace(RelearnBudget(), steps=relearn_steps, lr_full=relearn_lr),
@@ -360,7 +361,7 @@ def audit_command(
                              max_new_tokens=max_new_tokens)
     split_documents(forget_rows, seed)  # fewer than 2 documents fails here, before any model loads
     console = Console(stderr=True)
-    audit = run_audit(model, AuditData(forget_rows, retain_rows, members, nonmembers, general), original, oracle,
+    audit = run_audit(model, EvalData(forget_rows, retain_rows, members, nonmembers, general), original, oracle,
                       settings, log=console.print)
     work = prepare_output(out, [path for path in inputs.values() if path is not None], False, overwrite)
     receipt = build_receipt(audit, inputs, redact)

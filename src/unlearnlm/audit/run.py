@@ -11,7 +11,7 @@ generations, since those do not depend on the forget prompts.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -46,18 +46,6 @@ class AuditSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class AuditData:
-    forget: Sequence[Record]
-    retain: Sequence[Record]
-    members: Sequence[str] | None = None
-    nonmembers: Sequence[str] | None = None
-    general: Sequence[Record] | None = None
-
-    def eval_data(self, forget: Sequence[Record]) -> EvalData:
-        return EvalData(forget, self.retain, self.members, self.nonmembers, self.general)
 
 
 Log = Callable[[str], None]
@@ -116,13 +104,13 @@ def _held_out(base: Mapping, held_out_ids: set[str]) -> dict:
                                     if row["split"] == "forget" and row["id"] in held_out_ids])
 
 
-def audit_one(path: str | Path, data: AuditData, train_half: Sequence[Record], held_out: Sequence[Record],
+def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], held_out: Sequence[Record],
               settings: AuditSettings, log: Log = lambda message: None) -> dict[str, dict]:
     """Every attack on the model at ``path`` (only read; each attack starts from a fresh load)."""
     eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
 
     def evaluate(model, tokenizer, forget: Sequence[Record]) -> dict:
-        return run_evaluation(model, tokenizer, data.eval_data(forget), eval_settings)
+        return run_evaluation(model, tokenizer, replace(data, forget=forget), eval_settings)
 
     attacks: dict[str, dict] = {}
     started = time.perf_counter()
@@ -241,7 +229,7 @@ def oracle_comparison(audited: Mapping[str, Mapping], oracle: Mapping[str, Mappi
     } for name in audited if name in oracle]
 
 
-def run_audit(model: str | Path, data: AuditData, original: str | Path | None = None,
+def run_audit(model: str | Path, data: EvalData, original: str | Path | None = None,
               oracle: str | Path | None = None, settings: AuditSettings | None = None, log: Log = lambda message: None) -> dict:
     """The whole audit as a dict (what ``receipt.json`` is written from; the bench can call it too)."""
     settings = settings or AuditSettings()
@@ -260,7 +248,7 @@ def run_audit(model: str | Path, data: AuditData, original: str | Path | None = 
     if original is not None:
         since = time.perf_counter()
         loaded, tokenizer = load_model(original, settings.dtype)
-        results = run_evaluation(loaded, tokenizer, data.eval_data(data.forget),
+        results = run_evaluation(loaded, tokenizer, data,
                                  EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens))
         audit["models"]["original"] = {"path": str(original), "attacks": {
             NO_ATTACK: _summary(results, NO_ATTACK, NO_ATTACK, "F", {"decoding": "greedy"}, None, time.perf_counter() - since)}}
