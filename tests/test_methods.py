@@ -39,6 +39,23 @@ def test_gradient_difference_signs_and_weights(name, retain_weight):
     assert stats["forget_loss"] == pytest.approx(forget_nll, abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["gd", "sugd"])
+def test_forget_ceiling_stops_the_ascent_of_rows_above_it(name):
+    forget_nll = -(math.log(3 / 5) + math.log(2 / 4)) / 2  # about 0.60 nats
+    method = get_method(name)
+    for ceiling, pushed in ((0.5, False), (1.0, True)):
+        logits, batch = hand_batch()
+        logits.requires_grad_(True)
+        settings = method.build_settings({"forget_ceiling": ceiling, "retain_weight": 1.0})
+        loss, stats = method.loss(logits, batch, settings, None)
+        loss.backward()
+        expected_forget = -min(forget_nll, ceiling)
+        assert loss.item() == pytest.approx((expected_forget + math.log(3.0)) / 2, abs=1e-6)
+        assert stats["forget_loss"] == pytest.approx(forget_nll, abs=1e-6)  # the log shows the real loss
+        assert bool(logits.grad[0].abs().sum() > 0) is pushed
+        assert logits.grad[1].abs().sum() > 0  # the retain row always trains
+
+
 def test_ga_ignores_retain_rows():
     logits, batch = hand_batch()
     method = get_method("ga")

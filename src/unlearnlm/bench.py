@@ -10,6 +10,7 @@ validation in log-only mode (no state selection), on the first seed of every SUG
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,8 @@ class Variant:
     description: str
     # Forget each sentence completion's whole text, not only its answer (``whole_document_rows``).
     whole_documents: bool = False
+    # Push forget rows only up to the target's loss on text outside every set (``forget_level``).
+    up_to_level: bool = False
 
 
 def variants(n_layers: int) -> dict[str, Variant]:
@@ -51,6 +54,8 @@ def variants(n_layers: int) -> dict[str, Variant]:
         Variant("sugd-lora-layers", sugd + lora + (half,), 2e-2, "SUGD with LoRA on the last half of the layers"),
         Variant("sugd", sugd, 1e-3, "SUGD on every weight"),
         Variant("sugd-doc", sugd, 1e-3, "SUGD on every weight, forgetting whole documents", whole_documents=True),
+        Variant("sugd-level", sugd, 1e-3, "SUGD on every weight, whole documents, pushed up to the unseen-text level",
+                whole_documents=True, up_to_level=True),
         Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
                          "method_args.final_anneal=true"), 1e-3, "alternating ascent / annealing descent"),
         Variant("ga", ("method=ga",) + whole, 1e-3, "gradient ascent"),
@@ -91,8 +96,37 @@ def whole_document_rows(forget: Path, out: Path) -> Path:
         first, rest = (row.input + " " + row.output).split(" ", 1)
         return {**row.to_dict(), "input": first, "output": rest}
 
-    write_jsonl((whole(row) for row in load_records(forget, "forget")), out)
+    # Written aside and renamed: bench processes given disjoint methods may share one output directory.
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    write_jsonl((whole(row) for row in load_records(forget, "forget")), partial)
+    partial.replace(out)
     return out
+
+
+LEVEL_DOCUMENTS = 32
+
+
+def forget_level(target: Path, batch_size: int) -> float:
+    """The target's mean loss per token on pretraining text that no set holds: the level of text it
+    has seen only in pretraining, as the MIA nonmembers, and so where a forgotten document should end.
+
+    Read from a seeded sample of the pool's Task3 biographies outside every set (Task1 and Task2
+    pool rows are too few and too repetitive to stand for unseen text); no set, and not the oracle,
+    is used.
+    """
+    import random
+
+    from unlearnlm.data.sets import MIA_TASK, pretraining_pool
+    from unlearnlm.evaluation.mia import document_statistics
+    from unlearnlm.model import load_model_and_tokenizer
+
+    manifest = json.loads((target / "benchmark" / "manifest.json").read_text())
+    in_sets = {doc for entry in manifest["files"].values() for doc in entry["documents"]}
+    outside = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK and doc.id not in in_sets]
+    sample = random.Random("forget-level").sample(outside, min(LEVEL_DOCUMENTS, len(outside)))
+    model, tokenizer = load_model_and_tokenizer(target)
+    stats = document_statistics(model, tokenizer, sample, batch_size, with_distribution=False)
+    return statistics.mean(item.mean_loss for item in stats)
 
 
 def run_unlearn(target: Path, forget: Path, out: Path, overrides: list[str], log: Path) -> dict:
@@ -177,13 +211,17 @@ def run_bench(options: BenchOptions) -> dict:
                      "target_scores": {str(d): s for d, s in target_scores.items()}, "oracle": str(oracle),
                      "oracle_scores": oracle_scores, "tuning": [], "reported": []}
 
+    levels = {draw: forget_level(path, options.batch_size) for draw, path in targets.items()}
+    results["forget_levels"] = {str(draw): level for draw, level in levels.items()}
     for name in chosen:
         variant = table[name]
         forget = {draw: forget_file(path, variant, options.out, draw) for draw, path in targets.items()}
+        level = {draw: [f"method_args.forget_ceiling={levels[draw]:.4f}"] if variant.up_to_level else [] for draw in targets}
         best = None
         for multiplier in options.grid:
             overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
-            run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW], overrides,
+            run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW],
+                                       overrides + level[TUNE_DRAW],
                                        lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False))
             entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
             results["tuning"].append(entry)
@@ -191,7 +229,7 @@ def run_bench(options: BenchOptions) -> dict:
             if best is None or scores["final"] > best["scores"]["final"]:
                 best = entry
         for seed in options.seeds:
-            overrides = [*best["overrides"], f"seed={seed}"]
+            overrides = [*best["overrides"], f"seed={seed}", *level[REPORT_DRAW]]
             if options.trajectory and name.startswith("sugd") and seed == options.seeds[0]:
                 overrides += _trajectory_overrides(targets[REPORT_DRAW])
             run_dir = runs_dir / f"{name}-seed{seed}"

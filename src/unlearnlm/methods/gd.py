@@ -1,9 +1,11 @@
 """Gradient difference: ascent on forget rows, descent on retain rows, in one weighted mean."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from unlearnlm.config import bounded
 from unlearnlm.methods import register
 from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means
 
@@ -11,13 +13,21 @@ from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means
 @dataclass
 class Settings:
     retain_weight: float = 1.0
+    # The level (mean nats per answer token) up to which a forget row is pushed; None: no limit.
+    forget_ceiling: Optional[float] = bounded(None, above=0)
 
 
 def gradient_difference_loss(logits: torch.Tensor, batch: dict, settings, reference=None):
-    """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (docs/methods.md)."""
+    """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (docs/methods.md).
+
+    With ``forget_ceiling`` a forget row's NLL is clamped there, so its gradient stops once it reaches
+    it: unseen text costs a model a finite loss, and a member pushed beyond it stands out to a
+    membership attack as much as one left below it.
+    """
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
-    return mix_roles(is_forget, -nll, settings.retain_weight * nll), role_means(nll, is_forget)
+    pushed = nll if settings.forget_ceiling is None else nll.clamp(max=settings.forget_ceiling)
+    return mix_roles(is_forget, -pushed, settings.retain_weight * nll), role_means(nll, is_forget)
 
 
 register(Method(

@@ -6,7 +6,9 @@ cyclically drawn retain rows at 1:ratio, unlearned in sequence) and its settings
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
+from unlearnlm.config import bounded
 from unlearnlm.methods import register
 from unlearnlm.methods.base import Method
 from unlearnlm.methods.gd import gradient_difference_loss
@@ -15,6 +17,8 @@ from unlearnlm.methods.gd import gradient_difference_loss
 @dataclass
 class Settings:
     retain_weight: float = 0.5
+    # See gradient_difference_loss: the level a forget row's loss is pushed up to, not beyond.
+    forget_ceiling: Optional[float] = bounded(None, above=0)
 
 
 register(Method(
