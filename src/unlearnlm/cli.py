@@ -102,7 +102,8 @@ class EvalDType(str, Enum):
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[list[Path], typer.Option("--model", help="Model directory; repeat to compare several models.")],
+    model: Annotated[list[str], typer.Option("--model", help="Model directory, LoRA adapter directory or Hub id "
+                                                            "ORG/NAME[@REVISION]; repeat to compare several models.")],
     forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
     retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
     out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
@@ -116,17 +117,19 @@ def eval_command(
     dtype: Annotated[Optional[EvalDType], typer.Option(help="[default: bfloat16 with --official, else float32]")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length limit.")] = 256,
     redact: Annotated[bool, typer.Option(help="Mask forget answers and generations in the summary.")] = False,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Score models with the official SemEval-2025 Task 4 metrics (plus the MIA suite, utility, MMLU)."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.hub import resolve_model
 
     # Every input is checked before torch is imported and the first model loads: a typo should fail
     # in a second, not after a model load.
-    check_output_dir(out, overwrite, inputs=[*model, forget, retain, mia_members, mia_nonmembers, utility, mmlu])
-    for path in model:
-        check_model_dir(path)
+    sources = [resolve_model(spec, tokenizer) for spec in model]
+    check_output_dir(out, overwrite, inputs=[*(source.path for source in sources), forget, retain, mia_members,
+                                             mia_nonmembers, utility, mmlu])
     if (mia_members is None) != (mia_nonmembers is None):
         raise UserError("--mia-members and --mia-nonmembers go together")
     forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
@@ -149,7 +152,7 @@ def eval_command(
     main = join_launched_processes()  # launched on several processes: each scores its share of the rows
     console = Console()
     with Progress(console=console, transient=True, disable=not main) as progress:
-        named_results = evaluate_paths(model, data, settings, chosen_dtype, _eval_progress(progress))
+        named_results = evaluate_paths(sources, data, settings, chosen_dtype, _eval_progress(progress))
     if not main:
         return  # every process holds the gathered results; one writes them
     written = write_report(named_results, out, overwrite)
@@ -184,7 +187,8 @@ def _eval_progress(progress):
 
 @app.command()
 def unlearn(
-    model: Annotated[Path, typer.Option(help="Input model directory (Hugging Face format, safetensors). Only read.")],
+    model: Annotated[str, typer.Option(help="Input model: a directory (Hugging Face format, safetensors), a LoRA "
+                                           "adapter directory or a Hub id ORG/NAME[@REVISION]. Only read.")],
     forget: Annotated[Path, typer.Option(help="Forget set: .jsonl, .parquet, or a directory.")],
     retain: Annotated[Path, typer.Option(help="Retain set: .jsonl, .parquet, or a directory.")],
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
@@ -200,6 +204,7 @@ def unlearn(
     val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (document jsonl).")] = None,
     val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (document jsonl).")] = None,
     val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last chunk checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -209,6 +214,7 @@ def unlearn(
 
     from unlearnlm.config import load_config
     from unlearnlm.engine import unlearn as run_unlearning
+    from unlearnlm.hub import resolve_model
 
     overrides = list(set_ or [])
     if method:
@@ -220,7 +226,7 @@ def unlearn(
         if value is not None:
             overrides.append(f"validation.{name}={value}")
     resolved = load_config(config, overrides)
-    report = run_unlearning(model, forget, retain, out, resolved, resume=resume, overwrite=overwrite)
+    report = run_unlearning(resolve_model(model, tokenizer), forget, retain, out, resolved, resume=resume, overwrite=overwrite)
     if not PartialState().is_main_process:
         return  # one summary per run, not one per process
     console = Console(stderr=True)
@@ -329,14 +335,15 @@ def audit_command(
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.hub import resolve_model
 
     inputs = {"model": model, "forget": forget, "retain": retain, "original": original, "oracle": oracle,
               "mia_members": mia_members, "mia_nonmembers": mia_nonmembers, "general": utility}
     check_output_dir(out, overwrite, inputs=list(inputs.values()))
     for path in (model, original, oracle):
         if path is not None:
-            check_model_dir(path)
+            resolve_model(path)
     if (mia_members is None) != (mia_nonmembers is None):
         raise UserError("--mia-members and --mia-nonmembers go together")
     if not relearn_lr > 0:

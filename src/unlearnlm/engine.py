@@ -27,6 +27,7 @@ from unlearnlm.data.records import Record, content_sha256
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
+from unlearnlm.hub import ModelSource
 from unlearnlm.evaluation.sharding import in_lockstep
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
@@ -431,7 +432,7 @@ def _progress(enabled: bool):
 
 
 def unlearn(
-    model_path: str | Path,
+    model_path: str | Path | ModelSource,
     forget_path: str | Path,
     retain_path: str | Path,
     out_dir: str | Path,
@@ -440,26 +441,29 @@ def unlearn(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict:
-    """Unlearn ``forget`` from the model at ``model_path`` and write the result to ``out_dir``.
+    """Unlearn ``forget`` from the model at ``model_path`` (a directory, an adapter or a Hub id) and
+    write the result to ``out_dir``.
 
     The input model is only read. Returns the ``run.json`` contents.
     """
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir
+    from unlearnlm.hub import pin_adapter_base, resolve_model, weights_sha256
     from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
     from unlearnlm.runstate import check_output, finalize_output, prepare_output
 
+    source = resolve_model(model_path)
+    if source.is_adapter and config.save == "adapter":
+        raise UserError(f"{source.spec} is an adapter: its unlearned version can only be saved merged (save=merged)")
     forget = load_records(forget_path, "forget")
     retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
     out_dir = Path(out_dir)
     accelerator = build_accelerator()
     plan = config.validation
-    inputs = [Path(model_path), Path(forget_path), Path(retain_path),
+    inputs = [source.path, source.tokenizer_dir, Path(forget_path), Path(retain_path),
               *(Path(p) for p in (plan.forget, plan.retain, plan.members, plan.nonmembers, plan.general) if p)]
     on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
-    check_model_dir(model_path)
-    check_layer_choice(model_path, config.layers)
-    model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
+    check_layer_choice(source, config.layers)
+    model, tokenizer = load_model_and_tokenizer(source, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
     validator = build_validator(config, tokenizer) if config.validation.enabled else None
@@ -471,7 +475,8 @@ def unlearn(
     engine.accelerator.wait_for_everyone()
     report = {
         "config": config.to_dict(),
-        "model": str(model_path),
+        "model": source.spec,
+        "model_source": source.record(),
         "data": {"forget": str(forget_path), "forget_sha256": content_sha256(forget_path), "forget_rows": len(forget),
                  "retain": str(retain_path), "retain_sha256": content_sha256(retain_path), "retain_rows": len(retain)},
         "seed": config.seed,
@@ -494,8 +499,11 @@ def unlearn(
     if main:
         # Under FSDP no process holds the whole model: the main one rebuilds it from the input model
         # and the gathered trainable weights (the frozen ones never changed).
-        final = rebuild_model(model_path, config, trained) if engine.sharded else engine.unwrapped
+        final = rebuild_model(source, config, trained) if engine.sharded else engine.unwrapped
+        if config.save == "adapter":
+            pin_adapter_base(final, source)
         save_model(final, tokenizer, work_dir, config.save)
+        report["output_weights_sha256"] = weights_sha256(work_dir)
         (work_dir / "run.json").write_text(json.dumps(report, indent=2))
         _drop_resume_state(work_dir)
         finalize_output(work_dir, out_dir)
@@ -524,7 +532,7 @@ def build_accelerator() -> Accelerator:
     return accelerator
 
 
-def rebuild_model(model_path: str | Path, config: UnlearnConfig, trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
+def rebuild_model(model_path: str | Path | ModelSource, config: UnlearnConfig, trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The input model, on the CPU, with the trainable weights of a run put in."""
     from unlearnlm.model import apply_trainable, load_model_and_tokenizer
     from unlearnlm.runstate import load_trainable_state

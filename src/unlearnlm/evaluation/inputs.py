@@ -15,15 +15,6 @@ from unlearnlm.errors import UserError
 from unlearnlm.paths import refuse_overlap
 
 
-def check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such model directory")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return path
-
-
 def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
     """Refuse a file, a non-empty directory unless ``overwrite``, and any overlap with ``inputs``."""
     out = Path(out)

@@ -1,0 +1,109 @@
+"""Models by Hub id, resolved offline from a local Hugging Face cache built here from the micro model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from unlearnlm.cli import main
+
+REPO = "unlearnlm-test/micro-llama"
+MAIN_COMMIT = "a" * 40
+TAGGED_COMMIT = "b" * 40
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_snapshot(hub: Path, repo_id: str, commit: str, files: Path, refs: tuple[str, ...], kind: str = "models") -> Path:
+    """The cache layout huggingface_hub reads offline: ``refs/<name>`` holds a commit, and
+    ``snapshots/<commit>/`` the files (the blobs they link to are not needed)."""
+    storage = hub / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(files, snapshot)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, micro_model_dir) -> Path:
+    """``$HF_HOME`` with REPO at two commits: main, and the tag v1 on another commit."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    hub = home / "hub"
+    add_snapshot(hub, REPO, MAIN_COMMIT, micro_model_dir, ("main",))
+    add_snapshot(hub, REPO, TAGGED_COMMIT, micro_model_dir, ("v1",))
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the cache location once, at import: point it here for this process.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    return hub
+
+
+def run_cli(*args) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in args])
+    return exit_info.value.code
+
+
+def unlearn_args(model: str, data: Path, out: Path) -> list:
+    return ["unlearn", "--model", model, "--forget", data / "forget.jsonl", "--retain", data / "retain.jsonl",
+            "--out", out, "--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]
+
+
+def test_unlearn_and_eval_by_hub_id(hub_cache, micro_data_dir, micro_model_dir, tmp_path):
+    out = tmp_path / "unlearned"
+    assert run_cli(*unlearn_args(REPO, micro_data_dir, out)) == 0
+    run = json.loads((out / "run.json").read_text())
+    source = run["model_source"]
+    assert (source["repo_id"], source["revision"], source["commit"]) == (REPO, None, MAIN_COMMIT)
+    assert source["path"] == str(hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / MAIN_COMMIT)
+    assert source["weights_sha256"] == {"model.safetensors": file_sha256(micro_model_dir / "model.safetensors")}
+    assert run["output_weights_sha256"] == {"model.safetensors": file_sha256(out / "model.safetensors")}
+    assert run["output_weights_sha256"] != source["weights_sha256"]  # one step changed the weights
+
+    report = tmp_path / "report"
+    assert run_cli("eval", "--model", f"{REPO}@v1", "--forget", micro_data_dir / "forget.jsonl",
+                   "--retain", micro_data_dir / "retain.jsonl", "--out", report, "--max-new-tokens", 2) == 0
+    results = json.loads((report / "evaluation_results.json").read_text())
+    assert results["settings"]["model"] == f"{REPO}@v1"
+    assert (results["model_source"]["revision"], results["model_source"]["commit"]) == ("v1", TAGGED_COMMIT)
+
+
+def test_a_commit_revision_and_a_separate_tokenizer(hub_cache, micro_model_dir, tmp_path):
+    from unlearnlm.hub import resolve_model
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(micro_model_dir / name, weights_only)
+    source = resolve_model(weights_only, f"{REPO}@{TAGGED_COMMIT}")
+    assert source.tokenizer.commit == TAGGED_COMMIT and source.tokenizer_dir.name == TAGGED_COMMIT
+    assert source.record()["tokenizer"]["repo_id"] == REPO
+
+
+@pytest.mark.parametrize("spec", [f"{REPO}@v2", "unlearnlm-test/absent", "./no/such/dir"])
+def test_a_model_missing_from_the_cache_is_one_line_and_exit_2(spec, hub_cache, micro_data_dir, tmp_path, capsys):
+    code = run_cli(*unlearn_args(spec, micro_data_dir, tmp_path / "out"))
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.strip().splitlines()) == 1 and error.startswith("error: ")
+    assert spec.lstrip("./") in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_models_are_refused_before_loading(tmp_path, micro_model_dir):
+    from unlearnlm.errors import UserError
+    from unlearnlm.hub import resolve_model
+
+    shutil.copy(micro_model_dir / "config.json", tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="no .safetensors"):
+        resolve_model(tmp_path)
