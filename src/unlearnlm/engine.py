@@ -500,9 +500,9 @@ def unlearn(
         # Under FSDP no process holds the whole model: the main one rebuilds it from the input model
         # and the gathered trainable weights (the frozen ones never changed).
         final = rebuild_model(source, config, trained) if engine.sharded else engine.unwrapped
-        if config.save == "adapter":
-            pin_adapter_base(final, source)
         save_model(final, tokenizer, work_dir, config.save)
+        if config.save == "adapter":
+            pin_adapter_base(work_dir, source)
         report["output_weights_sha256"] = weights_sha256(work_dir)
         (work_dir / "run.json").write_text(json.dumps(report, indent=2))
         _drop_resume_state(work_dir)

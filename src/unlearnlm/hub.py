@@ -185,9 +185,11 @@ def _with_base(adapter: ModelSource) -> ModelSource:
     return replace(adapter, base=base_source)
 
 
-def pin_adapter_base(model, base: ModelSource) -> None:
-    """Make a peft model's saved ``adapter_config.json`` name its base so it loads from any folder:
-    the absolute path of a local base, or the Hub id with the commit it was trained from."""
-    for peft_config in model.peft_config.values():
-        peft_config.base_model_name_or_path = base.reference
-        peft_config.revision = base.commit
+def pin_adapter_base(adapter_dir: Path, base: ModelSource) -> None:
+    """Make a saved adapter name its base so that it loads from any folder: the absolute path of a
+    local base, or the Hub id with the commit it was trained from. Written after peft saved it, since
+    peft looks the base up while saving (on the network, for an id)."""
+    config_path = adapter_dir / ADAPTER_CONFIG
+    settings = json.loads(config_path.read_text(encoding="utf-8"))
+    settings.update(base_model_name_or_path=base.reference, revision=base.commit)
+    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
