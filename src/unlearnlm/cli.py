@@ -104,11 +104,11 @@ class EvalDType(str, Enum):
 def eval_command(
     model: Annotated[list[str], typer.Option("--model", help="Model directory, LoRA adapter directory or Hub id "
                                                             "ORG/NAME[@REVISION]; repeat to compare several models.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score, an MMLU stand-in.")] = None,
     mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/, test/ CSVs or cais/mmlu parquet).")] = None,
     mmlu_shots: Annotated[int, typer.Option(min=0, help="In-context examples per MMLU prompt.")] = 5,
@@ -133,8 +133,8 @@ def eval_command(
     if (mia_members is None) != (mia_nonmembers is None):
         raise UserError("--mia-members and --mia-nonmembers go together")
     forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
-    members = load_mia_documents(mia_members) if mia_members else None
-    nonmembers = load_mia_documents(mia_nonmembers) if mia_nonmembers else None
+    members = load_mia_documents(mia_members, "members") if mia_members else None
+    nonmembers = load_mia_documents(mia_nonmembers, "nonmembers") if mia_nonmembers else None
     general = load_general_set(utility) if utility else None
 
     from rich.console import Console
@@ -189,8 +189,8 @@ def _eval_progress(progress):
 def unlearn(
     model: Annotated[str, typer.Option(help="Input model: a directory (Hugging Face format, safetensors), a LoRA "
                                            "adapter directory or a Hub id ORG/NAME[@REVISION]. Only read.")],
-    forget: Annotated[Path, typer.Option(help="Forget set: .jsonl, .parquet, or a directory.")],
-    retain: Annotated[Path, typer.Option(help="Retain set: .jsonl, .parquet, or a directory.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
     config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
@@ -201,8 +201,8 @@ def unlearn(
              "final score, also needs --val-members, --val-nonmembers and --val-general "
              "(or --set validation.metric=task_aggregate).")] = None,
     val_retain: Annotated[Optional[Path], typer.Option(help="Validation retain set.")] = None,
-    val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (document jsonl).")] = None,
-    val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (document jsonl).")] = None,
+    val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (as --mia-members of eval).")] = None,
+    val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (as --mia-nonmembers of eval).")] = None,
     val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last chunk checkpoint.")] = False,
@@ -316,13 +316,13 @@ def bench(
 @app.command("audit")
 def audit_command(
     model: Annotated[Path, typer.Option(help="The unlearned model directory to audit. Only read.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory for receipt.json, receipt.md and the plot.")],
     original: Annotated[Optional[Path], typer.Option(help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
     oracle: Annotated[Optional[Path], typer.Option(help="A model that never saw the forget set: every attack runs on it too.")] = None,
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the T/V split, the relearning and the sampling.")] = 0,
     relearn_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each relearning attack.")] = 30,
@@ -349,8 +349,8 @@ def audit_command(
     if not relearn_lr > 0:
         raise UserError(f"--relearn-lr must be positive (got {relearn_lr})")
     forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
-    members = load_mia_documents(mia_members) if mia_members else None
-    nonmembers = load_mia_documents(mia_nonmembers) if mia_nonmembers else None
+    members = load_mia_documents(mia_members, "members") if mia_members else None
+    nonmembers = load_mia_documents(mia_nonmembers, "nonmembers") if mia_nonmembers else None
     general = load_general_set(utility) if utility else None
 
     from dataclasses import replace

@@ -581,15 +581,15 @@ def library_versions() -> dict[str, str]:
 
 def build_validator(config: UnlearnConfig, tokenizer) -> Callable[[torch.nn.Module], dict]:
     """Checkpoint selection: the SemEval scores of held-out sets, in the evaluator's fast mode."""
-    from unlearnlm.data.records import load_documents, load_records
+    from unlearnlm.data.records import load_records
     from unlearnlm.evaluation.evaluator import quick_scores
-    from unlearnlm.evaluation.inputs import load_general_set
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
     from unlearnlm.evaluation.likelihood import TokenCache
 
     plan = config.validation
     forget, retain = load_records(plan.forget, "forget"), load_records(plan.retain, "retain")
-    members = load_documents(plan.members) if plan.members else None
-    nonmembers = load_documents(plan.nonmembers) if plan.nonmembers else None
+    members = load_mia_documents(plan.members, "members") if plan.members else None
+    nonmembers = load_mia_documents(plan.nonmembers, "nonmembers") if plan.nonmembers else None
     general = load_general_set(plan.general) if plan.general else None
     cache = TokenCache()  # the same rows at every validation: tokenize them once
 

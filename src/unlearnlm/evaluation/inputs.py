@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from unlearnlm.data.layouts import mia_file
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
 from unlearnlm.paths import refuse_overlap
@@ -51,9 +52,10 @@ def _first_object(path: Path) -> dict:
     return {}
 
 
-def load_mia_documents(path: str | Path) -> list[str]:
-    """Documents from an official ``{"document": ...}`` file, or from a rows file (its ``sc`` rows)."""
-    path = Path(path)
+def load_mia_documents(path: str | Path, role: str = "members") -> list[str]:
+    """Documents from an official ``{"document": ...}`` file (or a directory holding ``member.jsonl``
+    and ``nonmember.jsonl``; ``role`` picks one), or from a rows file (its ``sc`` rows)."""
+    path = mia_file(path, role)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".jsonl" and "document" not in _first_object(path):
