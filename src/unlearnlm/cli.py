@@ -118,50 +118,33 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length limit.")] = 256,
     redact: Annotated[bool, typer.Option(help="Mask forget answers and generations in the summary.")] = False,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
+    text_key: Annotated[str, typer.Option(help="The text field of raw-document rows.")] = "text",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Score models with the official SemEval-2025 Task 4 metrics (plus the MIA suite, utility, MMLU)."""
-    from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
-    from unlearnlm.hub import resolve_model
-
-    # Every input is checked before torch is imported and the first model loads: a typo should fail
-    # in a second, not after a model load.
-    sources = [resolve_model(spec, tokenizer) for spec in model]
-    check_output_dir(out, overwrite, inputs=[*(source.path for source in sources), forget, retain, mia_members,
-                                             mia_nonmembers, utility, mmlu])
-    if (mia_members is None) != (mia_nonmembers is None):
-        raise UserError("--mia-members and --mia-nonmembers go together")
-    forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
-    members = load_mia_documents(mia_members, "members") if mia_members else None
-    nonmembers = load_mia_documents(mia_nonmembers, "nonmembers") if mia_nonmembers else None
-    general = load_general_set(utility) if utility else None
-
     from rich.console import Console
     from rich.progress import Progress
 
-    from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
-    from unlearnlm.evaluation.mmlu import load_mmlu
-    from unlearnlm.evaluation.report import results_table, terms_table, write_report
+    from unlearnlm.api import evaluate_models
+    from unlearnlm.evaluation.report import results_table, terms_table
     from unlearnlm.evaluation.sharding import join_launched_processes
 
-    data = EvalData(forget_rows, retain_rows, members, nonmembers, general, load_mmlu(mmlu) if mmlu else None)
-    settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
-                            mmlu_shots=mmlu_shots, redact=redact)
-    chosen_dtype = dtype.value if dtype else ("bfloat16" if official else "float32")
-    main = join_launched_processes()  # launched on several processes: each scores its share of the rows
     console = Console()
+    main = join_launched_processes()  # launched on several processes: each scores its share of the rows
     with Progress(console=console, transient=True, disable=not main) as progress:
-        named_results = evaluate_paths(sources, data, settings, chosen_dtype, _eval_progress(progress))
+        named_results = evaluate_models(
+            model, forget, retain, out, tokenizer=tokenizer, members=mia_members, nonmembers=mia_nonmembers,
+            general=utility, mmlu=mmlu, mmlu_shots=mmlu_shots, official=official, batch_size=batch_size,
+            dtype=dtype.value if dtype else None, max_new_tokens=max_new_tokens, redact=redact, text_key=text_key,
+            overwrite=overwrite, reporter=_eval_progress(progress))
     if not main:
-        return  # every process holds the gathered results; one writes them
-    written = write_report(named_results, out, overwrite)
+        return  # every process holds the gathered results; one printed them
     console.print(results_table(named_results))
     console.print(terms_table(named_results))
     for name, results in named_results:
         if results.get("mmlu", {}).get("below_threshold"):
             console.print(f"[yellow]{name}: MMLU is below 0.371, the threshold of the 7B leaderboard[/yellow]")
-    console.print(f"results written to {written}")
+    console.print(f"results written to {out}")
 
 
 def _eval_progress(progress):
@@ -205,6 +188,7 @@ def unlearn(
     val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (as --mia-nonmembers of eval).")] = None,
     val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
+    text_key: Annotated[str, typer.Option(help="The text field of raw-document rows (forgotten whole).")] = "text",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last chunk checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -212,9 +196,7 @@ def unlearn(
     from accelerate import PartialState
     from rich.console import Console
 
-    from unlearnlm.config import load_config
-    from unlearnlm.engine import unlearn as run_unlearning
-    from unlearnlm.hub import resolve_model
+    from unlearnlm.api import unlearn as run_unlearning
 
     overrides = list(set_ or [])
     if method:
@@ -225,8 +207,8 @@ def unlearn(
                         ("nonmembers", val_nonmembers), ("general", val_general)):
         if value is not None:
             overrides.append(f"validation.{name}={value}")
-    resolved = load_config(config, overrides)
-    report = run_unlearning(resolve_model(model, tokenizer), forget, retain, out, resolved, resume=resume, overwrite=overwrite)
+    report = run_unlearning(model, forget, retain, out, config, overrides=overrides, tokenizer=tokenizer,
+                            text_key=text_key, resume=resume, overwrite=overwrite)
     if not PartialState().is_main_process:
         return  # one summary per run, not one per process
     console = Console(stderr=True)
@@ -234,9 +216,9 @@ def unlearn(
     console.print(f"[{style}]{report['stopped_reason']}[/]: {report['steps']} steps in {report['wall_seconds']:.1f}s, "
                   f"{report['trainable_parameters']:,} trainable parameters -> {out}")
     if report["best"]:
-        best = report["best"]
+        best, metric = report["best"], report["config"]["validation"]["metric"]
         console.print(f"kept the best validated state: {best['phase']} (step {best['step']}), "
-                      f"{resolved.validation.metric}={best[resolved.validation.metric]:.4f}")
+                      f"{metric}={best[metric]:.4f}")
 
 
 @app.command()

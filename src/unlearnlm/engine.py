@@ -23,11 +23,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.records import Record, content_sha256
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput
+from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
-from unlearnlm.hub import ModelSource
+from unlearnlm.hub import LoadedModel, ModelSource
 from unlearnlm.evaluation.sharding import in_lockstep
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
@@ -432,38 +433,46 @@ def _progress(enabled: bool):
 
 
 def unlearn(
-    model_path: str | Path | ModelSource,
-    forget_path: str | Path,
-    retain_path: str | Path,
+    model_path: str | Path | ModelSource | LoadedModel,
+    forget_path: RowsInput,
+    retain_path: RowsInput,
     out_dir: str | Path,
     config: UnlearnConfig,
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    text_key: str = DEFAULT_TEXT_KEY,
 ) -> dict:
-    """Unlearn ``forget`` from the model at ``model_path`` (a directory, an adapter or a Hub id) and
-    write the result to ``out_dir``.
+    """Unlearn ``forget`` from the model at ``model_path`` (a directory, an adapter, a Hub id, or a
+    model already loaded) and write the result to ``out_dir``. The rows are SemEval rows or raw
+    documents (``text_key``), as paths, Hub splits or in memory (see ``data.raw.read_rows``).
 
-    The input model is only read. Returns the ``run.json`` contents.
+    A model on disk is only read; a loaded one is trained in place. Returns the ``run.json`` contents.
     """
-    from unlearnlm.data.records import load_records
+    from unlearnlm.data.raw import read_rows
     from unlearnlm.hub import pin_adapter_base, resolve_model, weights_sha256
     from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
     from unlearnlm.runstate import check_output, finalize_output, prepare_output
 
-    source = resolve_model(model_path)
-    if source.is_adapter and config.save == "adapter":
+    loaded = model_path if isinstance(model_path, LoadedModel) else None
+    source = None if loaded else resolve_model(model_path)
+    if source is not None and source.is_adapter and config.save == "adapter":
         raise UserError(f"{source.spec} is an adapter: its unlearned version can only be saved merged (save=merged)")
-    forget = load_records(forget_path, "forget")
-    retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
+    forget_rows = read_rows(forget_path, "forget", text_key)
+    retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
+    forget, retain = forget_rows.for_training(), retain_rows.for_training()
     out_dir = Path(out_dir)
     accelerator = build_accelerator()
+    if loaded and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("under FSDP the model is read from disk: give its directory or Hub id, not a loaded model")
     plan = config.validation
-    inputs = [source.path, source.tokenizer_dir, Path(forget_path), Path(retain_path),
+    inputs = [*((source.path, source.tokenizer_dir) if source else ()),
+              *(Path(p) for p in (forget_path, retain_path) if isinstance(p, (str, Path))),
               *(Path(p) for p in (plan.forget, plan.retain, plan.members, plan.nonmembers, plan.general) if p)]
     on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
-    check_layer_choice(source, config.layers)
-    model, tokenizer = load_model_and_tokenizer(source, config.dtype)
+    if source is not None:
+        check_layer_choice(source, config.layers)
+    model, tokenizer = (loaded.model, loaded.tokenizer) if loaded else load_model_and_tokenizer(source, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
     validator = build_validator(config, tokenizer) if config.validation.enabled else None
@@ -475,10 +484,11 @@ def unlearn(
     engine.accelerator.wait_for_everyone()
     report = {
         "config": config.to_dict(),
-        "model": source.spec,
-        "model_source": source.record(),
-        "data": {"forget": str(forget_path), "forget_sha256": content_sha256(forget_path), "forget_rows": len(forget),
-                 "retain": str(retain_path), "retain_sha256": content_sha256(retain_path), "retain_rows": len(retain)},
+        "model": (source or loaded).spec,
+        "model_source": (source or loaded).record(),
+        "data": {"forget": forget_rows.source, "forget_sha256": forget_rows.sha256, "forget_rows": len(forget_rows),
+                 "retain": retain_rows.source, "retain_sha256": retain_rows.sha256, "retain_rows": len(retain_rows),
+                 "raw_documents": forget_rows.is_raw},
         "seed": config.seed,
         "versions": library_versions(),
         "trainable_parameters": trainable,
@@ -501,7 +511,7 @@ def unlearn(
         # and the gathered trainable weights (the frozen ones never changed).
         final = rebuild_model(source, config, trained) if engine.sharded else engine.unwrapped
         save_model(final, tokenizer, work_dir, config.save)
-        if config.save == "adapter":
+        if config.save == "adapter" and source is not None:
             pin_adapter_base(work_dir, source)
         report["output_weights_sha256"] = weights_sha256(work_dir)
         (work_dir / "run.json").write_text(json.dumps(report, indent=2))

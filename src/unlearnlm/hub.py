@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from unlearnlm.errors import UserError
 
@@ -193,3 +194,23 @@ def pin_adapter_base(adapter_dir: Path, base: ModelSource) -> None:
     settings = json.loads(config_path.read_text(encoding="utf-8"))
     settings.update(base_model_name_or_path=base.reference, revision=base.commit)
     config_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model and tokenizer the Python API was given already loaded: trained in place, never re-read."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def spec(self) -> str:
+        return getattr(self.model, "name_or_path", "") or "<model given in memory>"
+
+    @property
+    def name(self) -> str:
+        return Path(self.spec).name or "model"
+
+    def record(self) -> dict:
+        # Its weights may differ from any file (the caller may have changed them): no file hash applies.
+        return {"spec": self.spec, "in_memory": True, "weights_sha256": None}

@@ -54,7 +54,7 @@ def row_kind(row_id: str) -> str:
     raise UserError(f"row id {row_id!r} does not end in 'sc<digit>' or 'qa<digit>', so its kind is unknown")
 
 
-def _validate(raw: dict, where: str) -> Record:
+def validate_row(raw: dict, where: str) -> Record:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     missing = [name for name in REQUIRED_FIELDS if name not in raw or raw[name] is None]
@@ -96,6 +96,15 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: cannot read parquet ({err})") from None
 
 
+def read_table(file: Path) -> list[dict]:
+    """The rows of one .jsonl or .parquet file, unchecked."""
+    if file.suffix in (".jsonl", ".json"):
+        return _read_jsonl(file)
+    if file.suffix == ".parquet":
+        return _read_parquet(file)
+    raise UserError(f"{file}: unsupported file type (use .jsonl or .parquet)")
+
+
 def _resolve_directory(directory: Path, split: str) -> list[Path]:
     for name in (f"{split}.jsonl", f"{split}.parquet"):
         if (directory / name).is_file():
@@ -131,21 +140,20 @@ def load_records(path: str | Path, split: str = "forget", allow_empty: bool = Fa
     files = data_files(path, split)
     records: list[Record] = []
     for file in files:
-        if file.suffix == ".jsonl" or file.suffix == ".json":
-            raws = _read_jsonl(file)
-        elif file.suffix == ".parquet":
-            raws = _read_parquet(file)
-        else:
-            raise UserError(f"{file}: unsupported file type (use .jsonl or .parquet)")
-        records.extend(_validate(raw, f"{file} row {index + 1}") for index, raw in enumerate(raws))
+        raws = read_table(file)
+        records.extend(validate_row(raw, f"{file} row {index + 1}") for index, raw in enumerate(raws))
     if not records and not allow_empty:
         raise UserError(f"{path}: the {split} set is empty")
+    check_unique_ids(records, path)
+    return records
+
+
+def check_unique_ids(records: Iterable[Record], where: str | Path) -> None:
     seen: set[str] = set()
     for record in records:
         if record.id in seen:
-            raise UserError(f"{path}: duplicate row id {record.id!r}")
+            raise UserError(f"{where}: duplicate row id {record.id!r}")
         seen.add(record.id)
-    return records
 
 
 def content_sha256(path: str | Path) -> str:

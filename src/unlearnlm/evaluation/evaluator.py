@@ -25,7 +25,7 @@ from unlearnlm.evaluation.mia import DEFAULT_K, run_mia
 from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, load_mmlu
 from unlearnlm.evaluation.scoring import aggregated_terms, headline, official_results, score_rows
 from unlearnlm.evaluation.utility import utility_score
-from unlearnlm.hub import ModelSource, resolve_model
+from unlearnlm.hub import LoadedModel, ModelSource, resolve_model
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -197,24 +197,24 @@ def load_model(path: str | Path | ModelSource, dtype: str = "float32", device: t
     return model.to(device or default_device()), tokenizer
 
 
-def model_names(sources: Sequence[ModelSource]) -> list[str]:
+def model_names(sources: Sequence[ModelSource | LoadedModel]) -> list[str]:
     """Short, distinct names for the report: the directory or repository name, numbered when two share one."""
     names = [source.name for source in sources]
     return [f"{name}-{index + 1}" if names.count(name) > 1 else name for index, name in enumerate(names)]
 
 
 def evaluate_paths(
-    paths: Sequence[str | Path | ModelSource],
+    paths: Sequence[str | Path | ModelSource | LoadedModel],
     data: EvalData,
     settings: EvalSettings,
     dtype: str = "float32",
     reporter: Callable[[str], Reporter] | None = None,
 ) -> list[tuple[str, dict]]:
-    """``[(name, results)]`` for each model (directory, adapter or Hub id), one in memory at a time."""
-    sources = [resolve_model(path) for path in paths]
+    """``[(name, results)]`` for each model (directory, adapter, Hub id or loaded), one loaded at a time."""
+    sources = [path if isinstance(path, LoadedModel) else resolve_model(path) for path in paths]
     evaluated = []
     for name, source in zip(model_names(sources), sources):
-        model, tokenizer = load_model(source, dtype)
+        model, tokenizer = (source.model, source.tokenizer) if isinstance(source, LoadedModel) else load_model(source, dtype)
         results = run_evaluation(model, tokenizer, data, settings, reporter(name) if reporter else None)
         results["settings"]["model"] = source.spec
         results["model_source"] = source.record()
