@@ -42,6 +42,7 @@ from unlearnlm.runstate import (
     save_trainable,
     trainable_state,
 )
+from unlearnlm.tracking import accelerator_options, check_tracker, hyperparameters, scalars
 
 
 @dataclass
@@ -143,6 +144,8 @@ class Engine:
         self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
         self.reference_cache: dict[str, torch.Tensor] = {}
         self.log_path = work_dir / "unlearn_log.jsonl"
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(config.tracking.project, config=hyperparameters(config.to_dict()))
 
     # --- reference model without a second copy ------------------------------------------------------
 
@@ -384,6 +387,8 @@ class Engine:
         if self.accelerator.is_main_process:
             with self.log_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log(scalars(row), step=row["step"])
 
     def _truncate_log(self, size: int) -> None:
         if self.accelerator.is_main_process:
@@ -462,7 +467,8 @@ def unlearn(
     retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
     forget, retain = forget_rows.for_training(), retain_rows.for_training()
     out_dir = Path(out_dir)
-    accelerator = build_accelerator()
+    check_tracker(config.tracking)
+    accelerator = build_accelerator(**accelerator_options(config.tracking, out_dir))
     if loaded and accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("under FSDP the model is read from disk: give its directory or Hub id, not a loaded model")
     plan = config.validation
@@ -480,6 +486,7 @@ def unlearn(
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
     summary = engine.run(resume=resume)
+    engine.accelerator.end_training()  # closes the trackers' files before the directory is renamed
     trainable, total = engine.parameter_counts()
     engine.accelerator.wait_for_everyone()
     report = {
@@ -521,9 +528,9 @@ def unlearn(
     return report
 
 
-def build_accelerator() -> Accelerator:
+def build_accelerator(**options) -> Accelerator:
     """One process, data parallel (DDP) or sharded (FSDP2) over the processes that torchrun /
-    accelerate launch started.
+    accelerate launch started; ``options`` are more ``Accelerator`` arguments (the trackers).
 
     FSDP1 and DeepSpeed are refused: the checkpoints, the best state and the saved model gather the
     trainable weights with FSDP2's DTensor API, which they do not use.
@@ -531,7 +538,7 @@ def build_accelerator() -> Accelerator:
     # The main process alone writes checkpoints and the final model (under FSDP it first rebuilds the
     # whole model) while the others wait at a barrier: allow more than NCCL's default 10 minutes.
     waiting = InitProcessGroupKwargs(timeout=timedelta(hours=1))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting])
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting], **options)
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
