@@ -42,14 +42,23 @@ def unlearn(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    redact: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> dict:
-    """Unlearn ``forget`` from ``model`` and save the result (and ``run.json``) in ``out``.
+    """Unlearn ``forget`` from ``model`` and save the result, its model card and ``run.json`` in ``out``.
 
     ``config`` is a preset name, a YAML file or an ``UnlearnConfig``; ``overrides`` are ``key=value``
-    settings applied on top of a name or file. A loaded model is trained in place. Returns the
-    contents of ``run.json``.
+    settings applied on top of a name or file. A loaded model is trained in place. ``redact`` keeps
+    data file names and model paths out of the card; ``push_to_hub`` names a repository ``ORG/NAME``
+    to publish the saved directory to (``private`` when created). Returns the contents of ``run.json``
+    (with ``pushed``, the commit URL, when published).
     """
     from unlearnlm.engine import unlearn as run_unlearning
+    from unlearnlm.modelcard import check_push_target, publish
+
+    if push_to_hub is not None:
+        check_push_target(push_to_hub)
 
     if isinstance(config, UnlearnConfig):
         if overrides:
@@ -57,8 +66,17 @@ def unlearn(
         resolved = config
     else:
         resolved = load_config(config, list(overrides))
-    return run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, resume=resume,
-                          overwrite=overwrite, show_progress=show_progress, text_key=text_key)
+    report = run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, resume=resume,
+                            overwrite=overwrite, show_progress=show_progress, text_key=text_key, redact=redact)
+    if push_to_hub is not None and _is_main_process():
+        report["pushed"] = publish(Path(out), push_to_hub, private)
+    return report
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def evaluate_models(

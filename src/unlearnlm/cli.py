@@ -189,6 +189,9 @@ def unlearn(
     val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
     text_key: Annotated[str, typer.Option(help="The text field of raw-document rows (forgotten whole).")] = "text",
+    redact: Annotated[bool, typer.Option(help="Keep data file names and model paths out of the model card.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Publish the saved model to this Hub repository ORG/NAME.")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repository private.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last chunk checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -208,7 +211,8 @@ def unlearn(
         if value is not None:
             overrides.append(f"validation.{name}={value}")
     report = run_unlearning(model, forget, retain, out, config, overrides=overrides, tokenizer=tokenizer,
-                            text_key=text_key, resume=resume, overwrite=overwrite)
+                            text_key=text_key, resume=resume, overwrite=overwrite, redact=redact,
+                            push_to_hub=push_to_hub, private=private)
     if not PartialState().is_main_process:
         return  # one summary per run, not one per process
     console = Console(stderr=True)
@@ -219,6 +223,8 @@ def unlearn(
         best, metric = report["best"], report["config"]["validation"]["metric"]
         console.print(f"kept the best validated state: {best['phase']} (step {best['step']}), "
                       f"{metric}={best[metric]:.4f}")
+    if "pushed" in report:
+        console.print(f"published: {report['pushed']}")
 
 
 @app.command()

@@ -447,16 +447,19 @@ def unlearn(
     overwrite: bool = False,
     show_progress: bool = True,
     text_key: str = DEFAULT_TEXT_KEY,
+    redact: bool = False,
 ) -> dict:
     """Unlearn ``forget`` from the model at ``model_path`` (a directory, an adapter, a Hub id, or a
     model already loaded) and write the result to ``out_dir``. The rows are SemEval rows or raw
     documents (``text_key``), as paths, Hub splits or in memory (see ``data.raw.read_rows``).
 
-    A model on disk is only read; a loaded one is trained in place. Returns the ``run.json`` contents.
+    A model on disk is only read; a loaded one is trained in place. The saved model gets a model card
+    (``modelcard.py``; ``redact`` leaves out data file names and paths). Returns the ``run.json`` contents.
     """
     from unlearnlm.data.raw import read_rows
     from unlearnlm.hub import pin_adapter_base, resolve_model, weights_sha256
     from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
+    from unlearnlm.modelcard import write_model_card
     from unlearnlm.runstate import check_output, finalize_output, prepare_output
 
     loaded = model_path if isinstance(model_path, LoadedModel) else None
@@ -521,6 +524,7 @@ def unlearn(
         if config.save == "adapter" and source is not None:
             pin_adapter_base(work_dir, source)
         report["output_weights_sha256"] = weights_sha256(work_dir)
+        write_model_card(work_dir, report, redact)
         (work_dir / "run.json").write_text(json.dumps(report, indent=2))
         _drop_resume_state(work_dir)
         finalize_output(work_dir, out_dir)
