@@ -469,6 +469,7 @@ def unlearn(
     forget_rows = read_rows(forget_path, "forget", text_key)
     retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
     forget, retain = forget_rows.for_training(), retain_rows.for_training()
+    validation_data = load_validation_data(config, text_key) if config.validation.enabled else None
     out_dir = Path(out_dir)
     check_tracker(config.tracking)
     accelerator = build_accelerator(**accelerator_options(config.tracking, out_dir))
@@ -484,7 +485,7 @@ def unlearn(
     model, tokenizer = (loaded.model, loaded.tokenizer) if loaded else load_model_and_tokenizer(source, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
-    validator = build_validator(config, tokenizer) if config.validation.enabled else None
+    validator = build_validator(config, tokenizer, validation_data) if validation_data else None
     # Only now, with every input read and checked, is anything written.
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
@@ -600,22 +601,29 @@ def library_versions() -> dict[str, str]:
             "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
-def build_validator(config: UnlearnConfig, tokenizer) -> Callable[[torch.nn.Module], dict]:
-    """Checkpoint selection: the SemEval scores of held-out sets, in the evaluator's fast mode."""
-    from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.evaluator import quick_scores
+def load_validation_data(config: UnlearnConfig, text_key: str = DEFAULT_TEXT_KEY):
+    """The held-out sets of checkpoint selection, read and checked before any model loads."""
+    from unlearnlm.data.raw import read_rows
+    from unlearnlm.evaluation.evaluator import EvalData
     from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
-    from unlearnlm.evaluation.likelihood import TokenCache
 
     plan = config.validation
-    forget, retain = load_records(plan.forget, "forget"), load_records(plan.retain, "retain")
-    members = load_mia_documents(plan.members, "members") if plan.members else None
-    nonmembers = load_mia_documents(plan.nonmembers, "nonmembers") if plan.nonmembers else None
-    general = load_general_set(plan.general) if plan.general else None
-    cache = TokenCache()  # the same rows at every validation: tokenize them once
+    return EvalData(read_rows(plan.forget, "forget", text_key).for_evaluation(),
+                    read_rows(plan.retain, "retain", text_key).for_evaluation(),
+                    load_mia_documents(plan.members, "members", text_key) if plan.members else None,
+                    load_mia_documents(plan.nonmembers, "nonmembers", text_key) if plan.nonmembers else None,
+                    load_general_set(plan.general) if plan.general else None)
+
+
+def build_validator(config: UnlearnConfig, tokenizer, data) -> Callable[[torch.nn.Module], dict]:
+    """Checkpoint selection: the SemEval scores of held-out sets (``load_validation_data``), in the
+    evaluator's fast mode; their token cache tokenizes them once for every validation."""
+    from unlearnlm.evaluation.evaluator import quick_scores
+
+    plan = config.validation
 
     def validate(model: torch.nn.Module) -> dict:
-        return quick_scores(model, tokenizer, forget, retain, members, nonmembers, general,
-                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens, cache=cache)
+        return quick_scores(model, tokenizer, data.forget, data.retain, data.members, data.nonmembers, data.general,
+                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens, cache=data.cache)
 
     return validate
