@@ -303,7 +303,7 @@ def bench(
 
 @app.command("audit")
 def audit_command(
-    model: Annotated[Path, typer.Option(help="The unlearned model directory to audit. Only read.")],
+    model: Annotated[Path, typer.Option(help="The unlearned model to audit: a directory, an adapter or a Hub id. Only read.")],
     forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory for receipt.json, receipt.md and the plot.")],
@@ -326,12 +326,11 @@ def audit_command(
     from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
     from unlearnlm.hub import resolve_model
 
+    # A Hub id becomes its snapshot directory, which the receipt hashes like any model directory.
+    model, original, oracle = (None if spec is None else resolve_model(spec).path for spec in (model, original, oracle))
     inputs = {"model": model, "forget": forget, "retain": retain, "original": original, "oracle": oracle,
               "mia_members": mia_members, "mia_nonmembers": mia_nonmembers, "general": utility}
     check_output_dir(out, overwrite, inputs=list(inputs.values()))
-    for path in (model, original, oracle):
-        if path is not None:
-            resolve_model(path)
     if (mia_members is None) != (mia_nonmembers is None):
         raise UserError("--mia-members and --mia-nonmembers go together")
     if not relearn_lr > 0:

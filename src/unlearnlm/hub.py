@@ -24,7 +24,8 @@ from unlearnlm.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+TOKENIZER_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+MODEL_FILES = [*TOKENIZER_FILES, "*.safetensors"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -103,12 +104,15 @@ class ModelSource:
     def weights_sha256(self) -> dict[str, str]:
         return weights_sha256(self.path)
 
+    def _origin(self) -> dict:
+        return {"spec": self.spec, "path": str(self.path.resolve()), "repo_id": self.repo_id,
+                "revision": self.revision, "commit": self.commit}
+
     def record(self) -> dict:
         """What ``run.json`` and ``evaluation_results.json`` keep about the model read."""
-        record = {"spec": self.spec, "path": str(self.path.resolve()), "repo_id": self.repo_id,
-                  "revision": self.revision, "commit": self.commit, "weights_sha256": self.weights_sha256}
+        record = {**self._origin(), "weights_sha256": self.weights_sha256}
         if self.tokenizer is not None:
-            record["tokenizer"] = self.tokenizer.record() | {"weights_sha256": None}
+            record["tokenizer"] = self.tokenizer._origin()
         if self.base is not None:
             record["base"] = self.base.record()
         return record
@@ -136,14 +140,14 @@ def resolve_model(spec: str | Path | ModelSource, tokenizer: str | Path | ModelS
         if (source.path / ADAPTER_CONFIG).is_file():
             source = _with_base(source)
     if tokenizer is not None:
-        tokenizer_source = tokenizer if isinstance(tokenizer, ModelSource) else _locate(str(tokenizer))
+        tokenizer_source = tokenizer if isinstance(tokenizer, ModelSource) else _locate(str(tokenizer), TOKENIZER_FILES)
         if not (tokenizer_source.path / "tokenizer_config.json").is_file():
             raise UserError(f"{tokenizer_source.spec}: no tokenizer_config.json, so not a tokenizer")
         source = replace(source, tokenizer=tokenizer_source)
     return source
 
 
-def _locate(spec: str) -> ModelSource:
+def _locate(spec: str, patterns: list[str] = MODEL_FILES) -> ModelSource:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -152,7 +156,11 @@ def _locate(spec: str) -> ModelSource:
     hub = split_hub_spec(spec)
     if hub is None:
         raise UserError(f"{spec}: no such model directory")
-    folder, commit = snapshot(*hub, repo_type="model", patterns=MODEL_FILES)
+    try:
+        folder, commit = snapshot(*hub, repo_type="model", patterns=patterns)
+    except UserError as err:
+        # ORG/NAME is also how a relative path looks: say that no such directory exists either.
+        raise UserError(f"{err} (and there is no directory {spec})") from None
     return ModelSource(spec, folder, hub[0], hub[1], commit)
 
 
