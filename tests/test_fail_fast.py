@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_hub import REPO, hub_cache, run_cli  # noqa: F401 (hub_cache is a fixture)
+from conftest import REPO, run_cli
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ UNLEARN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(UNLEARN_CASES))
-def test_unlearn_checks_before_loading(case, no_loading, hub_cache, micro_data_dir, tmp_path, capsys):  # noqa: F811
+def test_unlearn_checks_before_loading(case, no_loading, hub_cache, micro_data_dir, tmp_path, capsys):
     (tmp_path / "one-word.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     extra, message = UNLEARN_CASES[case]
     args = {"--model": REPO, "--forget": str(micro_data_dir / "forget.jsonl"),

@@ -2,63 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from unlearnlm.cli import main
-
-REPO = "unlearnlm-test/micro-llama"
-MAIN_COMMIT = "a" * 40
-TAGGED_COMMIT = "b" * 40
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def add_snapshot(hub: Path, repo_id: str, commit: str, files: Path, refs: tuple[str, ...], kind: str = "models") -> Path:
-    """The cache layout huggingface_hub reads offline: ``refs/<name>`` holds a commit, and
-    ``snapshots/<commit>/`` the files (the blobs they link to are not needed)."""
-    storage = hub / f"{kind}--{repo_id.replace('/', '--')}"
-    snapshot = storage / "snapshots" / commit
-    shutil.copytree(files, snapshot)
-    (storage / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (storage / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch, micro_model_dir) -> Path:
-    """``$HF_HOME`` with REPO at two commits: main, and the tag v1 on another commit."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf-home"
-    hub = home / "hub"
-    add_snapshot(hub, REPO, MAIN_COMMIT, micro_model_dir, ("main",))
-    add_snapshot(hub, REPO, TAGGED_COMMIT, micro_model_dir, ("v1",))
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the cache location once, at import: point it here for this process.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    return hub
-
-
-def run_cli(*args) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(arg) for arg in args])
-    return exit_info.value.code
-
-
-def unlearn_args(model: str, data: Path, out: Path) -> list:
-    return ["unlearn", "--model", model, "--forget", data / "forget.jsonl", "--retain", data / "retain.jsonl",
-            "--out", out, "--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]
-
+from conftest import MAIN_COMMIT, REPO, TAGGED_COMMIT, file_sha256, run_cli, unlearn_args
 
 def test_unlearn_and_eval_by_hub_id(hub_cache, micro_data_dir, micro_model_dir, tmp_path):
     out = tmp_path / "unlearned"

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from test_hub import add_snapshot, file_sha256, hub_cache, run_cli  # noqa: F401 (hub_cache is a fixture)
+from conftest import REPO, add_snapshot, file_sha256, run_cli
 
 DATASET = "unlearnlm-test/semeval-like"
 DATASET_COMMIT = "c" * 40
@@ -42,9 +42,7 @@ def semeval_snapshot(tmp_path, lume_rows) -> Path:
     return root
 
 
-def test_unlearn_from_a_hub_dataset_split_and_eval_a_snapshot_root(hub_cache, semeval_snapshot, lume_rows, tmp_path):  # noqa: F811
-    from test_hub import REPO
-
+def test_unlearn_from_a_hub_dataset_split_and_eval_a_snapshot_root(hub_cache, semeval_snapshot, lume_rows, tmp_path):
     snapshot = add_snapshot(hub_cache, DATASET, DATASET_COMMIT, semeval_snapshot, ("main",), kind="datasets")
     out = tmp_path / "unlearned"
     assert run_cli("unlearn", "--model", REPO, "--forget", f"{DATASET}:forget_train", "--retain", f"{DATASET}@main:retain_train",
@@ -67,7 +65,7 @@ def test_unlearn_from_a_hub_dataset_split_and_eval_a_snapshot_root(hub_cache, se
     (f"{DATASET}:test", "no split 'test'"),
     ("unlearnlm-test/absent:train", "dataset unlearnlm-test/absent: not found in the local Hugging Face cache"),
 ])
-def test_a_bad_dataset_split_is_one_line_and_exit_2(spec, message, hub_cache, semeval_snapshot, micro_model_dir,  # noqa: F811
+def test_a_bad_dataset_split_is_one_line_and_exit_2(spec, message, hub_cache, semeval_snapshot, micro_model_dir,
                                                      tmp_path, capsys):
     add_snapshot(hub_cache, DATASET, DATASET_COMMIT, semeval_snapshot, ("main",), kind="datasets")
     code = run_cli("eval", "--model", micro_model_dir, "--forget", spec, "--retain", semeval_snapshot,

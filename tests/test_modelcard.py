@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
-from test_hub import REPO, hub_cache, run_cli, unlearn_args  # noqa: F401 (hub_cache is a fixture)
+from conftest import REPO, run_cli, unlearn_args
 
 
 def card_of(directory: Path) -> tuple[dict, str]:
@@ -17,7 +16,7 @@ def card_of(directory: Path) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
-def test_the_card_names_base_method_settings_and_hashes_never_the_data(hub_cache, micro_data_dir, lume_rows, tmp_path):  # noqa: F811
+def test_the_card_names_base_method_settings_and_hashes_never_the_data(hub_cache, micro_data_dir, lume_rows, tmp_path):
     out = tmp_path / "unlearned"
     assert run_cli(*unlearn_args(REPO, micro_data_dir, out), "--method", "npo") == 0
     run = json.loads((out / "run.json").read_text())

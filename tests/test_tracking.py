@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_hub import run_cli
+from conftest import run_cli
 
 
 def test_tensorboard_scalars_equal_the_jsonl_log(micro_model_dir, micro_data_dir, tmp_path):

@@ -3,6 +3,9 @@
 Every row ``unlearn_log.jsonl`` gets is logged too, at its optimizer step: training rows as
 ``train/<name>``, validation rows as ``validation/<name>``; the resolved configuration is the run's
 hyperparameters. TensorBoard writes under ``<out>/tensorboard/<project>``.
+
+After ``--resume`` the JSONL log is cut back to the last checkpoint but a tracker's history is not:
+the steps between that checkpoint and the kill appear twice there, the second time as rerun.
 """
 
 from __future__ import annotations
