@@ -28,8 +28,8 @@ from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
-from unlearnlm.hub import LoadedModel, ModelSource
 from unlearnlm.evaluation.sharding import in_lockstep
+from unlearnlm.hub import LoadedModel, ModelSource
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
 from unlearnlm.runstate import (
