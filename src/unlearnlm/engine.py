@@ -42,7 +42,7 @@ from unlearnlm.runstate import (
     save_trainable,
     trainable_state,
 )
-from unlearnlm.tracking import accelerator_options, check_tracker, hyperparameters, scalars
+from unlearnlm.tracking import accelerator_options, check_tracker, finish_trackers, hyperparameters, scalars
 
 
 @dataclass
@@ -490,7 +490,7 @@ def unlearn(
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
     summary = engine.run(resume=resume)
-    engine.accelerator.end_training()  # closes the trackers' files before the directory is renamed
+    finish_trackers(engine.accelerator)
     trainable, total = engine.parameter_counts()
     engine.accelerator.wait_for_everyone()
     report = {

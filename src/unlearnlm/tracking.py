@@ -40,6 +40,13 @@ def accelerator_options(settings: TrackingSettings, out_dir: Path) -> dict:
     return {"log_with": settings.report_to, "project_dir": partial_dir_for(out_dir.resolve()) / LOG_DIR}
 
 
+def finish_trackers(accelerator) -> None:
+    """Close the trackers' files before the run's directory is renamed. Not ``end_training``: that
+    also destroys the process group, which the processes still need to save the model together."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def hyperparameters(config: Mapping, prefix: str = "") -> dict[str, bool | int | float | str]:
     """The configuration flattened to ``a.b`` keys with scalar values, as trackers store them."""
     flat: dict[str, bool | int | float | str] = {}
