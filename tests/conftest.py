@@ -3,7 +3,9 @@ comparison of a two-process run with a one-process run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,56 @@ def assert_same_update(two_dir: Path, one_dir: Path, before: dict[str, torch.Ten
     assert update > 1e-3  # training moved the weights, so agreeing on them means something
     worst = max((after_two[name] - after_one[name]).abs().max().item() for name in before)
     assert worst <= 1e-2 * update, f"the runs differ by {worst:.2e}, {worst / update:.1%} of the update {update:.2e}"
+
+
+# --- a local Hugging Face cache, read offline (tests of Hub ids, data set splits, cards) ---------
+
+REPO = "unlearnlm-test/micro-llama"
+MAIN_COMMIT = "a" * 40
+TAGGED_COMMIT = "b" * 40
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_snapshot(hub: Path, repo_id: str, commit: str, files: Path, refs: tuple[str, ...], kind: str = "models") -> Path:
+    """The cache layout huggingface_hub reads offline: ``refs/<name>`` holds a commit, and
+    ``snapshots/<commit>/`` the files (the blobs they link to are not needed)."""
+    storage = hub / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(files, snapshot)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, micro_model_dir) -> Path:
+    """``$HF_HOME`` with REPO at two commits: main, and the tag v1 on another commit."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    hub = home / "hub"
+    add_snapshot(hub, REPO, MAIN_COMMIT, micro_model_dir, ("main",))
+    add_snapshot(hub, REPO, TAGGED_COMMIT, micro_model_dir, ("v1",))
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the cache location once, at import: point it here for this process.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    return hub
+
+
+def run_cli(*args) -> int:
+    """The command line in this process: its exit code."""
+    from unlearnlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in args])
+    return exit_info.value.code
+
+
+def unlearn_args(model: str, data: Path, out: Path) -> list:
+    return ["unlearn", "--model", model, "--forget", data / "forget.jsonl", "--retain", data / "retain.jsonl",
+            "--out", out, "--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]

@@ -102,12 +102,13 @@ class EvalDType(str, Enum):
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[list[Path], typer.Option("--model", help="Model directory; repeat to compare several models.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
+    model: Annotated[list[str], typer.Option("--model", help="Model directory, LoRA adapter directory or Hub id "
+                                                            "ORG/NAME[@REVISION]; repeat to compare several models.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score, an MMLU stand-in.")] = None,
     mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/, test/ CSVs or cais/mmlu parquet).")] = None,
     mmlu_shots: Annotated[int, typer.Option(min=0, help="In-context examples per MMLU prompt.")] = 5,
@@ -116,49 +117,34 @@ def eval_command(
     dtype: Annotated[Optional[EvalDType], typer.Option(help="[default: bfloat16 with --official, else float32]")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length limit.")] = 256,
     redact: Annotated[bool, typer.Option(help="Mask forget answers and generations in the summary.")] = False,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
+    text_key: Annotated[str, typer.Option(help="The text field of raw-document rows.")] = "text",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Score models with the official SemEval-2025 Task 4 metrics (plus the MIA suite, utility, MMLU)."""
-    from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
-
-    # Every input is checked before torch is imported and the first model loads: a typo should fail
-    # in a second, not after a model load.
-    check_output_dir(out, overwrite, inputs=[*model, forget, retain, mia_members, mia_nonmembers, utility, mmlu])
-    for path in model:
-        check_model_dir(path)
-    if (mia_members is None) != (mia_nonmembers is None):
-        raise UserError("--mia-members and --mia-nonmembers go together")
-    forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
-    members = load_mia_documents(mia_members) if mia_members else None
-    nonmembers = load_mia_documents(mia_nonmembers) if mia_nonmembers else None
-    general = load_general_set(utility) if utility else None
-
     from rich.console import Console
     from rich.progress import Progress
 
-    from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
-    from unlearnlm.evaluation.mmlu import load_mmlu
-    from unlearnlm.evaluation.report import results_table, terms_table, write_report
+    from unlearnlm.api import evaluate_models
+    from unlearnlm.evaluation.report import results_table, terms_table
     from unlearnlm.evaluation.sharding import join_launched_processes
 
-    data = EvalData(forget_rows, retain_rows, members, nonmembers, general, load_mmlu(mmlu) if mmlu else None)
-    settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
-                            mmlu_shots=mmlu_shots, redact=redact)
-    chosen_dtype = dtype.value if dtype else ("bfloat16" if official else "float32")
-    main = join_launched_processes()  # launched on several processes: each scores its share of the rows
     console = Console()
+    main = join_launched_processes()  # launched on several processes: each scores its share of the rows
     with Progress(console=console, transient=True, disable=not main) as progress:
-        named_results = evaluate_paths(model, data, settings, chosen_dtype, _eval_progress(progress))
+        named_results = evaluate_models(
+            model, forget, retain, out, tokenizer=tokenizer, members=mia_members, nonmembers=mia_nonmembers,
+            general=utility, mmlu=mmlu, mmlu_shots=mmlu_shots, official=official, batch_size=batch_size,
+            dtype=dtype.value if dtype else None, max_new_tokens=max_new_tokens, redact=redact, text_key=text_key,
+            overwrite=overwrite, reporter=_eval_progress(progress))
     if not main:
-        return  # every process holds the gathered results; one writes them
-    written = write_report(named_results, out, overwrite)
+        return  # every process holds the gathered results; one printed them
     console.print(results_table(named_results))
     console.print(terms_table(named_results))
     for name, results in named_results:
         if results.get("mmlu", {}).get("below_threshold"):
             console.print(f"[yellow]{name}: MMLU is below 0.371, the threshold of the 7B leaderboard[/yellow]")
-    console.print(f"results written to {written}")
+    console.print(f"results written to {out}")
 
 
 def _eval_progress(progress):
@@ -184,9 +170,10 @@ def _eval_progress(progress):
 
 @app.command()
 def unlearn(
-    model: Annotated[Path, typer.Option(help="Input model directory (Hugging Face format, safetensors). Only read.")],
-    forget: Annotated[Path, typer.Option(help="Forget set: .jsonl, .parquet, or a directory.")],
-    retain: Annotated[Path, typer.Option(help="Retain set: .jsonl, .parquet, or a directory.")],
+    model: Annotated[str, typer.Option(help="Input model: a directory (Hugging Face format, safetensors), a LoRA "
+                                           "adapter directory or a Hub id ORG/NAME[@REVISION]. Only read.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
     config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
@@ -197,9 +184,14 @@ def unlearn(
              "final score, also needs --val-members, --val-nonmembers and --val-general "
              "(or --set validation.metric=task_aggregate).")] = None,
     val_retain: Annotated[Optional[Path], typer.Option(help="Validation retain set.")] = None,
-    val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (document jsonl).")] = None,
-    val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (document jsonl).")] = None,
+    val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (as --mia-members of eval).")] = None,
+    val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (as --mia-nonmembers of eval).")] = None,
     val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
+    text_key: Annotated[str, typer.Option(help="The text field of raw-document rows (forgotten whole).")] = "text",
+    redact: Annotated[bool, typer.Option(help="Keep data file names and model paths out of the model card.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Publish the saved model to this Hub repository ORG/NAME.")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repository private.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last chunk checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -207,8 +199,7 @@ def unlearn(
     from accelerate import PartialState
     from rich.console import Console
 
-    from unlearnlm.config import load_config
-    from unlearnlm.engine import unlearn as run_unlearning
+    from unlearnlm.api import unlearn as run_unlearning
 
     overrides = list(set_ or [])
     if method:
@@ -219,8 +210,9 @@ def unlearn(
                         ("nonmembers", val_nonmembers), ("general", val_general)):
         if value is not None:
             overrides.append(f"validation.{name}={value}")
-    resolved = load_config(config, overrides)
-    report = run_unlearning(model, forget, retain, out, resolved, resume=resume, overwrite=overwrite)
+    report = run_unlearning(model, forget, retain, out, config, overrides=overrides, tokenizer=tokenizer,
+                            text_key=text_key, resume=resume, overwrite=overwrite, redact=redact,
+                            push_to_hub=push_to_hub, private=private)
     if not PartialState().is_main_process:
         return  # one summary per run, not one per process
     console = Console(stderr=True)
@@ -228,9 +220,11 @@ def unlearn(
     console.print(f"[{style}]{report['stopped_reason']}[/]: {report['steps']} steps in {report['wall_seconds']:.1f}s, "
                   f"{report['trainable_parameters']:,} trainable parameters -> {out}")
     if report["best"]:
-        best = report["best"]
+        best, metric = report["best"], report["config"]["validation"]["metric"]
         console.print(f"kept the best validated state: {best['phase']} (step {best['step']}), "
-                      f"{resolved.validation.metric}={best[resolved.validation.metric]:.4f}")
+                      f"{metric}={best[metric]:.4f}")
+    if "pushed" in report:
+        console.print(f"published: {report['pushed']}")
 
 
 @app.command()
@@ -309,14 +303,14 @@ def bench(
 
 @app.command("audit")
 def audit_command(
-    model: Annotated[Path, typer.Option(help="The unlearned model directory to audit. Only read.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
+    model: Annotated[Path, typer.Option(help="The unlearned model to audit: a directory, an adapter or a Hub id. Only read.")],
+    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory for receipt.json, receipt.md and the plot.")],
     original: Annotated[Optional[Path], typer.Option(help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
     oracle: Annotated[Optional[Path], typer.Option(help="A model that never saw the forget set: every attack runs on it too.")] = None,
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the T/V split, the relearning and the sampling.")] = 0,
     relearn_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each relearning attack.")] = 30,
@@ -329,21 +323,21 @@ def audit_command(
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.hub import resolve_model
 
+    # A Hub id becomes its snapshot directory, which the receipt hashes like any model directory.
+    model, original, oracle = (None if spec is None else resolve_model(spec).path for spec in (model, original, oracle))
     inputs = {"model": model, "forget": forget, "retain": retain, "original": original, "oracle": oracle,
               "mia_members": mia_members, "mia_nonmembers": mia_nonmembers, "general": utility}
     check_output_dir(out, overwrite, inputs=list(inputs.values()))
-    for path in (model, original, oracle):
-        if path is not None:
-            check_model_dir(path)
     if (mia_members is None) != (mia_nonmembers is None):
         raise UserError("--mia-members and --mia-nonmembers go together")
     if not relearn_lr > 0:
         raise UserError(f"--relearn-lr must be positive (got {relearn_lr})")
     forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
-    members = load_mia_documents(mia_members) if mia_members else None
-    nonmembers = load_mia_documents(mia_nonmembers) if mia_nonmembers else None
+    members = load_mia_documents(mia_members, "members") if mia_members else None
+    nonmembers = load_mia_documents(mia_nonmembers, "nonmembers") if mia_nonmembers else None
     general = load_general_set(utility) if utility else None
 
     from dataclasses import replace

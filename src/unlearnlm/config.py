@@ -100,6 +100,14 @@ class ValidationSettings:
 
 
 @dataclass
+class TrackingSettings:
+    """Where the losses and validation scores are logged besides unlearn_log.jsonl (see tracking.py)."""
+
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    project: str = "unlearnlm"  # the W&B project, the TensorBoard run folder
+
+
+@dataclass
 class GuardSettings:
     """Gradient ascent diverges: stop on a non-finite loss or a forget loss above this bound."""
 
@@ -116,6 +124,7 @@ class UnlearnConfig:
     layers: LayerSettings = field(default_factory=LayerSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     max_length: Optional[int] = bounded(None, at_least=2)  # a prompt token and an answer token

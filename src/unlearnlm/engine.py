@@ -23,11 +23,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.records import Record, content_sha256
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput
+from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.sharding import in_lockstep
+from unlearnlm.hub import LoadedModel, ModelSource
 from unlearnlm.methods import get_method
 from unlearnlm.model import count_parameters, is_peft
 from unlearnlm.runstate import (
@@ -40,6 +42,7 @@ from unlearnlm.runstate import (
     save_trainable,
     trainable_state,
 )
+from unlearnlm.tracking import accelerator_options, check_tracker, finish_trackers, hyperparameters, scalars
 
 
 @dataclass
@@ -141,6 +144,8 @@ class Engine:
         self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
         self.reference_cache: dict[str, torch.Tensor] = {}
         self.log_path = work_dir / "unlearn_log.jsonl"
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(config.tracking.project, config=hyperparameters(config.to_dict()))
 
     # --- reference model without a second copy ------------------------------------------------------
 
@@ -382,6 +387,8 @@ class Engine:
         if self.accelerator.is_main_process:
             with self.log_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log(scalars(row), step=row["step"])
 
     def _truncate_log(self, size: int) -> None:
         if self.accelerator.is_main_process:
@@ -431,49 +438,68 @@ def _progress(enabled: bool):
 
 
 def unlearn(
-    model_path: str | Path,
-    forget_path: str | Path,
-    retain_path: str | Path,
+    model_path: str | Path | ModelSource | LoadedModel,
+    forget_path: RowsInput,
+    retain_path: RowsInput,
     out_dir: str | Path,
     config: UnlearnConfig,
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    text_key: str = DEFAULT_TEXT_KEY,
+    redact: bool = False,
 ) -> dict:
-    """Unlearn ``forget`` from the model at ``model_path`` and write the result to ``out_dir``.
+    """Unlearn ``forget`` from the model at ``model_path`` (a directory, an adapter, a Hub id, or a
+    model already loaded) and write the result to ``out_dir``. The rows are SemEval rows or raw
+    documents (``text_key``), as paths, Hub splits or in memory (see ``data.raw.read_rows``).
 
-    The input model is only read. Returns the ``run.json`` contents.
+    A model on disk is only read; a loaded one is trained in place. The saved model gets a model card
+    (``modelcard.py``; ``redact`` leaves out data file names and paths). Returns the ``run.json`` contents.
     """
-    from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir
+    from unlearnlm.data.raw import read_rows
+    from unlearnlm.hub import pin_adapter_base, resolve_model, weights_sha256
     from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
+    from unlearnlm.modelcard import write_model_card
     from unlearnlm.runstate import check_output, finalize_output, prepare_output
 
-    forget = load_records(forget_path, "forget")
-    retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
+    loaded = model_path if isinstance(model_path, LoadedModel) else None
+    source = None if loaded else resolve_model(model_path)
+    if source is not None and source.is_adapter and config.save == "adapter":
+        raise UserError(f"{source.spec} is an adapter: its unlearned version can only be saved merged (save=merged)")
+    forget_rows = read_rows(forget_path, "forget", text_key)
+    retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
+    forget, retain = forget_rows.for_training(), retain_rows.for_training()
+    validation_data = load_validation_data(config, text_key) if config.validation.enabled else None
     out_dir = Path(out_dir)
-    accelerator = build_accelerator()
+    check_tracker(config.tracking)
+    accelerator = build_accelerator(**accelerator_options(config.tracking, out_dir))
+    if loaded and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("under FSDP the model is read from disk: give its directory or Hub id, not a loaded model")
     plan = config.validation
-    inputs = [Path(model_path), Path(forget_path), Path(retain_path),
+    inputs = [*((source.path, source.tokenizer_dir) if source else ()),
+              *(Path(p) for p in (forget_path, retain_path) if isinstance(p, (str, Path))),
               *(Path(p) for p in (plan.forget, plan.retain, plan.members, plan.nonmembers, plan.general) if p)]
     on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
-    check_model_dir(model_path)
-    check_layer_choice(model_path, config.layers)
-    model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
+    if source is not None:
+        check_layer_choice(source, config.layers)
+    model, tokenizer = (loaded.model, loaded.tokenizer) if loaded else load_model_and_tokenizer(source, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
-    validator = build_validator(config, tokenizer) if config.validation.enabled else None
+    validator = build_validator(config, tokenizer, validation_data) if validation_data else None
     # Only now, with every input read and checked, is anything written.
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
     summary = engine.run(resume=resume)
+    finish_trackers(engine.accelerator)
     trainable, total = engine.parameter_counts()
     engine.accelerator.wait_for_everyone()
     report = {
         "config": config.to_dict(),
-        "model": str(model_path),
-        "data": {"forget": str(forget_path), "forget_sha256": content_sha256(forget_path), "forget_rows": len(forget),
-                 "retain": str(retain_path), "retain_sha256": content_sha256(retain_path), "retain_rows": len(retain)},
+        "model": (source or loaded).spec,
+        "model_source": (source or loaded).record(),
+        "data": {"forget": forget_rows.source, "forget_sha256": forget_rows.sha256, "forget_rows": len(forget_rows),
+                 "retain": retain_rows.source, "retain_sha256": retain_rows.sha256, "retain_rows": len(retain_rows),
+                 "raw_documents": forget_rows.is_raw},
         "seed": config.seed,
         "versions": library_versions(),
         "trainable_parameters": trainable,
@@ -494,8 +520,12 @@ def unlearn(
     if main:
         # Under FSDP no process holds the whole model: the main one rebuilds it from the input model
         # and the gathered trainable weights (the frozen ones never changed).
-        final = rebuild_model(model_path, config, trained) if engine.sharded else engine.unwrapped
+        final = rebuild_model(source, config, trained) if engine.sharded else engine.unwrapped
         save_model(final, tokenizer, work_dir, config.save)
+        if config.save == "adapter" and source is not None:
+            pin_adapter_base(work_dir, source)
+        report["output_weights_sha256"] = weights_sha256(work_dir)
+        write_model_card(work_dir, report, redact)
         (work_dir / "run.json").write_text(json.dumps(report, indent=2))
         _drop_resume_state(work_dir)
         finalize_output(work_dir, out_dir)
@@ -503,9 +533,9 @@ def unlearn(
     return report
 
 
-def build_accelerator() -> Accelerator:
+def build_accelerator(**options) -> Accelerator:
     """One process, data parallel (DDP) or sharded (FSDP2) over the processes that torchrun /
-    accelerate launch started.
+    accelerate launch started; ``options`` are more ``Accelerator`` arguments (the trackers).
 
     FSDP1 and DeepSpeed are refused: the checkpoints, the best state and the saved model gather the
     trainable weights with FSDP2's DTensor API, which they do not use.
@@ -513,7 +543,7 @@ def build_accelerator() -> Accelerator:
     # The main process alone writes checkpoints and the final model (under FSDP it first rebuilds the
     # whole model) while the others wait at a barrier: allow more than NCCL's default 10 minutes.
     waiting = InitProcessGroupKwargs(timeout=timedelta(hours=1))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting])
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting], **options)
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
@@ -524,7 +554,7 @@ def build_accelerator() -> Accelerator:
     return accelerator
 
 
-def rebuild_model(model_path: str | Path, config: UnlearnConfig, trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
+def rebuild_model(model_path: str | Path | ModelSource, config: UnlearnConfig, trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The input model, on the CPU, with the trainable weights of a run put in."""
     from unlearnlm.model import apply_trainable, load_model_and_tokenizer
     from unlearnlm.runstate import load_trainable_state
@@ -571,22 +601,29 @@ def library_versions() -> dict[str, str]:
             "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
-def build_validator(config: UnlearnConfig, tokenizer) -> Callable[[torch.nn.Module], dict]:
-    """Checkpoint selection: the SemEval scores of held-out sets, in the evaluator's fast mode."""
-    from unlearnlm.data.records import load_documents, load_records
-    from unlearnlm.evaluation.evaluator import quick_scores
-    from unlearnlm.evaluation.inputs import load_general_set
-    from unlearnlm.evaluation.likelihood import TokenCache
+def load_validation_data(config: UnlearnConfig, text_key: str = DEFAULT_TEXT_KEY):
+    """The held-out sets of checkpoint selection, read and checked before any model loads."""
+    from unlearnlm.data.raw import read_rows
+    from unlearnlm.evaluation.evaluator import EvalData
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
 
     plan = config.validation
-    forget, retain = load_records(plan.forget, "forget"), load_records(plan.retain, "retain")
-    members = load_documents(plan.members) if plan.members else None
-    nonmembers = load_documents(plan.nonmembers) if plan.nonmembers else None
-    general = load_general_set(plan.general) if plan.general else None
-    cache = TokenCache()  # the same rows at every validation: tokenize them once
+    return EvalData(read_rows(plan.forget, "forget", text_key).for_evaluation(),
+                    read_rows(plan.retain, "retain", text_key).for_evaluation(),
+                    load_mia_documents(plan.members, "members", text_key) if plan.members else None,
+                    load_mia_documents(plan.nonmembers, "nonmembers", text_key) if plan.nonmembers else None,
+                    load_general_set(plan.general) if plan.general else None)
+
+
+def build_validator(config: UnlearnConfig, tokenizer, data) -> Callable[[torch.nn.Module], dict]:
+    """Checkpoint selection: the SemEval scores of held-out sets (``load_validation_data``), in the
+    evaluator's fast mode; their token cache tokenizes them once for every validation."""
+    from unlearnlm.evaluation.evaluator import quick_scores
+
+    plan = config.validation
 
     def validate(model: torch.nn.Module) -> dict:
-        return quick_scores(model, tokenizer, forget, retain, members, nonmembers, general,
-                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens, cache=cache)
+        return quick_scores(model, tokenizer, data.forget, data.retain, data.members, data.nonmembers, data.general,
+                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens, cache=data.cache)
 
     return validate

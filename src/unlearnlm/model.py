@@ -10,26 +10,29 @@ from torch import nn
 from unlearnlm.config import LayerSettings, LoraSettings
 from unlearnlm.data.tokenize import ensure_pad_token
 from unlearnlm.errors import UserError
+from unlearnlm.hub import ModelSource, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(path: str | Path, dtype: str = "float32"):
-    """A Hugging Face model directory, from safetensors, without remote code."""
+def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "float32"):
+    """A model directory, a Hub id or a LoRA adapter (merged into its base in memory), from
+    safetensors, without remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearnlm.evaluation.inputs import check_model_dir
-
-    path = check_model_dir(path)
+    source = resolve_model(source)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
-    if not any(path.glob("*.safetensors")):
-        raise UserError(f"{path}: no .safetensors weights (pickle checkpoints are not loaded)")
+    weights = source.base.path if source.is_adapter else source.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False)
+        if source.is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, source.path, use_safetensors=True).merge_and_unload()
     except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load model ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{source.spec}: cannot load model ({str(err).splitlines()[0]})") from None
     ensure_pad_token(tokenizer)
     return model, tokenizer
 
@@ -58,13 +61,14 @@ def select_layers(n_layers: int, settings: LayerSettings) -> list[int] | None:
     return None
 
 
-def check_layer_choice(path: str | Path, settings: LayerSettings) -> None:
+def check_layer_choice(source: str | Path | ModelSource, settings: LayerSettings) -> None:
     """Check ``layers.*`` against the depth in ``config.json``, before any weights load."""
     from transformers import AutoConfig
 
     if settings.last_k is None and settings.indices is None:
         return
-    depth = getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "num_hidden_layers", None)
+    config_dir = resolve_model(source).config_dir
+    depth = getattr(AutoConfig.from_pretrained(config_dir, trust_remote_code=False), "num_hidden_layers", None)
     if depth is not None:
         select_layers(depth, settings)
 

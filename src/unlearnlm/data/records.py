@@ -54,7 +54,7 @@ def row_kind(row_id: str) -> str:
     raise UserError(f"row id {row_id!r} does not end in 'sc<digit>' or 'qa<digit>', so its kind is unknown")
 
 
-def _validate(raw: dict, where: str) -> Record:
+def validate_row(raw: dict, where: str) -> Record:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     missing = [name for name in REQUIRED_FIELDS if name not in raw or raw[name] is None]
@@ -96,50 +96,73 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: cannot read parquet ({err})") from None
 
 
+def read_table(file: Path) -> list[dict]:
+    """The rows of one .jsonl or .parquet file, unchecked."""
+    if file.suffix in (".jsonl", ".json"):
+        return _read_jsonl(file)
+    if file.suffix == ".parquet":
+        return _read_parquet(file)
+    raise UserError(f"{file}: unsupported file type (use .jsonl or .parquet)")
+
+
 def _resolve_directory(directory: Path, split: str) -> list[Path]:
     for name in (f"{split}.jsonl", f"{split}.parquet"):
         if (directory / name).is_file():
             return [directory / name]
-    official = [directory / name for name in SEMEVAL_PARQUET_NAMES.get(split, ()) if (directory / name).is_file()]
+    # A downloaded SemEval snapshot keeps its parquet files under data/.
+    official = [folder / name for folder in (directory, directory / "data")
+                for name in SEMEVAL_PARQUET_NAMES.get(split, ()) if (folder / name).is_file()]
     if official:
         return official[:1]
     raise UserError(f"{directory}: no {split}.jsonl, {split}.parquet or SemEval parquet file for the {split} set")
 
 
+def data_files(path: str | Path, split: str = "forget") -> list[Path]:
+    """The files a rows argument names: a file, a directory, or a Hub data set split ``ORG/NAME:SPLIT``."""
+    from unlearnlm.data.layouts import hub_split_files, parse_hub_split
+
+    path = Path(path)
+    if path.is_dir():
+        return _resolve_directory(path, split)
+    if path.exists():
+        return [path]
+    if parse_hub_split(path):
+        return hub_split_files(str(path))
+    raise UserError(f"{path}: no such file or directory (nor a Hub data set split ORG/NAME:SPLIT)")
+
+
 def load_records(path: str | Path, split: str = "forget", allow_empty: bool = False) -> list[Record]:
-    """Load and validate rows from a .jsonl file, a .parquet file, or a directory.
+    """Load and validate rows from a .jsonl file, a .parquet file, a directory or a Hub data set split.
 
     ``split`` only matters for a directory: it picks ``forget.jsonl`` / ``retain.jsonl`` or the
-    official parquet name.
+    official parquet name (also under ``data/``, as in a SemEval snapshot).
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    files = _resolve_directory(path, split) if path.is_dir() else [path]
+    files = data_files(path, split)
     records: list[Record] = []
     for file in files:
-        if file.suffix == ".jsonl" or file.suffix == ".json":
-            raws = _read_jsonl(file)
-        elif file.suffix == ".parquet":
-            raws = _read_parquet(file)
-        else:
-            raise UserError(f"{file}: unsupported file type (use .jsonl or .parquet)")
-        records.extend(_validate(raw, f"{file} row {index + 1}") for index, raw in enumerate(raws))
+        raws = read_table(file)
+        records.extend(validate_row(raw, f"{file} row {index + 1}") for index, raw in enumerate(raws))
     if not records and not allow_empty:
         raise UserError(f"{path}: the {split} set is empty")
-    seen: set[str] = set()
-    for record in records:
-        if record.id in seen:
-            raise UserError(f"{path}: duplicate row id {record.id!r}")
-        seen.add(record.id)
+    check_unique_ids(records, path)
     return records
 
 
+def check_unique_ids(records: Iterable[Record], where: str | Path) -> None:
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise UserError(f"{where}: duplicate row id {record.id!r}")
+        seen.add(record.id)
+
+
 def content_sha256(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files in name order (a data set given as a folder)."""
+    """sha256 of a file, of a directory's files in name order (a data set given as a folder), or of
+    the files of a Hub data set split."""
     path = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else data_files(path)
+    for file in files:
         digest.update(file.read_bytes())
     return digest.hexdigest()
 

@@ -20,12 +20,12 @@ from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import ensure_pad_token
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.generation import MAX_NEW_TOKENS, generate_texts
-from unlearnlm.evaluation.inputs import check_model_dir
 from unlearnlm.evaluation.likelihood import Progress, TokenCache, encode_texts
 from unlearnlm.evaluation.mia import DEFAULT_K, run_mia
 from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, load_mmlu
 from unlearnlm.evaluation.scoring import aggregated_terms, headline, official_results, score_rows
 from unlearnlm.evaluation.utility import utility_score
+from unlearnlm.hub import LoadedModel, ModelSource, resolve_model
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -189,35 +189,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: torch.device | None = None):
-    """``(model, tokenizer)`` from a local directory, on ``device`` (see ``unlearnlm.model``)."""
+def load_model(path: str | Path | ModelSource, dtype: str = "float32", device: torch.device | None = None):
+    """``(model, tokenizer)`` from a directory, adapter or Hub id, on ``device`` (see ``unlearnlm.model``)."""
     from unlearnlm.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, dtype)
     return model.to(device or default_device()), tokenizer
 
 
-def model_names(paths: Sequence[str | Path]) -> list[str]:
-    """Short, distinct names for the report: the directory name, numbered when two share one."""
-    names = [Path(path).resolve().name or "model" for path in paths]
+def model_names(sources: Sequence[ModelSource | LoadedModel]) -> list[str]:
+    """Short, distinct names for the report: the directory or repository name, numbered when two share one."""
+    names = [source.name for source in sources]
     return [f"{name}-{index + 1}" if names.count(name) > 1 else name for index, name in enumerate(names)]
 
 
 def evaluate_paths(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path | ModelSource | LoadedModel],
     data: EvalData,
     settings: EvalSettings,
     dtype: str = "float32",
     reporter: Callable[[str], Reporter] | None = None,
 ) -> list[tuple[str, dict]]:
-    """``[(name, results)]`` for each model directory, one model in memory at a time."""
-    for path in paths:
-        check_model_dir(path)
+    """``[(name, results)]`` for each model (directory, adapter, Hub id or loaded), one loaded at a time."""
+    sources = [path if isinstance(path, LoadedModel) else resolve_model(path) for path in paths]
     evaluated = []
-    for name, path in zip(model_names(paths), paths):
-        model, tokenizer = load_model(path, dtype)
+    for name, source in zip(model_names(sources), sources):
+        model, tokenizer = (source.model, source.tokenizer) if isinstance(source, LoadedModel) else load_model(source, dtype)
         results = run_evaluation(model, tokenizer, data, settings, reporter(name) if reporter else None)
-        results["settings"]["model"] = str(path)
+        results["settings"]["model"] = source.spec
+        results["model_source"] = source.record()
         evaluated.append((name, results))
         del model
     return evaluated

@@ -10,18 +10,11 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from unlearnlm.data.layouts import mia_file
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, read_rows
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
 from unlearnlm.paths import refuse_overlap
-
-
-def check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such model directory")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return path
 
 
 def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
@@ -60,14 +53,19 @@ def _first_object(path: Path) -> dict:
     return {}
 
 
-def load_mia_documents(path: str | Path) -> list[str]:
-    """Documents from an official ``{"document": ...}`` file, or from a rows file (its ``sc`` rows)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    if path.suffix == ".jsonl" and "document" not in _first_object(path):
-        documents = documents_from_rows(load_records(path))
-        if not documents:
-            raise UserError(f"{path}: no sentence-completion rows to build MIA documents from")
-        return documents
-    return load_documents(path)
+def load_mia_documents(value, role: str = "members", text_key: str = DEFAULT_TEXT_KEY) -> list[str]:
+    """MIA documents: an official ``{"document": ...}`` file (or a directory holding ``member.jsonl``
+    and ``nonmember.jsonl``; ``role`` picks one), raw documents, SemEval rows (their ``sc`` rows),
+    or a list of strings."""
+    if isinstance(value, (str, Path)):
+        path = mia_file(value, role)
+        if path.is_file() and (path.suffix != ".jsonl" or "document" in _first_object(path)):
+            return load_documents(path)
+        value = path
+    elif all(isinstance(item, str) for item in value):
+        return list(value)
+    rows = read_rows(value, role, text_key)
+    documents = list(rows.documents) or documents_from_rows(rows.records)
+    if not documents:
+        raise UserError(f"{rows.source}: no sentence-completion rows to build MIA documents from")
+    return documents

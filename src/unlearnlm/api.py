@@ -1,0 +1,145 @@
+"""The Python API: ``unlearn``, ``evaluate`` and ``load_config``; the command line is a layer over it.
+
+Models are a directory, a LoRA adapter directory, a Hub id ``ORG/NAME[@REVISION]``, or a loaded
+transformers model with its tokenizer. Rows are a path, a Hub split ``ORG/NAME[@REVISION]:SPLIT``,
+a list of dicts or a ``datasets.Dataset``, holding SemEval rows or raw documents
+(see ``unlearnlm.data.raw``). Everything is checked before a model loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from unlearnlm.config import UnlearnConfig, load_config
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows
+from unlearnlm.errors import UserError
+from unlearnlm.hub import LoadedModel, ModelSource, resolve_model
+
+__all__ = ["evaluate", "evaluate_models", "load_config", "unlearn"]
+
+ModelInput = str | Path | Any  # Any: a loaded transformers model (then ``tokenizer`` is that model's tokenizer)
+
+
+def _model_input(model: ModelInput, tokenizer: Any) -> ModelSource | LoadedModel:
+    if isinstance(model, (str, Path, ModelSource)):
+        return resolve_model(model, tokenizer)
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        raise UserError("a loaded model needs its loaded tokenizer (tokenizer=...)")
+    return LoadedModel(model, tokenizer)
+
+
+def unlearn(
+    model: ModelInput,
+    forget: RowsInput,
+    retain: RowsInput,
+    out: str | Path,
+    config: str | UnlearnConfig | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    tokenizer: Any = None,
+    text_key: str = DEFAULT_TEXT_KEY,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    redact: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> dict:
+    """Unlearn ``forget`` from ``model`` and save the result, its model card and ``run.json`` in ``out``.
+
+    ``config`` is a preset name, a YAML file or an ``UnlearnConfig``; ``overrides`` are ``key=value``
+    settings applied on top of a name or file. A loaded model is trained in place. ``redact`` keeps
+    data file names and model paths out of the card; ``push_to_hub`` names a repository ``ORG/NAME``
+    to publish the saved directory to (``private`` when created). Returns the contents of ``run.json``
+    (with ``pushed``, the commit URL, when published).
+    """
+    from unlearnlm.engine import unlearn as run_unlearning
+    from unlearnlm.modelcard import check_push_target, publish
+
+    if push_to_hub is not None:
+        check_push_target(push_to_hub)
+
+    if isinstance(config, UnlearnConfig):
+        if overrides:
+            raise UserError("overrides apply to a preset or YAML file, not to an UnlearnConfig (edit it instead)")
+        resolved = config
+    else:
+        resolved = load_config(config, list(overrides))
+    report = run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, resume=resume,
+                            overwrite=overwrite, show_progress=show_progress, text_key=text_key, redact=redact)
+    if push_to_hub is not None and _is_main_process():
+        report["pushed"] = publish(Path(out), push_to_hub, private)
+    return report
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def evaluate_models(
+    models: Sequence[ModelInput],
+    forget: RowsInput,
+    retain: RowsInput,
+    out: str | Path | None = None,
+    *,
+    tokenizer: Any = None,
+    members: RowsInput | None = None,
+    nonmembers: RowsInput | None = None,
+    general: RowsInput | None = None,
+    mmlu: str | Path | None = None,
+    mmlu_shots: int = 5,
+    official: bool = False,
+    batch_size: int = 16,
+    dtype: str | None = None,
+    max_new_tokens: int = 256,
+    redact: bool = False,
+    text_key: str = DEFAULT_TEXT_KEY,
+    overwrite: bool = False,
+    reporter: Callable | None = None,
+) -> list[tuple[str, dict]]:
+    """``[(name, results)]`` for each model; with ``out``, the report is written there too.
+
+    Launched on several processes, each scores its share of the rows and all of them return the
+    gathered results; the main process writes the report.
+    """
+    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
+
+    # Every input is checked before torch is imported and the first model loads.
+    sources = [_model_input(model, tokenizer) for model in models]
+    if not sources:
+        raise UserError("no model to evaluate")
+    if out is not None:
+        check_output_dir(out, overwrite, inputs=[*(source.path for source in sources if isinstance(source, ModelSource)),
+                                                 *(value for value in (forget, retain, members, nonmembers, general, mmlu)
+                                                   if isinstance(value, (str, Path)))])
+    if (members is None) != (nonmembers is None):
+        raise UserError("MIA members and nonmembers go together")
+    forget_rows = read_rows(forget, "forget", text_key).for_evaluation()
+    retain_rows = read_rows(retain, "retain", text_key).for_evaluation()
+    member_documents = load_mia_documents(members, "members", text_key) if members is not None else None
+    nonmember_documents = load_mia_documents(nonmembers, "nonmembers", text_key) if nonmembers is not None else None
+    general_rows = load_general_set(general) if general is not None else None
+
+    from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
+    from unlearnlm.evaluation.mmlu import load_mmlu
+    from unlearnlm.evaluation.report import write_report
+    from unlearnlm.evaluation.sharding import join_launched_processes
+
+    data = EvalData(forget_rows, retain_rows, member_documents, nonmember_documents, general_rows,
+                    load_mmlu(mmlu) if mmlu else None)
+    settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
+                            mmlu_shots=mmlu_shots, redact=redact)
+    main = join_launched_processes()
+    named_results = evaluate_paths(sources, data, settings, dtype or ("bfloat16" if official else "float32"), reporter)
+    if out is not None and main:
+        write_report(named_results, out, overwrite)
+    return named_results
+
+
+def evaluate(model: ModelInput, forget: RowsInput, retain: RowsInput, out: str | Path | None = None, **options) -> dict:
+    """The results of one model (see ``evaluate_models`` for the options): the official SemEval
+    scores (``final``, ``aggregated-terms``, ``mia_loss_acc``, ...) with their details."""
+    return evaluate_models([model], forget, retain, out, **options)[0][1]
