@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unlearnlm.bench import BenchOptions, run_bench, summarize
@@ -20,7 +21,8 @@ def bench_out(micro_target, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNLEARNLM_CACHE", str(cache))
-        run_bench(BenchOptions(out=out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0]))
+        # The audit stage has its own test below (audit_one itself: tests/test_audit.py).
+        run_bench(BenchOptions(out=out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0], audit=False))
     return out
 
 
@@ -104,7 +106,7 @@ def test_a_rerun_reuses_finished_runs(bench_out: Path, micro_target, monkeypatch
     assert len(records) == 4
     stamps = [record.stat().st_mtime_ns for record in records]
     monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
-    again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0]))
+    again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0], audit=False))
     assert [record.stat().st_mtime_ns for record in records] == stamps
     assert [e["scores"] for e in again["reported"]] == [e["scores"] for e in first["reported"]]
 
@@ -131,3 +133,78 @@ def test_whole_document_rows_put_the_forget_loss_on_the_whole_text(tmp_path: Pat
     sc, qa = load_records(whole_document_rows(tmp_path / "forget.jsonl", tmp_path / "whole.jsonl"), "forget")
     assert (sc.id, sc.input, sc.output) == ("42sc1", "Ada", "Lovelace was an English mathematician.")
     assert (qa.input, qa.output) == ("Who was Ada?", "A mathematician")
+
+
+def test_forget_level_reads_pool_text_outside_every_set(micro_target, monkeypatch) -> None:
+    import unlearnlm.evaluation.mia as mia
+    from unlearnlm.bench import LEVEL_DOCUMENTS, forget_level
+    from unlearnlm.evaluation.likelihood import TokenStats
+
+    target, _ = micro_target
+    sets = target / "benchmark"
+    in_sets = {json.loads(line).get("document") for name in ("mia_members.jsonl", "mia_nonmembers.jsonl")
+               for line in (sets / name).read_text().splitlines()}
+    in_sets |= {row["input"] + " " + row["output"] for name in ("forget.jsonl", "retain.jsonl", "general.jsonl")
+                for row in map(json.loads, (sets / name).read_text().splitlines())}
+    seen: list[str] = []
+
+    def fake_statistics(model, tokenizer, documents, *args, **kwargs):
+        seen.extend(documents)
+        # Document i costs i + 1 nats per token, so the level is the mean of 1..n.
+        return [TokenStats(-np.full(3, float(index + 1))) for index in range(len(documents))]
+
+    monkeypatch.setattr(mia, "document_statistics", fake_statistics)
+    level = forget_level(target, batch_size=4)
+    assert len(seen) == LEVEL_DOCUMENTS and not in_sets & set(seen)
+    assert level == pytest.approx((LEVEL_DOCUMENTS + 1) / 2)
+
+
+def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: Path, monkeypatch) -> None:
+    import unlearnlm.audit.run as audit_run
+    from unlearnlm.bench import audit_models
+    from unlearnlm.bench_report import write_bench_report
+
+    calls: list[str] = []
+
+    def fake_audit_one(path, data, train_half, held_out, settings, log=None):
+        calls.append(str(path))
+        plain = {"task_aggregate": 0.8, "mia_score": 0.6, "utility": 1.0, "final": 0.8}
+        attacked = {"task_aggregate": 0.5, "mia_score": 0.6, "utility": 1.0, "final": 0.7}
+        terms = {"forget Task1 regurgitation": 0.8}
+        return {"none": {"scores": plain, "terms": terms, "forget_score": 0.2, "recovery": 0.0, "scored_on": "F"},
+                "relearn-full": {"scores": attacked, "terms": {"forget Task1 regurgitation": 0.5},
+                                 "forget_score": 0.5, "recovery": 0.3, "scored_on": "V"}}
+
+    monkeypatch.setattr(audit_run, "audit_one", fake_audit_one)
+    monkeypatch.setattr(audit_run, "split_documents", lambda rows, seed: ([], []))
+
+    class Data:
+        forget: list = []
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    results = {"reported": [{"method": "gd", "seed": 0}, {"method": "gd", "seed": 1}]}
+    from rich.console import Console
+
+    audits = audit_models(results, tmp_path / "oracle", Data(), runs, Console(quiet=True))
+    assert calls == [str(tmp_path / "oracle"), str(runs / "gd-seed0")]  # the first seed only
+    # Robust: the worst term (0.5) alone, MIA and utility unchanged: (0.5 + 0.6 + 1.0) / 3.
+    assert audits["gd"]["worst_case"]["final"] == pytest.approx((0.5 + 0.6 + 1.0) / 3)
+    assert audits["gd"]["attacks"]["relearn-full"]["recovery"] == pytest.approx(0.3)
+    assert audit_models(results, tmp_path / "oracle", Data(), runs, Console(quiet=True)) == audits
+    assert len(calls) == 2  # the second call read the records
+
+    entry = {"method": "gd", "seed": 0, "scores": {"final": 0.8, "task_aggregate": 0.8, "mia_score": 0.6, "mia_auc": 0.3,
+                                                   "utility": 1.0, "bootstrap": {}, "terms": {"t": 1.0}},
+             "wall_seconds": 1.0, "peak_rss_mb": 10.0, "trainable_parameters": 5}
+    scores = {"final": 0.9, "task_aggregate": 0.9, "mia_score": 0.9, "mia_auc": 0.5, "utility": 1.0, "terms": {"t": 1.0},
+              "bootstrap": {}}
+    full = {"reported": [entry], "audits": audits, "oracle_scores": scores, "target_scores": {"0": scores},
+            "options": {"size": "micro", "grid": [1.0], "seeds": [0]}, "wall_seconds": 60.0}
+    monkeypatch.setattr("unlearnlm.evaluation.bootstrap.final_interval", lambda runs: (0.0, 1.0))
+    full["summary"] = summarize(full)
+    assert full["summary"][0]["robust_final"] == pytest.approx((0.5 + 0.6 + 1.0) / 3)
+    write_bench_report(full, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "robust final" in report and "](robust_final.png)" in report and "](attacks.png)" in report
+    assert (tmp_path / "attacks.png").stat().st_size > 5000

@@ -78,6 +78,8 @@ class BenchOptions:
     time_budget_s: float | None = None
     batch_size: int = 16
     trajectory: bool = True
+    # Attack the first seed's model of every method, and the oracle (``unlearnlm audit``'s attacks).
+    audit: bool = True
 
 
 def whole_document_rows(forget: Path, out: Path) -> Path:
@@ -240,6 +242,8 @@ def run_bench(options: BenchOptions) -> dict:
                                         "trajectory": _trajectory(run_dir)})
             console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, task {_fmt(scores['task_aggregate'])}, "
                           f"MIA {_fmt(scores['mia_score'])}, utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
+    if options.audit:
+        results["audits"] = audit_models(results, oracle, data[REPORT_DRAW], runs_dir, console)
     results["summary"] = summarize(results)
     results["wall_seconds"] = time.perf_counter() - started
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -247,6 +251,43 @@ def run_bench(options: BenchOptions) -> dict:
 
     write_bench_report(results, options.out)
     return results
+
+
+def audited(model_dir: Path, data, record_path: Path) -> dict:
+    """``unlearnlm audit``'s attacks on one model, as its per-attack forget scores and its worst case;
+    reused from ``record_path`` when that model was audited already."""
+    from unlearnlm.audit.run import NO_ATTACK, AuditSettings, audit_one, split_documents, worst_case
+
+    settings = AuditSettings()
+    # As JSON reads it back (tuples become lists), so that a stored key compares equal.
+    key = json.loads(json.dumps({"model": str(model_dir), "settings": settings.to_dict()}))
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["key"] == key:
+            return record["audit"]
+    train_half, held_out = split_documents(data.forget, settings.seed)
+    started = time.perf_counter()
+    attacks = audit_one(model_dir, data, train_half, held_out, settings)
+    audit = {"attacks": {name: {"forget_score": attack["forget_score"], "recovery": attack["recovery"],
+                                "final": attack["scores"]["final"], "scored_on": attack["scored_on"]}
+                         for name, attack in attacks.items() if name != NO_ATTACK},
+             "worst_case": worst_case(attacks), "seconds": time.perf_counter() - started}
+    record_path.write_text(json.dumps({"key": key, "audit": audit}))
+    return audit
+
+
+def audit_models(results: dict, oracle: Path, data, runs_dir: Path, console) -> dict:
+    """The oracle's and every method's audit (the first reported seed's model of each)."""
+    audits = {"oracle": audited(oracle, data, runs_dir / "oracle.audit.json")}
+    first = {}
+    for entry in results["reported"]:
+        first.setdefault(entry["method"], entry)
+    for method, entry in first.items():
+        run_dir = runs_dir / f"{method}-seed{entry['seed']}"
+        audits[method] = audited(run_dir, data, run_dir.with_name(run_dir.name + ".audit.json"))
+        worst = audits[method]["worst_case"]
+        console.print(f"[bold]{method}[/] audited: final {_fmt(worst['plain']['final'])}, robust final {_fmt(worst['final'])}")
+    return audits
 
 
 def forget_file(target: Path, variant: Variant, out: Path, draw: int) -> Path:
@@ -293,6 +334,9 @@ def summarize(results: dict) -> list[dict]:
             values = [e[key] for e in entries if e[key] is not None]
             row[key] = statistics.mean(values) if values else None
         row["final_interval"] = final_interval([e["scores"]["bootstrap"] for e in entries])
+        audit = results.get("audits", {}).get(method)
+        row["robust_final"] = audit["worst_case"]["final"] if audit else None
+        row["audited_final"] = audit["worst_case"]["plain"]["final"] if audit else None
         row["of_oracle"] = row["final"] / oracle_final if oracle_final else None
         summary.append(row)
     return summary

@@ -19,6 +19,8 @@ def _fmt(value, std=None) -> str:
 
 def write_bench_report(results: dict, out: Path) -> None:
     plots = [plot_scores(results, out / "scores.png"), plot_time(results, out / "final_vs_time.png")]
+    if results.get("audits"):
+        plots += [plot_robust(results, out / "robust_final.png"), plot_attacks(results, out / "attacks.png")]
     trajectory = plot_trajectory(results, out / "sugd_trajectory.png")
     (out / "report.md").write_text(report_markdown(results, plots, trajectory), encoding="utf-8")
 
@@ -39,16 +41,22 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     def utility(value: float | None) -> str:
         return f"{_fmt(value)} ({value / target['utility']:.0%})" if value is not None and target["utility"] else _fmt(value)
 
-    rows = [[name, _interval(scores), of_oracle(scores["final"]), _fmt(scores["task_aggregate"]), _fmt(scores["mia_score"]),
-             _fmt(scores["mia_auc"]), utility(scores["utility"]), "", "", ""]
-            for name, scores in (("oracle (retrained without F)", oracle), ("target (before unlearning)", target))]
+    audits = results.get("audits") or {}
+
+    def robust(name: str) -> str:
+        return _fmt(audits[name]["worst_case"]["final"]) if name in audits else "n/a"
+
+    rows = [[name, _interval(scores), of_oracle(scores["final"]), robust(key), _fmt(scores["task_aggregate"]),
+             _fmt(scores["mia_score"]), _fmt(scores["mia_auc"]), utility(scores["utility"]), "", "", ""]
+            for key, name, scores in (("oracle", "oracle (retrained without F)", oracle),
+                                      ("target", "target (before unlearning)", target))]
     for row in sorted(results["summary"], key=lambda r: -(r["final"] or 0)):
         low, high = row["final_interval"]
         final = f"{_fmt(row['final'], row['final_std'])} [{low:.3f}, {high:.3f}]"
-        rows.append([row["method"], final, of_oracle(row["final"]), _fmt(row["task_aggregate"]), _fmt(row["mia_score"]),
+        rows.append([row["method"], final, of_oracle(row["final"]), robust(row["method"]), _fmt(row["task_aggregate"]), _fmt(row["mia_score"]),
                      _fmt(row["mia_auc"]), utility(row["utility"]), f"{row['wall_seconds']:.1f}",
                      f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a", f"{row['trainable_parameters']:,.0f}"])
-    headers = ["method", "final ± seeds [95% CI]", "of oracle", "task aggregate", "MIA score", "MIA AUC",
+    headers = ["method", "final ± seeds [95% CI]", "of oracle", "robust final (seed 0)", "task aggregate", "MIA score", "MIA AUC",
                "utility (of target)", "unlearning s", "peak RSS MB", "trainable params"]
     terms_headers = ["method", *results["reported"][0]["scores"]["terms"].keys()] if results["reported"] else []
     terms_rows = [[name, *(_fmt(v) for v in scores["terms"].values())]
@@ -66,6 +74,10 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     ]
     if trajectory:
         parts += [f"![SUGD trajectory]({trajectory.name})", ""]
+    if audits:
+        parts += ["Robust final: the final score built from each term's worst value over `unlearnlm audit`'s attacks "
+                  "(relearning, quantization, sampled and cut prompts; docs/audit.md), on each method's seed-0 model "
+                  "and on the oracle; the first column's seed-0 final is its plain counterpart.", ""]
     parts += ["## Goals", "", markdown_table(["goal", "measured", "met"], goal_checks(results)), ""]
     parts += ["## The 12 terms of each reported run", "", markdown_table(terms_headers, terms_rows), "",
               "## SemEval-2025 Task 4, OLMo-7B board, for scale", "",
@@ -193,6 +205,53 @@ def plot_trajectory(results: dict, path: Path) -> Path | None:
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     figure.suptitle("SUGD through the chunks (reported draw, validation log)")
     figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_robust(results: dict, path: Path) -> Path:
+    """Plain against robust final per audited model: how much the attacks take back."""
+    plt = _pyplot()
+    audits = results["audits"]
+    names = sorted(audits, key=lambda name: -audits[name]["worst_case"]["plain"]["final"])
+    plain = [audits[name]["worst_case"]["plain"]["final"] for name in names]
+    worst = [audits[name]["worst_case"]["final"] for name in names]
+    figure, axis = plt.subplots(figsize=(max(7, 0.9 * len(names) + 3), 4.5))
+    positions = range(len(names))
+    axis.bar([i - 0.2 for i in positions], plain, 0.4, label="final (greedy, no attack)")
+    axis.bar([i + 0.2 for i in positions], worst, 0.4, label="robust final (worst over the attacks)")
+    axis.set_xticks(list(positions), names, rotation=30, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("score (higher is better)")
+    axis.set_title("Final score with and without the audit's attacks (seed 0)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_attacks(results: dict, path: Path) -> Path:
+    """Per attack, the forget score each method's model gives back, with the oracle's as a black mark:
+    what the attack gives a model that never saw F; above it is the leak."""
+    plt = _pyplot()
+    audits = results["audits"]
+    methods = [name for name in audits if name != "oracle"]
+    attacks = list(audits["oracle"]["attacks"])
+    figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(attacks) + 3), 4.8))
+    width = 0.8 / max(1, len(methods))
+    for offset, method in enumerate(methods):
+        values = [audits[method]["attacks"][attack]["forget_score"] for attack in attacks]
+        axis.bar([i - 0.4 + (offset + 0.5) * width for i in range(len(attacks))], values, width, label=method)
+    oracle = [audits["oracle"]["attacks"][attack]["forget_score"] for attack in attacks]
+    axis.scatter(range(len(attacks)), oracle, marker="_", s=900, color="black", zorder=3, label="oracle")
+    axis.set_xticks(range(len(attacks)), attacks, rotation=20, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("forget score under attack (higher = more recalled)")
+    axis.set_title("What each attack recovers, against the oracle")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(6, len(methods) + 1), fontsize=8)
+    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

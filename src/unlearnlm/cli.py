@@ -281,6 +281,7 @@ def bench(
     target_seed: Annotated[int, typer.Option(help="Seed of the targets and the document draws.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds of unlearning allowed per run.")] = None,
     trajectory: Annotated[bool, typer.Option("--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
+    audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Attack each method's first-seed model and the oracle (unlearnlm audit's attacks): the robust final.")] = True,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench import BenchOptions, run_bench
@@ -298,7 +299,7 @@ def bench(
         raise UserError("--grid multiplies learning rates: its values must be positive")
     refuse_overlap(out, [cache_root()])
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
-                           target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory))
+                           target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory, audit=audit))
 
 
 @app.command("audit")
