@@ -321,3 +321,23 @@ def test_agad_phases_run_with_their_own_batch_size_and_learning_rate(micro_model
     first_anneal = phases.index("anneal after chunk 1")
     assert steps[first_anneal]["lr"] == pytest.approx(2e-3 * 2 / 3, rel=1e-9)
     assert steps[0]["lr"] == pytest.approx(1e-3 * 2 / 3, rel=1e-9)
+
+
+def test_forget_whole_documents_trains_on_the_whole_text_of_sentence_completions(micro_model_dir, micro_data_dir, tmp_path):
+    from unlearnlm.data.records import load_records
+    from unlearnlm.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(micro_model_dir)
+    forget = load_records(micro_data_dir / "forget.jsonl")
+    retain = load_records(micro_data_dir / "retain.jsonl", "retain")
+    engine = Engine(model, tokenizer, forget, retain, load_config(None, ["forget_whole_documents=true"]), tmp_path,
+                    show_progress=False)
+    assert any(record.kind == "sc" for record in forget)
+    for record, example in zip(forget, engine.examples["forget"]):
+        text = record.input + " " + record.output
+        first, rest = text.split(" ", 1) if record.kind == "sc" else (record.input, record.output)
+        assert [label for label in example.labels if label != -100] == tokenizer(" " + rest, add_special_tokens=False)["input_ids"]
+        assert example.input_ids[: len(example.input_ids) - len(tokenizer(" " + rest, add_special_tokens=False)["input_ids"])] \
+            == tokenizer(first)["input_ids"]
+    for record, example in zip(retain, engine.examples["retain"]):  # retain rows keep their prompt
+        assert [label for label in example.labels if label != -100] == tokenizer(" " + record.output, add_special_tokens=False)["input_ids"]

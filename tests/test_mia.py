@@ -175,3 +175,23 @@ def test_mia_documents_from_document_files_and_from_rows(tmp_path):
     assert load_mia_documents(rows) == ["Ada Lovelace was a mathematician."]
     with pytest.raises(UserError):
         load_mia_documents(tmp_path / "missing.jsonl")
+
+
+def test_level_command_prints_the_mean_of_each_documents_mean_token_loss(micro_model_dir, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from conftest import run_cli
+    from unlearnlm.model import load_model_and_tokenizer
+
+    documents = ["Ada Lovelace wrote the first program for the Analytical Engine.", "Paris is the capital of France."]
+    path = tmp_path / "unseen.jsonl"
+    path.write_text("".join(json.dumps({"document": text}) + "\n" for text in documents))
+    assert run_cli("level", "--model", micro_model_dir, "--documents", path) == 0
+    printed = float(capsys.readouterr().out.strip())
+    model, tokenizer = load_model_and_tokenizer(micro_model_dir)
+    with torch.no_grad():  # transformers' own causal-LM loss: the mean over each document's shifted tokens
+        losses = [model(input_ids=ids, labels=ids).loss.item()
+                  for ids in (tokenizer(text, return_tensors="pt")["input_ids"] for text in documents)]
+    assert printed == pytest.approx(sum(losses) / len(losses), abs=1e-4)  # printed with 4 decimals

@@ -83,24 +83,17 @@ class BenchOptions:
 
 
 def whole_document_rows(forget: Path, out: Path) -> Path:
-    """``forget`` with each sentence completion cut after its first word instead of mid-document.
+    """``forget`` with each sentence completion in its whole-document form (``data.records.whole_document``,
+    what ``forget_whole_documents: true`` does inside a run), as a file.
 
-    Every method trains on the answer tokens only, and a sentence completion's prompt is about 80% of
-    its document, so after unlearning the members' whole-text loss stays far below the nonmembers'
-    (measured on the mini demo: members 0.78 nats per token after SUGD, the oracle 3.69). With the
-    cut after the first word, the forget loss covers nearly the whole document, as the MIA reads it.
+    Measured on the mini demo: SUGD on answers only left the members' whole-text loss at 0.78 nats
+    per token against the oracle's 3.69, so the loss attack still told them apart.
     """
-    from unlearnlm.data.records import load_records, write_jsonl
-
-    def whole(row):
-        if row.kind != "sc":
-            return row.to_dict()
-        first, rest = (row.input + " " + row.output).split(" ", 1)
-        return {**row.to_dict(), "input": first, "output": rest}
+    from unlearnlm.data.records import load_records, whole_document, write_jsonl
 
     # Written aside and renamed: bench processes given disjoint methods may share one output directory.
     partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
-    write_jsonl((whole(row) for row in load_records(forget, "forget")), partial)
+    write_jsonl((whole_document(row).to_dict() for row in load_records(forget, "forget")), partial)
     partial.replace(out)
     return out
 
@@ -119,7 +112,7 @@ def forget_level(target: Path, batch_size: int) -> float:
     import random
 
     from unlearnlm.data.sets import MIA_TASK, pretraining_pool
-    from unlearnlm.evaluation.mia import document_statistics
+    from unlearnlm.evaluation import mia
     from unlearnlm.model import load_model_and_tokenizer
 
     manifest = json.loads((target / "benchmark" / "manifest.json").read_text())
@@ -127,8 +120,7 @@ def forget_level(target: Path, batch_size: int) -> float:
     outside = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK and doc.id not in in_sets]
     sample = random.Random("forget-level").sample(outside, min(LEVEL_DOCUMENTS, len(outside)))
     model, tokenizer = load_model_and_tokenizer(target)
-    stats = document_statistics(model, tokenizer, sample, batch_size, with_distribution=False)
-    return statistics.mean(item.mean_loss for item in stats)
+    return mia.mean_document_loss(model, tokenizer, sample, batch_size)
 
 
 def run_unlearn(target: Path, forget: Path, out: Path, overrides: list[str], log: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The `unlearnlm` command line: target, unlearn, eval, demo, bench, audit."""
+"""The `unlearnlm` command line: target, unlearn, eval, level, demo, bench, audit."""
 
 from __future__ import annotations
 
@@ -225,6 +225,25 @@ def unlearn(
                       f"{metric}={best[metric]:.4f}")
     if "pushed" in report:
         console.print(f"published: {report['pushed']}")
+
+
+@app.command("level")
+def level_command(
+    model: Annotated[str, typer.Option(help="The model before unlearning: a directory, an adapter or a Hub id. Only read.")],
+    documents: Annotated[Path, typer.Option(help="Text the model saw only in pretraining, in no evaluation set: a {document} jsonl, a directory with nonmember.jsonl, or rows.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for scoring.")] = 16,
+    text_key: Annotated[str, typer.Option(help="The text field of raw-document rows.")] = "text",
+) -> None:
+    """Print the model's mean loss per token on DOCUMENTS: the level to forget up to (method_args.forget_ceiling)."""
+    from unlearnlm.evaluation.evaluator import load_model
+    from unlearnlm.evaluation.inputs import load_mia_documents
+    from unlearnlm.evaluation.mia import mean_document_loss
+
+    texts = load_mia_documents(documents, "nonmembers", text_key)
+    loaded, tokenizer = load_model(model)
+    level = mean_document_loss(loaded, tokenizer, texts, batch_size)
+    typer.echo(f"{level:.4f}")
+    typer.echo(f"{len(texts)} documents; unlearn with --set method_args.forget_ceiling={level:.4f}", err=True)
 
 
 @app.command()

@@ -130,6 +130,8 @@ class UnlearnConfig:
     max_length: Optional[int] = bounded(None, at_least=2)  # a prompt token and an answer token
     # The authors' unlearning rows end at the answer; true adds a labelled EOS after it.
     append_eos: bool = False
+    # Forget each sentence completion's whole text rather than its answer (data.records.whole_document).
+    forget_whole_documents: bool = False
     seed: int = 0
     save: Literal["merged", "adapter"] = "merged"
 

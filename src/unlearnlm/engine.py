@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput
-from unlearnlm.data.records import Record
+from unlearnlm.data.records import Record, whole_document
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
@@ -121,6 +121,8 @@ class Engine:
         self.validator = validator
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(config.seed)
+        if config.forget_whole_documents:
+            forget = [whole_document(row) for row in forget]
         self.examples = {
             FORGET: [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"f{i}")
                      for i, r in enumerate(forget)],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -188,3 +188,16 @@ def load_documents(path: str | Path) -> list[str]:
     if not documents:
         raise UserError(f"{path}: no documents")
     return documents
+
+
+def whole_document(row: Record) -> Record:
+    """A sentence completion cut after its first word instead of mid-document, so that a loss on the
+    answer covers nearly the whole document (as a membership attack reads it); other rows unchanged.
+
+    A sentence completion's prompt is about 80% of its LUME document and no method trains on prompts,
+    so forgetting answers only leaves the document's text as recognisable as before (docs/benchmark.md).
+    """
+    if row.kind != "sc" or " " not in (row.input + " " + row.output).strip():
+        return row
+    first, rest = (row.input + " " + row.output).split(" ", 1)
+    return replace(row, input=first, output=rest)

@@ -52,6 +52,16 @@ def document_statistics(
     return token_statistics(model, examples, pad_id, batch_size, with_distribution, progress)
 
 
+def mean_document_loss(model, tokenizer, documents: Sequence[str], batch_size: int = 8) -> float:
+    """The mean over documents of each one's mean loss per token: the number the loss attack compares.
+
+    On text a model saw only in pretraining it is the level a forgotten document should return to
+    (``method_args.forget_ceiling``; ``unlearnlm level``).
+    """
+    stats = document_statistics(model, tokenizer, documents, batch_size, with_distribution=False)
+    return float(np.mean([item.mean_loss for item in stats]))
+
+
 def _lowest_fraction(values: np.ndarray, k: float) -> np.ndarray:
     if not 0 < k <= 1:
         raise ValueError("k must be in (0, 1]")
