@@ -208,3 +208,17 @@ def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: P
     report = (tmp_path / "report.md").read_text()
     assert "robust final" in report and "](robust_final.png)" in report and "](attacks.png)" in report
     assert (tmp_path / "attacks.png").stat().st_size > 5000
+
+
+@pytest.mark.slow  # worker processes, each starting unlearning processes
+def test_jobs_run_the_methods_in_worker_processes_and_report_them_together(micro_target, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
+    results = run_bench(BenchOptions(out=tmp_path, size="micro", methods=["gd", "ga"], grid=[1.0], seeds=[0],
+                                     audit=False, jobs=2))
+    assert [entry["method"] for entry in results["reported"]] == ["gd", "ga"]
+    # Each method ran in its own worker, which left its log and its run records for the report.
+    for index, method in enumerate(["gd", "ga"]):
+        assert f"tune {method} lr x1.0: final" in (tmp_path / f"worker-methods-{index}.log").read_text()
+        assert (tmp_path / "runs" / f"{method}-tune-x1.0.done.json").is_file()
+    assert sorted(p.name for p in tmp_path.glob("worker-targets-*.log")) == ["worker-targets-0.log", "worker-targets-1.log"]
+    assert (tmp_path / "report.md").is_file()

@@ -80,6 +80,9 @@ class BenchOptions:
     trajectory: bool = True
     # Attack the first seed's model of every method, and the oracle (``unlearnlm audit``'s attacks).
     audit: bool = True
+    # Processes running methods side by side (``run_in_processes``); the report is the same.
+    jobs: int = 1
+    audit_oracle: bool = True  # off in the worker processes: their parent audits the oracle once
 
 
 def whole_document_rows(forget: Path, out: Path) -> Path:
@@ -192,14 +195,21 @@ def run_bench(options: BenchOptions) -> dict:
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
+    if options.jobs > 1:
+        run_in_processes(options, chosen)
     targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
     oracle = targets[REPORT_DRAW] / ORACLE_DIR
     table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
     runs_dir = options.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     data = {draw: evaluation_data(path) for draw, path in targets.items()}
-    target_scores = {draw: score(path, data[draw], options.batch_size, full=True) for draw, path in targets.items()}
-    oracle_scores = score(oracle, data[REPORT_DRAW], options.batch_size, full=True)
+
+    def full_score(model_dir: Path, draw: int, name: str) -> dict:
+        return cached(runs_dir / f"{name}.scores.json", {"model": str(model_dir)},
+                      lambda: score(model_dir, data[draw], options.batch_size, full=True))
+
+    target_scores = {draw: full_score(path, draw, f"target-d{draw}") for draw, path in targets.items()}
+    oracle_scores = full_score(oracle, REPORT_DRAW, "oracle")
     budget = [f"optim.time_budget_s={options.time_budget_s}"] if options.time_budget_s else []
     results: dict = {"options": _jsonable(options), "targets": {str(d): str(p) for d, p in targets.items()},
                      "target_scores": {str(d): s for d, s in target_scores.items()}, "oracle": str(oracle),
@@ -235,7 +245,8 @@ def run_bench(options: BenchOptions) -> dict:
             console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, task {_fmt(scores['task_aggregate'])}, "
                           f"MIA {_fmt(scores['mia_score'])}, utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
     if options.audit:
-        results["audits"] = audit_models(results, oracle, data[REPORT_DRAW], runs_dir, console)
+        results["audits"] = audit_models(results, oracle if options.audit_oracle else None, data[REPORT_DRAW], runs_dir,
+                                         console)
     results["summary"] = summarize(results)
     results["wall_seconds"] = time.perf_counter() - started
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -245,32 +256,43 @@ def run_bench(options: BenchOptions) -> dict:
     return results
 
 
+def cached(record_path: Path, key: dict, compute: Callable[[], dict]) -> dict:
+    """``compute()``, or what a record at ``record_path`` with the same ``key`` holds; written aside and
+    renamed, since bench processes share the directory."""
+    key = json.loads(json.dumps(key))  # as JSON reads it back (tuples become lists), so keys compare equal
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["key"] == key:
+            return record["value"]
+    value = compute()
+    partial = record_path.with_name(f"{record_path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps({"key": key, "value": value}))
+    partial.replace(record_path)
+    return value
+
+
 def audited(model_dir: Path, data, record_path: Path) -> dict:
     """``unlearnlm audit``'s attacks on one model, as its per-attack forget scores and its worst case;
     reused from ``record_path`` when that model was audited already."""
     from unlearnlm.audit.run import NO_ATTACK, AuditSettings, audit_one, split_documents, worst_case
 
     settings = AuditSettings()
-    # As JSON reads it back (tuples become lists), so that a stored key compares equal.
-    key = json.loads(json.dumps({"model": str(model_dir), "settings": settings.to_dict()}))
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record["key"] == key:
-            return record["audit"]
-    train_half, held_out = split_documents(data.forget, settings.seed)
-    started = time.perf_counter()
-    attacks = audit_one(model_dir, data, train_half, held_out, settings)
-    audit = {"attacks": {name: {"forget_score": attack["forget_score"], "recovery": attack["recovery"],
-                                "final": attack["scores"]["final"], "scored_on": attack["scored_on"]}
-                         for name, attack in attacks.items() if name != NO_ATTACK},
-             "worst_case": worst_case(attacks), "seconds": time.perf_counter() - started}
-    record_path.write_text(json.dumps({"key": key, "audit": audit}))
-    return audit
+
+    def attack() -> dict:
+        train_half, held_out = split_documents(data.forget, settings.seed)
+        started = time.perf_counter()
+        attacks = audit_one(model_dir, data, train_half, held_out, settings)
+        return {"attacks": {name: {"forget_score": attack["forget_score"], "recovery": attack["recovery"],
+                                   "final": attack["scores"]["final"], "scored_on": attack["scored_on"]}
+                            for name, attack in attacks.items() if name != NO_ATTACK},
+                "worst_case": worst_case(attacks), "seconds": time.perf_counter() - started}
+
+    return cached(record_path, {"model": str(model_dir), "settings": settings.to_dict()}, attack)
 
 
-def audit_models(results: dict, oracle: Path, data, runs_dir: Path, console) -> dict:
-    """The oracle's and every method's audit (the first reported seed's model of each)."""
-    audits = {"oracle": audited(oracle, data, runs_dir / "oracle.audit.json")}
+def audit_models(results: dict, oracle: Path | None, data, runs_dir: Path, console) -> dict:
+    """The oracle's (unless None) and every method's audit (the first reported seed's model of each)."""
+    audits = {"oracle": audited(oracle, data, runs_dir / "oracle.audit.json")} if oracle else {}
     first = {}
     for entry in results["reported"]:
         first.setdefault(entry["method"], entry)
@@ -280,6 +302,44 @@ def audit_models(results: dict, oracle: Path, data, runs_dir: Path, console) -> 
         worst = audits[method]["worst_case"]
         console.print(f"[bold]{method}[/] audited: final {_fmt(worst['plain']['final'])}, robust final {_fmt(worst['final'])}")
     return audits
+
+
+def run_in_processes(options: BenchOptions, methods: list[str]) -> None:
+    """Fill the run and audit records with ``options.jobs`` processes side by side: first the two draws'
+    targets, then the methods dealt out in turn. Each process gets an equal share of the cores; the
+    calling process then reads every record back and writes the report, as a one-process run would."""
+    threads = str(max(1, (os.cpu_count() or 1) // options.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    options.out.mkdir(parents=True, exist_ok=True)
+    from unlearnlm.data.sets import bundled_lume_dir
+    from unlearnlm.target import cached_base
+
+    cached_base(bundled_lume_dir(), options.size, "llama")  # the draws' targets share it: built once, here
+    builds = [{"target": {"size": options.size, "seed": options.target_seed, "draw": draw}} for draw in (TUNE_DRAW, REPORT_DRAW)]
+    shares = [methods[index::options.jobs] for index in range(options.jobs)]
+    workers = [{"bench": {**_jsonable(options), "methods": share, "jobs": 1, "audit_oracle": False}} for share in shares if share]
+    for stage, tasks in (("targets", builds), ("methods", workers)):
+        processes = []
+        for index, task in enumerate(tasks):
+            log = options.out / f"worker-{stage}-{index}.log"
+            with log.open("w") as handle:
+                command = [sys.executable, "-m", "unlearnlm.bench", json.dumps(task)]
+                processes.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), log))
+        failed = [log for process, log in processes if process.wait() != 0]
+        if failed:
+            raise UserError(f"a bench worker failed; see {failed[0]}")
+
+
+def _worker(task: dict) -> None:
+    """One worker process of ``run_in_processes``."""
+    from unlearnlm.target import cached_target
+
+    if "target" in task:
+        spec = task["target"]
+        cached_target(spec["size"], spec["seed"], draw=spec["draw"])
+        return
+    spec = task["bench"]
+    run_bench(BenchOptions(**{**spec, "out": Path(spec["out"])}))
 
 
 def forget_file(target: Path, variant: Variant, out: Path, draw: int) -> Path:
@@ -340,3 +400,7 @@ def _fmt(value) -> str:
 
 def _jsonable(options: BenchOptions) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in options.__dict__.items()}
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))

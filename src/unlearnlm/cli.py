@@ -301,6 +301,7 @@ def bench(
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds of unlearning allowed per run.")] = None,
     trajectory: Annotated[bool, typer.Option("--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
     audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Attack each method's first-seed model and the oracle (unlearnlm audit's attacks): the robust final.")] = True,
+    jobs: Annotated[int, typer.Option(min=1, help="Processes running methods side by side (each gets cores / jobs threads).")] = 1,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench import BenchOptions, run_bench
@@ -318,7 +319,8 @@ def bench(
         raise UserError("--grid multiplies learning rates: its values must be positive")
     refuse_overlap(out, [cache_root()])
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
-                           target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory, audit=audit))
+                           target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory, audit=audit,
+                           jobs=jobs))
 
 
 @app.command("audit")
