@@ -80,7 +80,7 @@ class BenchOptions:
     trajectory: bool = True
     # Attack the first seed's model of every method, and the oracle (``unlearnlm audit``'s attacks).
     audit: bool = True
-    # Processes running methods side by side (``run_in_processes``); the report is the same.
+    # Processes running methods side by side (``in_processes``); the report is the same.
     jobs: int = 1
     audit_oracle: bool = True  # off in the worker processes: their parent audits the oracle once
 
@@ -196,7 +196,8 @@ def run_bench(options: BenchOptions) -> dict:
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
     if options.jobs > 1:
-        run_in_processes(options, chosen)
+        in_processes(options, [{"target": {"size": options.size, "seed": options.target_seed, "draw": draw}}
+                               for draw in (TUNE_DRAW, REPORT_DRAW)], "targets")
     targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
     oracle = targets[REPORT_DRAW] / ORACLE_DIR
     table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
@@ -217,6 +218,10 @@ def run_bench(options: BenchOptions) -> dict:
 
     levels = {draw: forget_level(path, options.batch_size) for draw, path in targets.items()}
     results["forget_levels"] = {str(draw): level for draw, level in levels.items()}
+    if options.jobs > 1:  # the workers read the scores above from their records
+        shares = [chosen[index::options.jobs] for index in range(options.jobs)]
+        in_processes(options, [{"bench": {**_jsonable(options), "methods": share, "jobs": 1, "audit_oracle": False}}
+                               for share in shares if share], "methods")
     for name in chosen:
         variant = table[name]
         forget = {draw: forget_file(path, variant, options.out, draw) for draw, path in targets.items()}
@@ -304,34 +309,31 @@ def audit_models(results: dict, oracle: Path | None, data, runs_dir: Path, conso
     return audits
 
 
-def run_in_processes(options: BenchOptions, methods: list[str]) -> None:
-    """Fill the run and audit records with ``options.jobs`` processes side by side: first the two draws'
-    targets, then the methods dealt out in turn. Each process gets an equal share of the cores; the
-    calling process then reads every record back and writes the report, as a one-process run would."""
-    threads = str(max(1, (os.cpu_count() or 1) // options.jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-    options.out.mkdir(parents=True, exist_ok=True)
+def in_processes(options: BenchOptions, tasks: list[dict], stage: str) -> None:
+    """Run ``tasks`` (``_worker``'s) in processes side by side, each with an equal share of the cores:
+    the draws' targets, then the methods dealt out in turn. They leave run and audit records that the
+    calling process reads back to write the report, as a one-process run would."""
     from unlearnlm.data.sets import bundled_lume_dir
     from unlearnlm.target import cached_base
 
-    cached_base(bundled_lume_dir(), options.size, "llama")  # the draws' targets share it: built once, here
-    builds = [{"target": {"size": options.size, "seed": options.target_seed, "draw": draw}} for draw in (TUNE_DRAW, REPORT_DRAW)]
-    shares = [methods[index::options.jobs] for index in range(options.jobs)]
-    workers = [{"bench": {**_jsonable(options), "methods": share, "jobs": 1, "audit_oracle": False}} for share in shares if share]
-    for stage, tasks in (("targets", builds), ("methods", workers)):
-        processes = []
-        for index, task in enumerate(tasks):
-            log = options.out / f"worker-{stage}-{index}.log"
-            with log.open("w") as handle:
-                command = [sys.executable, "-m", "unlearnlm.bench", json.dumps(task)]
-                processes.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), log))
-        failed = [log for process, log in processes if process.wait() != 0]
-        if failed:
-            raise UserError(f"a bench worker failed; see {failed[0]}")
+    if stage == "targets":
+        cached_base(bundled_lume_dir(), options.size, "llama")  # the draws' targets share it: built once, here
+    threads = str(max(1, (os.cpu_count() or 1) // len(tasks)))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    options.out.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for index, task in enumerate(tasks):
+        log = options.out / f"worker-{stage}-{index}.log"
+        with log.open("w") as handle:
+            command = [sys.executable, "-m", "unlearnlm.bench", json.dumps(task)]
+            processes.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), log))
+    failed = [log for process, log in processes if process.wait() != 0]
+    if failed:
+        raise UserError(f"a bench worker failed; see {failed[0]}")
 
 
 def _worker(task: dict) -> None:
-    """One worker process of ``run_in_processes``."""
+    """One worker process of ``in_processes``."""
     from unlearnlm.target import cached_target
 
     if "target" in task:
