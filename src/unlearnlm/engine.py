@@ -29,6 +29,7 @@ from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.sharding import in_lockstep
 from unlearnlm.methods import get_method
+from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft
 from unlearnlm.runstate import (
     is_sharded,
@@ -112,6 +113,7 @@ class Engine:
         self.config = config
         self.method = get_method(config.method)
         self.settings = self.method.build_settings(config.method_args)
+        self.layers = self.method.layers(self.settings, model.config.num_hidden_layers)
         self.accelerator = accelerator or build_accelerator()
         self.tokenizer = tokenizer
         self.work_dir = work_dir
@@ -140,6 +142,7 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
         self.reference_cache: dict[str, torch.Tensor] = {}
+        self.hidden_cache: dict[str, dict[int, torch.Tensor]] = {}  # key -> layer -> [real tokens, H]
         self.log_path = work_dir / "unlearn_log.jsonl"
 
     # --- reference model without a second copy ------------------------------------------------------
@@ -148,53 +151,80 @@ class Engine:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _reference_values(self, batch: dict) -> Optional[list[torch.Tensor]]:
-        if self.method.reference_view is None:
+    def _reference_values(self, batch: Batch) -> Optional[list[torch.Tensor]]:
+        """The original model's values the loss compares against: ``reference_view``'s are returned,
+        hidden states (``reference_hidden``) go to ``batch["reference_hidden"]``."""
+        method = self.method
+        if method.reference_view is None and not method.reference_hidden:
             return None
+        hidden_layers = self.layers if method.reference_hidden else ()
         if is_peft(self.unwrapped):
             # The original model is the same model with its adapters switched off.
             with torch.no_grad(), self.unwrapped.disable_adapter():
-                logits = self.unwrapped(**self._model_inputs(batch)).logits
-            return self.method.reference_view(logits, batch["labels"])
-        return [self.reference_cache.get(key) for key in batch["keys"]]
+                logits = forward(self.unwrapped, batch, hidden_layers, key="reference_hidden")
+            return method.reference_view(logits, batch["labels"]) if method.reference_view else None
+        if hidden_layers:
+            batch["reference_hidden"] = self._cached_hidden(batch)
+        return [self.reference_cache.get(key) for key in batch["keys"]] if method.reference_view else None
 
     def _fill_reference_cache(self) -> None:
         """Without LoRA, compute the original model's values once, before any weight moves."""
-        if self.method.reference_view is None or is_peft(self.unwrapped) or self.reference_cache:
+        method = self.method
+        needs_cache = method.reference_view is not None or method.reference_hidden
+        if not needs_cache or is_peft(self.unwrapped) or self.reference_cache or self.hidden_cache:
             return
         needed = {(item.role, item.index) for phase in self.phases for item in phase.items
-                  if item.role in self.method.reference_roles}
+                  if item.role in method.reference_roles}
         examples = [self.examples[role][index] for role, index in sorted(needed)]
+        hidden_layers = self.layers if method.reference_hidden else ()
         self.model.eval()
         for start in range(0, len(examples), 8):
             chunk = examples[start:start + 8]
             batch = self._collate(chunk)
             with torch.no_grad():
-                logits = self.model(**self._model_inputs(batch)).logits
+                logits = forward(self.model, batch, hidden_layers, key="reference_hidden")
             # float32, as computed: a rounded copy would make the unchanged model differ from itself.
-            for key, value in zip(batch["keys"], self.method.reference_view(logits, batch["labels"])):
-                self.reference_cache[key] = value.to("cpu", torch.float32)
+            if method.reference_view is not None:
+                for key, value in zip(batch["keys"], method.reference_view(logits, batch["labels"])):
+                    self.reference_cache[key] = value.to("cpu", torch.float32)
+            for row, key in enumerate(batch["keys"] if hidden_layers else []):
+                length = int(batch["attention_mask"][row].sum())
+                self.hidden_cache[key] = {layer: states[row, :length].to("cpu", torch.float32)
+                                          for layer, states in batch["reference_hidden"].items()}
         self.model.train()
+
+    def _cached_hidden(self, batch: Batch) -> dict[int, torch.Tensor]:
+        """The cached hidden states re-padded to the batch ([B, T, H] per layer); zeros on rows the
+        method reads no reference for (``reference_roles``) and on padding."""
+        rows, width = batch["attention_mask"].shape
+        size = self.unwrapped.config.hidden_size
+        padded = {}
+        for layer in self.layers:
+            states = torch.zeros(rows, width, size, device=self.accelerator.device)
+            for row, key in enumerate(batch["keys"]):
+                cached = self.hidden_cache.get(key)
+                if cached is not None:
+                    states[row, :cached[layer].shape[0]] = cached[layer].to(self.accelerator.device)
+            padded[layer] = states
+        return padded
 
     # --- batches ---------------------------------------------------------------------------------
 
-    def _collate(self, examples: list[Example], weight: float = 1.0) -> dict:
-        batch = collate(examples, self.tokenizer.pad_token_id)
-        batch = {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+    def _collate(self, examples: list[Example], weight: float = 1.0) -> Batch:
+        padded = collate(examples, self.tokenizer.pad_token_id)
+        batch: Batch = {name: tensor.to(self.accelerator.device) for name, tensor in padded.items()}
         batch["is_forget"] = torch.tensor([e.meta["key"].startswith("f") for e in examples], device=self.accelerator.device)
         batch["keys"] = [e.meta["key"] for e in examples]
         batch["share"] = weight
         return batch
 
-    @staticmethod
-    def _model_inputs(batch: dict) -> dict:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    _model_inputs = staticmethod(model_inputs)
 
     def _global_batch(self, phase: Phase) -> int:
         per_process = phase.batch_size if phase.batch_size is not None else self.config.optim.batch_size
         return per_process * self.accelerator.num_processes
 
-    def _local_batches(self, items: list[Item], global_batch: int) -> list[dict]:
+    def _local_batches(self, items: list[Item], global_batch: int) -> list[Batch]:
         """Cut the phase into global batches; this process takes its share of each one.
 
         Each share is weighted by its size so that averaging gradients over processes gives the
@@ -292,15 +322,18 @@ class Engine:
                         self._validate(phase, summary)
         return None
 
-    def _optimizer_step(self, group: list[dict]) -> dict:
+    def _optimizer_step(self, group: list[Batch]) -> dict:
         sums: dict[str, list[float]] = {}  # name -> [weighted sum, weight] over this process's rows
         for position, batch in enumerate(group):
             last = position == len(group) - 1
             context = self.accelerator.no_sync(self.model) if not last else nullcontext()
             with context:
-                logits = self.model(**self._model_inputs(batch)).logits
+                logits = forward(self.model, batch, self.layers)
                 loss, stats = self.method.loss(logits, batch, self.settings, self._reference_values(batch))
                 self.accelerator.backward(loss * batch["share"] / len(group))
+            # The hidden states are spent: drop them before the next micro-batch's forward.
+            batch.pop("hidden", None)
+            batch.pop("reference_hidden", None)
             for name, value in {"loss": loss.item(), **stats}.items():
                 weight = _stat_rows(name, batch)
                 if weight:
@@ -392,7 +425,7 @@ class Engine:
         return count_parameters(self.unwrapped)
 
 
-def _stat_rows(name: str, batch: dict) -> int:
+def _stat_rows(name: str, batch: Batch) -> int:
     """How many of the batch's rows a logged value averages over (role_means: forget_*, retain_*)."""
     if batch["share"] == 0:
         return 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from unlearnlm.errors import UserError
-from unlearnlm.methods.base import Method
+from unlearnlm.methods.base import Batch, Method
 
 REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` under its name; a second method of the same name is refused, never overwrites."""
+    if method.name in REGISTRY:
+        raise UserError(f"a method named {method.name!r} is already registered")
     REGISTRY[method.name] = method
     return method
 
@@ -22,4 +25,4 @@ def get_method(name: str) -> Method:
 # Importing the modules registers them.
 from unlearnlm.methods import agad, ga, gd, kl, npo, simnpo, sugd  # noqa: E402,F401
 
-__all__ = ["Method", "REGISTRY", "get_method", "register"]
+__all__ = ["Batch", "Method", "REGISTRY", "get_method", "register"]

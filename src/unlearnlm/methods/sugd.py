@@ -13,12 +13,12 @@ from unlearnlm.methods.gd import gradient_difference_loss
 
 
 @dataclass
-class Settings:
+class SugdSettings:
     retain_weight: float = 0.5
 
 
 register(Method(
-    name="sugd", loss=gradient_difference_loss, settings=Settings,
+    name="sugd", loss=gradient_difference_loss, settings=SugdSettings,
     summary="sequential unlearning with gradient difference over forget chunks (the SemEval winner)",
     config_defaults={"schedule": {"chunk_size": 32, "ratio": 7, "epochs_per_chunk": 7}},
 ))
