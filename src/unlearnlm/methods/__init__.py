@@ -23,6 +23,6 @@ def get_method(name: str) -> Method:
 
 
 # Importing the modules registers them.
-from unlearnlm.methods import agad, ga, gd, kl, npo, simnpo, sugd  # noqa: E402,F401
+from unlearnlm.methods import agad, ga, gd, kl, npo, rmu, simnpo, sugd  # noqa: E402,F401
 
 __all__ = ["Batch", "Method", "REGISTRY", "get_method", "register"]
