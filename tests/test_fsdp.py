@@ -196,7 +196,7 @@ def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    from unlearnlm.evaluation.sharding import leave_process_group
+    from unlearnlm.distributed import leave_process_group
 
     worker(*sys.argv[1:])
     leave_process_group()

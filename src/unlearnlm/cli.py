@@ -48,7 +48,7 @@ def target_command(
     """Fine-tune a small pretrained base until it memorized LUME documents (the target, at OUT) and
     retrain it without the forget set (the oracle, at OUT/oracle); both are calibrated."""
     from unlearnlm.data.sets import draw_sets
-    from unlearnlm.evaluation.inputs import check_output_dir
+    from unlearnlm.paths import check_output_dir
 
     # Bad input fails before torch is imported.
     check_output_dir(out, overwrite, inputs=[data])
@@ -80,7 +80,7 @@ def base_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Pretrain the small base model on the pool of a LUME-format directory (`target` does it when needed)."""
-    from unlearnlm.evaluation.inputs import check_output_dir
+    from unlearnlm.paths import check_output_dir
 
     check_output_dir(out, overwrite)
 
@@ -120,7 +120,8 @@ def eval_command(
 ) -> None:
     """Score models with the official SemEval-2025 Task 4 metrics (plus the MIA suite, utility, MMLU)."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.paths import check_model_dir, check_output_dir
 
     # Every input is checked before torch is imported and the first model loads: a typo should fail
     # in a second, not after a model load.
@@ -140,7 +141,7 @@ def eval_command(
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.mmlu import load_mmlu
     from unlearnlm.evaluation.report import results_table, terms_table, write_report
-    from unlearnlm.evaluation.sharding import join_launched_processes
+    from unlearnlm.distributed import join_launched_processes
 
     data = EvalData(forget_rows, retain_rows, members, nonmembers, general, load_mmlu(mmlu) if mmlu else None)
     settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
@@ -329,7 +330,8 @@ def audit_command(
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir, check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.paths import check_model_dir, check_output_dir
 
     inputs = {"model": model, "forget": forget, "retain": retain, "original": original, "oracle": oracle,
               "mia_members": mia_members, "mia_nonmembers": mia_nonmembers, "general": utility}
@@ -388,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("error: interrupted", file=sys.stderr)
         code = 130
     else:
-        from unlearnlm.evaluation.sharding import leave_process_group
+        from unlearnlm.distributed import leave_process_group
 
         leave_process_group()
     sys.exit(code)

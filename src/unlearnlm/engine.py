@@ -27,7 +27,7 @@ from unlearnlm.data.records import Record, content_sha256
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.sharding import in_lockstep
+from unlearnlm.distributed import in_lockstep
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft
@@ -478,7 +478,7 @@ def unlearn(
     The input model is only read. Returns the ``run.json`` contents.
     """
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_model_dir
+    from unlearnlm.paths import check_model_dir
     from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
     from unlearnlm.runstate import check_output, finalize_output, prepare_output
 

@@ -18,7 +18,7 @@ def load_model_and_tokenizer(path: str | Path, dtype: str = "float32"):
     """A Hugging Face model directory, from safetensors, without remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearnlm.evaluation.inputs import check_model_dir
+    from unlearnlm.paths import check_model_dir
 
     path = check_model_dir(path)
     if dtype not in DTYPES:

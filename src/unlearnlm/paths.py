@@ -1,4 +1,5 @@
-"""Where outputs may go: never onto, into or around anything a command reads.
+"""Where outputs may go, never onto, into or around anything a command reads; and whether an
+input model directory is one.
 
 A command that replaces its output (``--overwrite``) removes the old one first; if that output held
 an input (``--out D`` with the model in ``D/model``), the input would go with it. So every command
@@ -38,3 +39,23 @@ def refuse_overlap(out: str | Path, inputs: Iterable[str | Path | None]) -> None
         if any(overlaps(place, source) for place in written):
             raise UserError(f"--out {out} overlaps the input {source}: choose an output directory "
                             "that neither contains nor lies inside any input")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse a file, a non-empty directory unless ``overwrite``, and any overlap with ``inputs``."""
+    out = Path(out)
+    refuse_overlap(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
+    return out

@@ -50,7 +50,7 @@ from unlearnlm.data.sets import (
 )
 from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, encode_example
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.inputs import check_output_dir
+from unlearnlm.paths import check_output_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -20,7 +20,7 @@ from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import ensure_pad_token
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.generation import MAX_NEW_TOKENS, generate_texts
-from unlearnlm.evaluation.inputs import check_model_dir
+from unlearnlm.paths import check_model_dir
 from unlearnlm.evaluation.likelihood import Progress, TokenCache, encode_texts
 from unlearnlm.evaluation.mia import DEFAULT_K, run_mia
 from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, load_mmlu

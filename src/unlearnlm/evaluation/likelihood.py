@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate
-from unlearnlm.evaluation.sharding import gather_in_order, process_share
+from unlearnlm.distributed import gather_in_order, process_share
 
 Progress = Callable[[int], None]
 
@@ -114,7 +114,7 @@ def token_statistics(
 
     Right padding: a causal model's real tokens never see the padding after them, so no position
     ids are needed. The vocabulary-sized log-softmax is taken one row at a time to bound memory. In a
-    distributed run each process scores its share of the batches (see ``sharding``).
+    distributed run each process scores its share of the batches (see ``unlearnlm.distributed``).
     """
     device = model_device(model)
     results: list[TokenStats | None] = [None] * len(examples)

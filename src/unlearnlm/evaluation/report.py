@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 from rich.table import Table
 
 from unlearnlm.data.records import write_jsonl
-from unlearnlm.evaluation.inputs import check_output_dir
+from unlearnlm.paths import check_output_dir
 from unlearnlm.evaluation.scoring import KNOWLEDGE, REGURGITATION, SPLITS, headline
 
 RESULTS_FILE = "evaluation_results.json"

@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from unlearnlm.config import bounded
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase, split_chunks
 from unlearnlm.errors import UserError
-from unlearnlm.methods import register
+from unlearnlm.methods.registry import register
+from unlearnlm.settings import bounded
 from unlearnlm.methods.base import Batch, Method, role_means, token_logprobs
 
 

@@ -13,10 +13,10 @@ from typing import Any, Callable, NotRequired, Optional, Required, TypedDict
 import torch
 import torch.nn.functional as F
 
-from unlearnlm.config import build_dataclass
 from unlearnlm.data.schedule import Phase, chunk_schedule
 from unlearnlm.data.tokenize import IGNORE_INDEX
 from unlearnlm.errors import UserError
+from unlearnlm.settings import build_dataclass
 
 
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearnlm.methods import register
+from unlearnlm.methods.registry import register
 from unlearnlm.methods.base import Batch, Method, answer_log_distributions, example_nll, mix_roles, role_means
 
 

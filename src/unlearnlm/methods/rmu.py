@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from unlearnlm.config import bounded
-from unlearnlm.methods import register
+from unlearnlm.methods.registry import register
+from unlearnlm.settings import bounded
 from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means
 
 
