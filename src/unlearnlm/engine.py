@@ -7,10 +7,12 @@ without rebuilding anything.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import random
 import resource
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,12 +45,22 @@ from unlearnlm.runstate import (
 )
 
 
+class Stop(enum.Enum):
+    """Why a run ended. ``run.json`` keeps the sentence ``stopped_reason`` gives, unchanged."""
+
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    MAX_STEPS = "max_steps"
+    TIME_BUDGET = "time_budget"
+
+
 @dataclass
 class RunSummary:
     steps: int = 0
     seconds: float = 0.0
     validation_seconds: float = 0.0  # part of ``seconds``
-    stopped_reason: str = "completed"
+    stop: Stop = Stop.COMPLETED
+    stopped_reason: str = "completed"  # ``stop`` in words, with its details
     best: Optional[dict] = None
     validations: list[dict] = field(default_factory=list)
 
@@ -277,7 +289,7 @@ class Engine:
             if self.config.optim.optimizer_reset == "per_chunk" and phase_index > 0:
                 self.optimizer.state.clear()
             stop = self._run_phase(phase_index, summary, started, elapsed_before)
-            if stop == "diverged":
+            if stop is Stop.DIVERGED:
                 self._load_checkpoint(state_dir)
                 break
             if self.validator is not None:
@@ -290,7 +302,7 @@ class Engine:
             load_trainable(self.unwrapped, self.work_dir / "best")
         return summary
 
-    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[str]:
+    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[Stop]:
         phase, accum, limits = self.phases[phase_index], self.config.optim.grad_accum, self.config.optim
         total = self.steps_per_epoch[phase_index] * phase.epochs
         progress = _progress(self.show_progress)
@@ -309,15 +321,18 @@ class Engine:
                     progress.update(task, advance=1, description=f"{phase.name} e{epoch + 1} " + _brief(stats))
                     reason = self._divergence(stats)
                     if reason:
+                        summary.stop = Stop.DIVERGED
                         summary.stopped_reason = f"diverged at step {summary.steps}: {reason}; kept the state before {phase.name}"
                         self._log({"event": "diverged", "step": summary.steps, "reason": reason})
-                        return "diverged"
+                        return summary.stop
                     if limits.max_steps is not None and summary.steps >= limits.max_steps:
+                        summary.stop = Stop.MAX_STEPS
                         summary.stopped_reason = f"max_steps={limits.max_steps} reached"
-                        return "budget"
+                        return summary.stop
                     if limits.time_budget_s is not None and self._on_any_process(elapsed_before + time.perf_counter() - started >= limits.time_budget_s):
+                        summary.stop = Stop.TIME_BUDGET
                         summary.stopped_reason = f"time budget of {limits.time_budget_s}s reached"
-                        return "budget"
+                        return summary.stop
                     if self.validator is not None and self.config.validation.every_steps and summary.steps % self.config.validation.every_steps == 0:
                         self._validate(phase, summary)
         return None
@@ -463,6 +478,22 @@ def _progress(enabled: bool):
 # --- the public entry point -------------------------------------------------------------------------
 
 
+@dataclass
+class Run:
+    """What the steps of ``unlearn`` hand on to each other."""
+
+    # The paths as the caller gave them: run.json records them so.
+    model_path: str | Path
+    forget_path: str | Path
+    retain_path: str | Path
+    out_dir: Path
+    work_dir: Path
+    config: UnlearnConfig
+    engine: Engine
+    tokenizer: object
+    rows: dict[str, int]
+
+
 def unlearn(
     model_path: str | Path,
     forget_path: str | Path,
@@ -477,14 +508,27 @@ def unlearn(
 
     The input model is only read. Returns the ``run.json`` contents.
     """
+    run = setup(model_path, forget_path, retain_path, Path(out_dir), config, resume, overwrite, show_progress)
+    summary = run.engine.run(resume=resume)
+    record = run_record(run, summary)
+    save(run, record)
+    cleanup(run)
+    return record
+
+
+def setup(model_path: str | Path, forget_path: str | Path, retain_path: str | Path, out_dir: Path,
+          config: UnlearnConfig, resume: bool, overwrite: bool, show_progress: bool) -> Run:
+    """Read and check every input, load the model and make it trainable, then prepare the output.
+
+    Nothing is written before every input has been read and checked.
+    """
     from unlearnlm.data.records import load_records
+    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer
     from unlearnlm.paths import check_model_dir
-    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
-    from unlearnlm.runstate import check_output, finalize_output, prepare_output
+    from unlearnlm.runstate import check_output, prepare_output
 
     forget = load_records(forget_path, "forget")
     retain = load_records(retain_path, "retain", allow_empty=config.schedule.ratio == 0)
-    out_dir = Path(out_dir)
     accelerator = build_accelerator()
     plan = config.validation
     inputs = [Path(model_path), Path(forget_path), Path(retain_path),
@@ -496,18 +540,25 @@ def unlearn(
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
     validator = build_validator(config, tokenizer) if config.validation.enabled else None
-    # Only now, with every input read and checked, is anything written.
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
-    summary = engine.run(resume=resume)
+    return Run(model_path, forget_path, retain_path, out_dir, work_dir, config, engine, tokenizer,
+               {"forget": len(forget), "retain": len(retain)})
+
+
+def run_record(run: Run, summary: RunSummary) -> dict:
+    """The ``run.json`` record: what ran, on what, with which libraries, and how it ended."""
+    engine = run.engine
     trainable, total = engine.parameter_counts()
     engine.accelerator.wait_for_everyone()
-    report = {
-        "config": config.to_dict(),
-        "model": str(model_path),
-        "data": {"forget": str(forget_path), "forget_sha256": content_sha256(forget_path), "forget_rows": len(forget),
-                 "retain": str(retain_path), "retain_sha256": content_sha256(retain_path), "retain_rows": len(retain)},
-        "seed": config.seed,
+    return {
+        "config": run.config.to_dict(),
+        "model": str(run.model_path),
+        "data": {"forget": str(run.forget_path), "forget_sha256": content_sha256(run.forget_path),
+                 "forget_rows": run.rows["forget"],
+                 "retain": str(run.retain_path), "retain_sha256": content_sha256(run.retain_path),
+                 "retain_rows": run.rows["retain"]},
+        "seed": run.config.seed,
         "versions": library_versions(),
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -522,18 +573,36 @@ def unlearn(
         "best": summary.best,
         **peak_memory_mb(),
     }
+
+
+def save(run: Run, record: dict) -> None:
+    """The unlearned model and ``run.json``, written by the main process into the work directory.
+
+    Under FSDP no process holds the whole model: every process takes part in gathering the trainable
+    weights, and the main one rebuilds the model from the input model and them (the frozen weights
+    never changed).
+    """
+    from unlearnlm.model import save_model
+
+    engine = run.engine
     main = engine.accelerator.is_main_process
     trained = trainable_state(engine.unwrapped, keep=main) if engine.sharded else {}
     if main:
-        # Under FSDP no process holds the whole model: the main one rebuilds it from the input model
-        # and the gathered trainable weights (the frozen ones never changed).
-        final = rebuild_model(model_path, config, trained) if engine.sharded else engine.unwrapped
-        save_model(final, tokenizer, work_dir, config.save)
-        (work_dir / "run.json").write_text(json.dumps(report, indent=2))
-        _drop_resume_state(work_dir)
-        finalize_output(work_dir, out_dir)
-    engine.accelerator.wait_for_everyone()
-    return report
+        final = rebuild_model(run.model_path, run.config, trained) if engine.sharded else engine.unwrapped
+        save_model(final, run.tokenizer, run.work_dir, run.config.save)
+        (run.work_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def cleanup(run: Run) -> None:
+    """Drop the resume state and move the work directory to its place; then every process goes on."""
+    from unlearnlm.runstate import finalize_output
+
+    if run.engine.accelerator.is_main_process:
+        for name in ("state", "best"):
+            if (run.work_dir / name).exists():
+                shutil.rmtree(run.work_dir / name)
+        finalize_output(run.work_dir, run.out_dir)
+    run.engine.accelerator.wait_for_everyone()
 
 
 def build_accelerator() -> Accelerator:
@@ -583,14 +652,6 @@ def on_main_process(accelerator: Accelerator, function: Callable, *args):
     if error is not None:
         raise UserError(error)
     return result
-
-
-def _drop_resume_state(work_dir: Path) -> None:
-    import shutil
-
-    for name in ("state", "best"):
-        if (work_dir / name).exists():
-            shutil.rmtree(work_dir / name)
 
 
 def library_versions() -> dict[str, str]:
