@@ -14,6 +14,10 @@ from unlearnlm.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model_and_tokenizer(path: str | Path, dtype: str = "float32"):
     """A Hugging Face model directory, from safetensors, without remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

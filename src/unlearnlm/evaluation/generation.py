@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from unlearnlm.data.tokenize import Example, collate
-from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, length_sorted_batches, model_device
+from unlearnlm.data.tokenize import Example, collate, length_sorted_batches
+from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, model_device
 from unlearnlm.distributed import gather_in_order, process_share, synced_generation
 
 MAX_NEW_TOKENS = 256

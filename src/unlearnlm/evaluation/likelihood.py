@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate
+from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, length_sorted_batches
 from unlearnlm.distributed import gather_in_order, process_share
 
 Progress = Callable[[int], None]
@@ -66,14 +66,6 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first so memory trouble shows at once."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 @dataclass(frozen=True)

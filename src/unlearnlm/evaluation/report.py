@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 from rich.table import Table
 
 from unlearnlm.data.records import write_jsonl
-from unlearnlm.paths import check_output_dir
+from unlearnlm.paths import check_output_dir, replace_dir
 from unlearnlm.evaluation.scoring import KNOWLEDGE, REGURGITATION, SPLITS, headline
 
 RESULTS_FILE = "evaluation_results.json"
@@ -33,8 +33,11 @@ HEADLINE_COLUMNS = (("final", "final"), ("task_aggregate", "task aggregate"), ("
 NamedResults = Sequence[tuple[str, Mapping]]
 
 
-def fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def fmt(value: float | None, digits: int = 4, std: float | None = None) -> str:
+    """A score for a table: ``n/a`` when missing, with ``± std`` when a spread is given."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
 
 def _cell(text: object) -> str:
@@ -138,21 +141,10 @@ def write_report(named_results: NamedResults, out: str | Path, overwrite: bool =
             for name, results in named_results:
                 _write_one(results, staging / name, name)
             (staging / SUMMARY_FILE).write_text(comparison_markdown(named_results), encoding="utf-8")
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    # The old directory is moved aside before the new one takes its name, so ``out`` is never half-written.
-    old = out.with_name(f".{out.name}.old") if out.exists() else None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def results_table(named_results: NamedResults) -> Table:
