@@ -9,7 +9,6 @@ from unlearnlm.engine import Engine, unlearn
 from unlearnlm.errors import UserError
 from unlearnlm.model import apply_trainable, count_parameters, trainable_parameter_names
 
-
 FAST = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chunk=2", "optim.lr=1e-3",
         "optim.batch_size=2", "max_length=48"]
 

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_update
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
 from unlearnlm.engine import unlearn
-
-from conftest import assert_same_update
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FSDP_CONFIG = SRC / "unlearnlm" / "resources" / "accelerate" / "fsdp.yaml"

@@ -2,13 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_micro_model
 
 from unlearnlm.data.tokenize import IGNORE_INDEX, collate, encode_example
 from unlearnlm.methods import REGISTRY, get_method
 from unlearnlm.methods.base import example_nll, forward
 from unlearnlm.methods.kl import retain_kl
-
-from conftest import make_micro_model
 
 
 def hand_batch():

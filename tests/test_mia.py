@@ -10,8 +10,8 @@ import string
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_micro_model
+
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.inputs import load_mia_documents
 from unlearnlm.evaluation.likelihood import TokenStats, stats_from_logits

@@ -39,7 +39,8 @@ def target_command(
     out: Annotated[Path, typer.Option(help="Output model directory (must be empty unless --overwrite).")],
     size: Annotated[TargetSize, typer.Option(help="Documents per set and model size.")] = TargetSize.mini,
     seed: Annotated[int, typer.Option(help="Seed of the document draw and of the model.")] = 0,
-    draw: Annotated[int, typer.Option(min=0, help="Which disjoint draw of documents (the benchmark tunes on 1, reports on 0).")] = 0,
+    draw: Annotated[int, typer.Option(
+        min=0, help="Which disjoint draw of documents (the benchmark tunes on 1, reports on 0).")] = 0,
     arch: Annotated[TargetArch, typer.Option(help="Decoder architecture from transformers.")] = TargetArch.llama,
     max_epochs: Annotated[Optional[int], typer.Option(min=1, help="Epoch budget (default: the size's own).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads; more than 1 pays only on an idle machine.")] = 1,
@@ -138,10 +139,10 @@ def eval_command(
     from rich.console import Console
     from rich.progress import Progress
 
+    from unlearnlm.distributed import join_launched_processes
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.mmlu import load_mmlu
     from unlearnlm.evaluation.report import results_table, terms_table, write_report
-    from unlearnlm.distributed import join_launched_processes
 
     data = EvalData(forget_rows, retain_rows, members, nonmembers, general, load_mmlu(mmlu) if mmlu else None)
     settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
@@ -191,7 +192,8 @@ def unlearn(
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
     config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
     save: Annotated[Optional[str], typer.Option(help="'merged' (default) or 'adapter' (LoRA only).")] = None,
     val_forget: Annotated[Optional[Path], typer.Option(
         help="Validation forget set: with --val-retain, enables checkpoint selection. The default metric, the "
@@ -280,14 +282,18 @@ def demo(
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
+    out: Annotated[Path, typer.Option(
+        help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
     size: Annotated[str, typer.Option(help="Size preset of the targets (bench: the benchmark; micro: a smoke run).")] = "bench",
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Method variant to run (repeatable; default all).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        "--method", help="Method variant to run (repeatable; default all).")] = None,
     grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
-    seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",
+    seeds: Annotated[str, typer.Option(
+        help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",
     target_seed: Annotated[int, typer.Option(help="Seed of the targets and the document draws.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds of unlearning allowed per run.")] = None,
-    trajectory: Annotated[bool, typer.Option("--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
+    trajectory: Annotated[bool, typer.Option(
+        "--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench import BenchOptions, run_bench
@@ -314,18 +320,22 @@ def audit_command(
     forget: Annotated[Path, typer.Option(help="Forget rows: .jsonl, .parquet, or a directory with forget.jsonl.")],
     retain: Annotated[Path, typer.Option(help="Retain rows: .jsonl, .parquet, or a directory with retain.jsonl.")],
     out: Annotated[Path, typer.Option(help="Output directory for receipt.json, receipt.md and the plot.")],
-    original: Annotated[Optional[Path], typer.Option(help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
-    oracle: Annotated[Optional[Path], typer.Option(help="A model that never saw the forget set: every attack runs on it too.")] = None,
+    original: Annotated[Optional[Path], typer.Option(
+        help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
+    oracle: Annotated[Optional[Path], typer.Option(
+        help="A model that never saw the forget set: every attack runs on it too.")] = None,
     mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, or rows (sc rows used).")] = None,
     mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers, same formats as --mia-members.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the T/V split, the relearning and the sampling.")] = 0,
     relearn_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each relearning attack.")] = 30,
-    relearn_lr: Annotated[float, typer.Option(help="Learning rate of full relearning (LoRA: 5x); 2e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 2e-4,
+    relearn_lr: Annotated[float, typer.Option(
+        help="Learning rate of full relearning (LoRA: 5x); 2e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 2e-4,
     samples: Annotated[int, typer.Option(min=1, help="Samples per prompt in the sampling attack.")] = 8,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for generation and scoring.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
-    redact: Annotated[bool, typer.Option("--redact/--no-redact", help="Keep forget prompts, answers and generations out of the receipt.")] = True,
+    redact: Annotated[bool, typer.Option(
+        "--redact/--no-redact", help="Keep forget prompts, answers and generations out of the receipt.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""

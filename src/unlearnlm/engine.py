@@ -14,11 +14,12 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -28,8 +29,8 @@ from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.records import Record, content_sha256
 from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
-from unlearnlm.errors import UserError
 from unlearnlm.distributed import in_lockstep
+from unlearnlm.errors import UserError
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft
@@ -145,7 +146,8 @@ class Engine:
         if not params:
             raise ValueError("no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum) for p in self.phases]
+        self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum)
+                                for p in self.phases]
         self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps,
                                   config.optim.optimizer_reset == "per_chunk", config.optim.lr)
         # The scheduler is stepped by us once per optimizer update and never handed to accelerate,
@@ -329,11 +331,13 @@ class Engine:
                         summary.stop = Stop.MAX_STEPS
                         summary.stopped_reason = f"max_steps={limits.max_steps} reached"
                         return summary.stop
-                    if limits.time_budget_s is not None and self._on_any_process(elapsed_before + time.perf_counter() - started >= limits.time_budget_s):
+                    elapsed = elapsed_before + time.perf_counter() - started
+                    if limits.time_budget_s is not None and self._on_any_process(elapsed >= limits.time_budget_s):
                         summary.stop = Stop.TIME_BUDGET
                         summary.stopped_reason = f"time budget of {limits.time_budget_s}s reached"
                         return summary.stop
-                    if self.validator is not None and self.config.validation.every_steps and summary.steps % self.config.validation.every_steps == 0:
+                    every = self.config.validation.every_steps
+                    if self.validator is not None and every and summary.steps % every == 0:
                         self._validate(phase, summary)
         return None
 
@@ -417,7 +421,8 @@ class Engine:
         rng_states = gather_object([process_rng_state()])
         if main:
             position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
-                        "validations": summary.validations, "validation_seconds": summary.validation_seconds, "log_bytes": self.log_path.stat().st_size,
+                        "validations": summary.validations, "validation_seconds": summary.validation_seconds,
+                        "log_bytes": self.log_path.stat().st_size,
                         "world_size": self.accelerator.num_processes}
             save_checkpoint(state_dir, trainable, optimizer, self.scheduler.state_dict(), position, rng_states)
         self.accelerator.wait_for_everyone()
@@ -465,7 +470,8 @@ def _global_means(sums: dict[str, list[float]]) -> dict[str, float]:
 
 
 def _brief(stats: dict) -> str:
-    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items() if name.endswith("loss") and name != "loss")
+    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items()
+                    if name.endswith("loss") and name != "loss")
 
 
 def _progress(enabled: bool):

@@ -28,7 +28,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from unlearnlm.errors import UserError
 from unlearnlm.paths import partial_dir_for, refuse_overlap, replace_dir
 
-
 TRAINABLE_FILE = "trainable.safetensors"
 
 

@@ -34,10 +34,11 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -45,7 +46,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from unlearnlm import __version__
 from unlearnlm.data.records import Record, content_sha256, load_records
 from unlearnlm.data.sets import (
-    MANIFEST_NAME, BenchmarkSets, SizePreset, bundled_lume_dir, draw_sets, get_preset, pool_texts, pretraining_pool,
+    MANIFEST_NAME,
+    BenchmarkSets,
+    SizePreset,
+    bundled_lume_dir,
+    draw_sets,
+    get_preset,
+    pool_texts,
+    pretraining_pool,
     write_sets,
 )
 from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, encode_example, length_sorted_batches

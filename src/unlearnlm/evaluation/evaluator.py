@@ -10,9 +10,9 @@ training engine calls for checkpoint selection.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -20,12 +20,12 @@ from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import ensure_pad_token
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.generation import MAX_NEW_TOKENS, generate_texts
-from unlearnlm.paths import check_model_dir
 from unlearnlm.evaluation.likelihood import Progress, TokenCache, encode_texts
 from unlearnlm.evaluation.mia import DEFAULT_K, run_mia
 from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, load_mmlu
 from unlearnlm.evaluation.scoring import aggregated_terms, headline, official_results, score_rows
 from unlearnlm.evaluation.utility import utility_score
+from unlearnlm.paths import check_model_dir
 
 DEFAULT_BATCH_SIZE = 16
 

@@ -15,13 +15,13 @@ Either way only the new tokens are decoded, with ``skip_special_tokens=True`` an
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from unlearnlm.data.tokenize import Example, collate, length_sorted_batches
-from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, model_device
 from unlearnlm.distributed import gather_in_order, process_share, synced_generation
+from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, model_device
 
 MAX_NEW_TOKENS = 256
 

@@ -7,8 +7,8 @@ model has been loaded (or a long evaluation has run). Path and output checks are
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from rich.table import Table
 
 from unlearnlm.data.records import write_jsonl
-from unlearnlm.paths import check_output_dir, replace_dir
 from unlearnlm.evaluation.scoring import KNOWLEDGE, REGURGITATION, SPLITS, headline
+from unlearnlm.paths import check_output_dir, replace_dir
 
 RESULTS_FILE = "evaluation_results.json"
 GENERATIONS_FILE = "generations.jsonl"

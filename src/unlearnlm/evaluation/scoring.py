@@ -23,9 +23,9 @@ scored as the empty string. Both score 0 unless the reference itself contains th
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import auc, roc_curve

@@ -26,9 +26,9 @@ import torch
 
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase, split_chunks
 from unlearnlm.errors import UserError
+from unlearnlm.methods.base import Batch, Method, role_means, token_logprobs
 from unlearnlm.methods.registry import register
 from unlearnlm.settings import bounded
-from unlearnlm.methods.base import Batch, Method, role_means, token_logprobs
 
 
 @dataclass

@@ -7,8 +7,9 @@ hidden states of the layers a method declares (``Method.hidden_layers``, filled 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NotRequired, Optional, Required, TypedDict
+from typing import Any, NotRequired, Optional, Required, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from unlearnlm.data.schedule import Phase, chunk_schedule
 from unlearnlm.data.tokenize import IGNORE_INDEX
 from unlearnlm.errors import UserError
 from unlearnlm.settings import build_dataclass
-
 
 
 class Batch(TypedDict, total=False):

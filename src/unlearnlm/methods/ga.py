@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearnlm.methods.registry import register
 from unlearnlm.methods.base import Batch, Method, example_nll, role_means
+from unlearnlm.methods.registry import register
 
 
 @dataclass

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearnlm.methods.registry import register
 from unlearnlm.methods.base import Batch, Method, answer_log_distributions, example_nll, mix_roles, role_means
+from unlearnlm.methods.registry import register
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
+from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means
 from unlearnlm.methods.registry import register
 from unlearnlm.settings import bounded
-from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means
 
 
 @dataclass

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnlm.methods.registry import register
 from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means
+from unlearnlm.methods.registry import register
 
 
 @dataclass

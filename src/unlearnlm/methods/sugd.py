@@ -7,9 +7,9 @@ cyclically drawn retain rows at 1:ratio, unlearned in sequence) and its settings
 
 from dataclasses import dataclass
 
-from unlearnlm.methods.registry import register
 from unlearnlm.methods.base import Method
 from unlearnlm.methods.gd import gradient_difference_loss
+from unlearnlm.methods.registry import register
 
 
 @dataclass
