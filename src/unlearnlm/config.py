@@ -25,7 +25,8 @@ class LoraSettings:
     r: int = bounded(16, at_least=1)
     alpha: int = bounded(32, above=0)
     dropout: float = bounded(0.0, at_least=0, below=1)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"])
+    # None: the default of the model's family (model.LORA_TARGETS, docs/extending.md).
+    target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -191,8 +192,8 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
         raise UserError(f"setting 'layers.indices': {resolved.layers.indices} names a layer twice")
     if resolved.layers.indices == []:
         raise UserError("setting 'layers.indices': an empty list trains nothing (use null for every layer)")
-    if resolved.lora.enabled and not resolved.lora.target_modules:
-        raise UserError("setting 'lora.target_modules': LoRA needs at least one module name")
+    if resolved.lora.enabled and resolved.lora.target_modules == []:
+        raise UserError("setting 'lora.target_modules': LoRA needs at least one module name (null: the model family's default)")
     if resolved.layers.train_outside and (resolved.lora.enabled or
                                           (resolved.layers.last_k is None and resolved.layers.indices is None)):
         raise UserError("setting 'layers.train_outside' needs layers.last_k or layers.indices and no LoRA "

@@ -179,7 +179,7 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
         since = time.perf_counter()
         model, tokenizer = load_model(path, settings.dtype)
         model = relearn(model, tokenizer, rows, mode, settings.relearn, settings.seed)
-        budget = {**settings.relearn.describe(mode), "data": "T (half of the forget documents)" if scored_on == "V"
+        budget = {**settings.relearn.describe(mode, model), "data": "T (half of the forget documents)" if scored_on == "V"
                   else "the retain set", "rows": len(rows)}
         record(name, "relearning", scored_on, budget, evaluate(model, tokenizer, forget), since)
         del model
