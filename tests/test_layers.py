@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unlearnlm"
 LAYERS = [
     {"unlearnlm", "errors", "paths", "distributed", "settings"},  # foundations: no torch models, no config
     {"data"},
+    {"evaluation.metrics"},  # the metric table, which the config checks validation.metric against
     {"methods"},
     {"config"},
     {"model"},
@@ -50,8 +51,11 @@ def imports() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
-    top = module.split(".")[1] if "." in module else module
-    [rank] = [rank for rank, members in enumerate(LAYERS) if top in members]
+    """The layer of the module itself when one is named, else its top-level package's."""
+    inner = module.removeprefix("unlearnlm.")
+    top = inner.split(".")[0]
+    [rank] = [rank for rank, members in enumerate(LAYERS) if inner in members] or \
+             [rank for rank, members in enumerate(LAYERS) if top in members]
     return rank
 
 

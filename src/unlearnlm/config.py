@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from unlearnlm.errors import UserError
+from unlearnlm.evaluation.metrics import METRICS, SELECTABLE
 from unlearnlm.methods import get_method
 from unlearnlm.settings import bounded, build_dataclass
 
@@ -77,7 +78,7 @@ class ValidationSettings:
     nonmembers: Optional[str] = None
     general: Optional[str] = None
     every_steps: Optional[int] = bounded(None, at_least=1)  # None: after every chunk
-    metric: Literal["final", "task_aggregate", "mia_score", "utility"] = "final"
+    metric: str = "final"  # a selectable metric of evaluation/metrics.py
     # False: log the trajectory only and keep the last state (e.g. when validating on reported data).
     select: bool = True
     max_new_tokens: int = bounded(64, at_least=1)
@@ -204,15 +205,12 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     return resolved
 
 
-# The sets each selection metric is computed from, besides forget and retain.
-METRIC_NEEDS = {"final": ("members", "nonmembers", "general"), "mia_score": ("members", "nonmembers"),
-                "utility": ("general",), "task_aggregate": ()}
-
-
 def _check_validation_metric(plan: ValidationSettings) -> None:
+    if plan.metric not in SELECTABLE:
+        raise UserError(f"setting 'validation.metric': {plan.metric!r} is not one of {', '.join(SELECTABLE)}")
     if not (plan.enabled and plan.select):
         return
-    missing = [name for name in METRIC_NEEDS[plan.metric] if getattr(plan, name) is None]
+    missing = [name for name in METRICS[plan.metric].needs if getattr(plan, name) is None]
     if missing:
         raise UserError(f"setting 'validation.metric'={plan.metric!r} needs validation.{' and validation.'.join(missing)} "
                         "(or validation.metric=task_aggregate)")

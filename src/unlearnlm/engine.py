@@ -31,6 +31,7 @@ from unlearnlm.data.schedule import FORGET, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.distributed import in_lockstep
 from unlearnlm.errors import UserError
+from unlearnlm.evaluation.metrics import METRICS
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft
@@ -390,7 +391,8 @@ class Engine:
         record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
         summary.validations.append(record)
         self._log(record)
-        if self.config.validation.select and (summary.best is None or scores[metric] > summary.best[metric]):
+        if self.config.validation.select and (
+                summary.best is None or METRICS[metric].better(scores[metric], summary.best[metric])):
             summary.best = record
             best = trainable_state(self.unwrapped, keep=self.accelerator.is_main_process)
             if self.accelerator.is_main_process:

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.table import Table
 
 from unlearnlm.data.records import write_jsonl
+from unlearnlm.evaluation.metrics import METRICS
 from unlearnlm.evaluation.scoring import KNOWLEDGE, REGURGITATION, SPLITS, headline
 from unlearnlm.paths import check_output_dir, replace_dir
 
@@ -28,8 +29,7 @@ SUMMARY_FILE = "summary.md"
 GENERATION_FIELDS = ("id", "task", "kind", "split", "input", "output", "generation", "score")
 REDACTED = "[redacted]"
 SAMPLE_ROWS_PER_SPLIT = 3
-HEADLINE_COLUMNS = (("final", "final"), ("task_aggregate", "task aggregate"), ("mia_score", "MIA score"),
-                    ("mia_auc", "MIA AUC"), ("utility", "utility"), ("mmlu", "MMLU"))
+HEADLINE_COLUMNS = tuple((name, metric.label) for name, metric in METRICS.items())
 NamedResults = Sequence[tuple[str, Mapping]]
 
 
