@@ -15,11 +15,17 @@ def test_selection_follows_each_metrics_direction():
 
 
 def test_selectable_metrics_are_those_validation_can_score():
-    # MIA AUC has no better direction (best at 0.5); MMLU needs a set validation does not read.
-    assert SELECTABLE == ("final", "task_aggregate", "mia_score", "utility")
+    # The choices validation.metric had before the table; MIA AUC has no better direction (best at
+    # 0.5) and MMLU needs a set validation does not read.
+    assert {"final", "task_aggregate", "mia_score", "utility"} <= set(SELECTABLE)
+    assert not {"mia_auc", "mmlu"} & set(SELECTABLE)
     with pytest.raises(UserError, match="'validation.metric': 'mmlu' is not one of final, task_aggregate"):
         load_config(None, ["validation.metric=mmlu"])
 
 
 def test_report_columns_are_the_table():
-    assert [label for _, label in HEADLINE_COLUMNS] == ["final", "task aggregate", "MIA score", "MIA AUC", "utility", "MMLU"]
+    assert HEADLINE_COLUMNS == tuple((name, metric.label) for name, metric in METRICS.items())
+    # The columns the reports had before the table, in their order.
+    labels = [label for _, label in HEADLINE_COLUMNS]
+    assert [label for label in labels if label in ("final", "task aggregate", "MIA score", "MIA AUC", "utility", "MMLU")] == \
+        ["final", "task aggregate", "MIA score", "MIA AUC", "utility", "MMLU"]
