@@ -90,6 +90,18 @@ def test_a_layer_outside_the_model_is_refused(micro_model_dir, micro_data_dir, t
         build_engine(micro_model_dir, micro_data_dir, tmp_path, ["method_args.layer=3"])
 
 
+def test_a_layer_outside_the_model_fails_in_one_line_and_writes_nothing(micro_model_dir, micro_data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(micro_model_dir),
+         "--forget", str(micro_data_dir / "forget.jsonl"), "--retain", str(micro_data_dir / "retain.jsonl"),
+         "--out", str(tmp_path / "out"), "--set", "method=rmu", "--set", "method_args.layer=9"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "layer 9 is outside" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def forget_distance(model_dir, micro_data_dir, settings) -> float:
     """Mean squared distance of the forget rows' layer-1 activations to c * u, computed directly."""
     model, tokenizer = load_model_and_tokenizer(model_dir)

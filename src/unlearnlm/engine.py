@@ -531,7 +531,7 @@ def setup(model_path: str | Path, forget_path: str | Path, retain_path: str | Pa
     Nothing is written before every input has been read and checked.
     """
     from unlearnlm.data.records import load_records
-    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer
+    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, model_depth
     from unlearnlm.paths import check_model_dir
     from unlearnlm.runstate import check_output, prepare_output
 
@@ -544,6 +544,9 @@ def setup(model_path: str | Path, forget_path: str | Path, retain_path: str | Pa
     on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
     check_model_dir(model_path)
     check_layer_choice(model_path, config.layers)
+    depth, method = model_depth(model_path), get_method(config.method)
+    if depth is not None:  # the layers a method reads, checked before any weights load
+        method.layers(method.build_settings(config.method_args), depth)
     model, tokenizer = load_model_and_tokenizer(model_path, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)

@@ -90,13 +90,18 @@ def select_layers(n_layers: int, settings: LayerSettings) -> list[int] | None:
     return None
 
 
-def check_layer_choice(path: str | Path, settings: LayerSettings) -> None:
-    """Check ``layers.*`` against the depth in ``config.json``, before any weights load."""
+def model_depth(path: str | Path) -> int | None:
+    """The number of decoder layers in ``config.json``, read without loading any weights."""
     from transformers import AutoConfig
 
+    return getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "num_hidden_layers", None)
+
+
+def check_layer_choice(path: str | Path, settings: LayerSettings) -> None:
+    """Check ``layers.*`` against the depth in ``config.json``, before any weights load."""
     if settings.last_k is None and settings.indices is None:
         return
-    depth = getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "num_hidden_layers", None)
+    depth = model_depth(path)
     if depth is not None:
         select_layers(depth, settings)
 

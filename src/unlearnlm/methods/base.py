@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NotRequired, Optional, Required, TypedDict
+from typing import Any, NotRequired, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,13 @@ from unlearnlm.errors import UserError
 from unlearnlm.settings import build_dataclass
 
 
-class Batch(TypedDict, total=False):
+class Batch(TypedDict):
     """What a loss reads. The engine fills every key; a test may build only those its loss reads."""
 
     input_ids: NotRequired[torch.Tensor]  # [B, T], right-padded
     attention_mask: NotRequired[torch.Tensor]  # [B, T], 1 on real tokens
-    labels: Required[torch.Tensor]  # [B, T], IGNORE_INDEX off the answer
-    is_forget: Required[torch.Tensor]  # [B] bool
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX off the answer
+    is_forget: torch.Tensor  # [B] bool
     keys: NotRequired[list[str]]  # one per row, the reference cache's key
     share: NotRequired[float]  # this process's weight in the global batch (data parallelism)
     # The declared layers' hidden states ([B, T, H] each) of the model being trained ...
