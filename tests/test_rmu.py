@@ -121,6 +121,8 @@ def test_unlearn_command_runs_rmu_and_steers_the_forget_activations(micro_model_
         [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(micro_model_dir),
          "--forget", str(micro_data_dir / "forget.jsonl"), "--retain", str(micro_data_dir / "retain.jsonl"),
          "--out", str(out), "--set", "method=rmu", "--set", "optim.lr=1e-2",
+         # c well outside the micro model's activation norms (about 1.3), as 400 is for the mini target's (86).
+         "--set", "method_args.steering_coeff=20", "--set", "method_args.alpha=10",
          "--set", "schedule.epochs_per_chunk=2", "--set", "max_length=48"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

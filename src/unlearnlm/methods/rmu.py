@@ -28,12 +28,12 @@ from unlearnlm.settings import bounded
 @dataclass
 class RmuSettings:
     # An index into transformers' hidden_states (i: the output of decoder layer i); None: the middle
-    # layer, n_layers // 2. The paper steers layer 7 of 32 (Zephyr-7B).
+    # layer, n_layers // 2. The paper steers the output of decoder layer 7 (0-based; index 8 here) of 32.
     layer: Optional[int] = bounded(None, at_least=1)
     # The norm of the target c * u and the retain term's weight. The paper's 6.5 and 1200 are for a
     # 7B model (the `rmu` preset); these defaults are scaled to the tiny targets (docs/methods.md).
-    steering_coeff: float = bounded(20.0, above=0)
-    alpha: float = bounded(10.0, at_least=0)
+    steering_coeff: float = bounded(400.0, above=0)
+    alpha: float = bounded(100.0, at_least=0)
     seed: int = 0  # of the random direction u
 
 
