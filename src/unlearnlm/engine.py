@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.records import Record, content_sha256
-from unlearnlm.data.schedule import FORGET, Item, Phase
+from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.distributed import in_lockstep
 from unlearnlm.errors import UserError
@@ -134,19 +134,9 @@ class Engine:
         self.validator = validator
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(config.seed)
-        self.examples = {
-            FORGET: [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"f{i}")
-                     for i, r in enumerate(forget)],
-            "retain": [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"r{i}")
-                       for i, r in enumerate(retain)],
-        }
+        self.examples = {FORGET: self._encode(forget, "f"), RETAIN: self._encode(retain, "r")}
         self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        optimizer = self._optimizer(model)
         self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum)
                                 for p in self.phases]
         self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps,
@@ -159,6 +149,21 @@ class Engine:
         self.reference_cache: dict[str, torch.Tensor] = {}
         self.hidden_cache: dict[str, dict[int, torch.Tensor]] = {}  # key -> layer -> [real tokens, H]
         self.log_path = work_dir / "unlearn_log.jsonl"
+
+    def _encode(self, rows: list[Record], prefix: str) -> list[Example]:
+        """The training rows; each keeps its key (role initial and index) for the reference cache."""
+        config = self.config
+        return [encode_example(self.tokenizer, row.input, row.output, config.max_length, append_eos=config.append_eos,
+                               key=f"{prefix}{index}") for index, row in enumerate(rows)]
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the trainable weights (gradient checkpointing switched on first, when asked)."""
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters")
+        return torch.optim.AdamW(params, lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay)
 
     # --- reference model without a second copy ------------------------------------------------------
 
