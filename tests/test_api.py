@@ -8,10 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
-
-from conftest import run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SETTINGS = ["optim.max_steps=2", "max_length=32", "optim.lr=1e-3"]

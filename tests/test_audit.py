@@ -14,13 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnlm.audit.attacks import (
-    SamplingBudget,
-    quantize,
-    shortened,
-    split_documents,
-    with_document_context,
-)
+from unlearnlm.audit.attacks import SamplingBudget, quantize, shortened, split_documents, with_document_context
 from unlearnlm.audit.receipt import RECEIPT_JSON, RECEIPT_MD, build_receipt, write_receipt
 from unlearnlm.audit.run import AuditSettings, best_rows, run_audit, worst_case
 from unlearnlm.data.records import Record, load_documents, load_records

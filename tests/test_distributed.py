@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_update
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
@@ -22,8 +23,6 @@ from unlearnlm.data.records import load_records
 from unlearnlm.engine import unlearn
 from unlearnlm.errors import UserError
 from unlearnlm.runstate import load_checkpoint, process_rng_state, save_checkpoint, trainable_state
-
-from conftest import assert_same_update
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ACCELERATE_CONFIGS = SRC / "unlearnlm" / "resources" / "accelerate"
@@ -172,7 +171,7 @@ def worker(model_dir: str, data_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    from unlearnlm.evaluation.sharding import leave_process_group
+    from unlearnlm.distributed import leave_process_group
 
     worker(*sys.argv[1:])
     leave_process_group()

@@ -9,7 +9,6 @@ from unlearnlm.engine import Engine, unlearn
 from unlearnlm.errors import UserError
 from unlearnlm.model import apply_trainable, count_parameters, trainable_parameter_names
 
-
 FAST = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chunk=2", "optim.lr=1e-3",
         "optim.batch_size=2", "max_length=48"]
 
@@ -336,8 +335,9 @@ def test_forget_whole_documents_trains_on_the_whole_text_of_sentence_completions
     for record, example in zip(forget, engine.examples["forget"]):
         text = record.input + " " + record.output
         first, rest = text.split(" ", 1) if record.kind == "sc" else (record.input, record.output)
-        assert [label for label in example.labels if label != -100] == tokenizer(" " + rest, add_special_tokens=False)["input_ids"]
-        assert example.input_ids[: len(example.input_ids) - len(tokenizer(" " + rest, add_special_tokens=False)["input_ids"])] \
-            == tokenizer(first)["input_ids"]
+        answer = tokenizer(" " + rest, add_special_tokens=False)["input_ids"]
+        assert [label for label in example.labels if label != -100] == answer
+        assert example.input_ids[: len(example.input_ids) - len(answer)] == tokenizer(first)["input_ids"]
     for record, example in zip(retain, engine.examples["retain"]):  # retain rows keep their prompt
-        assert [label for label in example.labels if label != -100] == tokenizer(" " + record.output, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + record.output, add_special_tokens=False)["input_ids"]
+        assert [label for label in example.labels if label != -100] == answer

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_micro_model
 from rouge_score import rouge_scorer
 
-from conftest import make_micro_model
 from unlearnlm.cli import main
 from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import encode_prompt

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import LUME, make_micro_model
+
 from unlearnlm.data.records import Record, load_records
 from unlearnlm.evaluation.utility import build_choice_items, option_loglikelihoods, utility_score
 

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_update
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
 from unlearnlm.engine import unlearn
-
-from conftest import assert_same_update
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FSDP_CONFIG = SRC / "unlearnlm" / "resources" / "accelerate" / "fsdp.yaml"
@@ -196,7 +195,7 @@ def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    from unlearnlm.evaluation.sharding import leave_process_group
+    from unlearnlm.distributed import leave_process_group
 
     worker(*sys.argv[1:])
     leave_process_group()

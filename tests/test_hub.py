@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
+from conftest import MAIN_COMMIT, REPO, TAGGED_COMMIT, file_sha256, run_cli, unlearn_args
 from safetensors.torch import load_file
 
-from conftest import MAIN_COMMIT, REPO, TAGGED_COMMIT, file_sha256, run_cli, unlearn_args
 
 def test_unlearn_and_eval_by_hub_id(hub_cache, micro_data_dir, micro_model_dir, tmp_path):
     out = tmp_path / "unlearned"

@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, add_snapshot, file_sha256, run_cli
 
 DATASET = "unlearnlm-test/semeval-like"

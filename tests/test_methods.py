@@ -2,13 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_micro_model
 
 from unlearnlm.data.tokenize import IGNORE_INDEX, collate, encode_example
 from unlearnlm.methods import REGISTRY, get_method
-from unlearnlm.methods.base import example_nll
+from unlearnlm.methods.base import example_nll, forward
 from unlearnlm.methods.kl import retain_kl
-
-from conftest import make_micro_model
 
 
 def hand_batch():
@@ -83,6 +82,20 @@ def test_kl_is_zero_at_the_reference_and_ignores_prompt_positions():
     assert retain_kl(moved, batch["labels"], reference)[1].item() > 1e-3
 
 
+def original_values(method, settings, model, batch):
+    """What the engine supplies from the original model: the ``reference_view`` values, returned, and
+    for a method that reads the original hidden states, ``batch["reference_hidden"]``."""
+    layers = method.layers(settings, model.config.num_hidden_layers) if method.reference_hidden else ()
+    with torch.no_grad():
+        logits = forward(model, batch, layers, key="reference_hidden")
+    return method.reference_view(logits, batch["labels"]) if method.reference_view else None
+
+
+def model_logits(method, settings, model, batch):
+    """The logits, with the hidden states the method declares put in ``batch``, as the engine does."""
+    return forward(model, batch, method.layers(settings, model.config.num_hidden_layers))
+
+
 def test_losses_ignore_padding(micro_tokenizer):
     """Padding a batch wider must not change any method's loss."""
     torch.manual_seed(0)
@@ -98,9 +111,9 @@ def test_losses_ignore_padding(micro_tokenizer):
         for batch, rows in ((narrow, 2), (wide, 2)):
             inputs = {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "labels")}
             inputs["is_forget"] = torch.tensor([True, False])
+            reference = original_values(method, settings, model, inputs)
             with torch.no_grad():
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-                reference = method.reference_view(logits, inputs["labels"]) if method.reference_view else None
+                logits = model_logits(method, settings, model, inputs)
                 values.append(method.loss(logits, inputs, settings, reference)[0].item())
         assert values[0] == pytest.approx(values[1], abs=1e-5), name
 
@@ -125,13 +138,11 @@ def test_one_step_moves_the_loss_in_the_intended_direction(name, micro_tokenizer
     batch["is_forget"] = torch.tensor([f for _, _, f in rows])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     memorize(model, inputs, batch["labels"])
-    with torch.no_grad():
-        reference_logits = model(**inputs).logits
-    reference = method.reference_view(reference_logits, batch["labels"]) if method.reference_view else None
+    reference = original_values(method, settings, model, batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
     def measure():
-        logits = model(**inputs).logits
+        logits = model_logits(method, settings, model, batch)
         return method.loss(logits, batch, settings, reference)[0], example_nll(logits, batch["labels"]).detach()
 
     loss_before, nll_before = measure()
@@ -158,3 +169,14 @@ def test_token_logprobs_within_one_float32_step_of_the_largest_logit():
     exact = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
     assert mask.all()
     assert (logp.double() - exact).abs().max().item() <= 2.0 ** -19
+
+
+def test_register_refuses_a_name_already_taken():
+    from dataclasses import replace
+
+    from unlearnlm.errors import UserError
+    from unlearnlm.methods import register
+
+    with pytest.raises(UserError, match="'gd' is already registered"):
+        register(replace(get_method("gd"), summary="another gd"))
+    assert REGISTRY["gd"].summary != "another gd"

@@ -10,8 +10,8 @@ import string
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_micro_model
+
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.inputs import load_mia_documents
 from unlearnlm.evaluation.likelihood import TokenStats, stats_from_logits
@@ -181,8 +181,8 @@ def test_level_command_prints_the_mean_of_each_documents_mean_token_loss(micro_m
     import json
 
     import torch
-
     from conftest import run_cli
+
     from unlearnlm.model import load_model_and_tokenizer
 
     documents = ["Ada Lovelace wrote the first program for the Analytical Engine.", "Paris is the capital of France."]

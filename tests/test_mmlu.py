@@ -11,14 +11,7 @@ import pytest
 import torch
 
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.mmlu import (
-    build_prompt,
-    choice_token_ids,
-    evaluate_mmlu,
-    fitted_prompt,
-    lm_eval_mmlu,
-    load_mmlu,
-)
+from unlearnlm.evaluation.mmlu import build_prompt, choice_token_ids, evaluate_mmlu, fitted_prompt, lm_eval_mmlu, load_mmlu
 
 DEV = {
     "abstract_algebra": [["What is 1+1?", "1", "2", "3", "4", "B"],

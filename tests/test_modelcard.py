@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from conftest import REPO, run_cli, unlearn_args
 
 

@@ -31,7 +31,8 @@ def test_loads_jsonl_parquet_and_directory(tmp_path):
     assert load_records(tmp_path, "forget")[0].id == "abcsc1"
     official = tmp_path / "official"
     official.mkdir()
-    pq.write_table(pa.Table.from_pylist([{**ROW, "id": "9qa0", "split": "retain"}]), official / "retain_train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist([{**ROW, "id": "9qa0", "split": "retain"}]),
+                   official / "retain_train-00000-of-00001.parquet")
     record = load_records(official, "retain")[0]
     assert (record.kind, record.split) == ("qa", "retain")
 
@@ -75,7 +76,8 @@ def test_labels_cover_only_answer_and_eos_and_mask_keeps_real_eos(micro_tokenize
 
 def test_left_padding_positions_start_at_zero(micro_tokenizer):
     tok = micro_tokenizer
-    batch = collate([encode_example(tok, "a", "b", append_eos=True), encode_example(tok, "a longer prompt", "b", append_eos=True)], tok.pad_token_id, "left")
+    examples = [encode_example(tok, "a", "b", append_eos=True), encode_example(tok, "a longer prompt", "b", append_eos=True)]
+    batch = collate(examples, tok.pad_token_id, "left")
     first_real = int((batch["attention_mask"][0] == 0).sum())
     assert batch["position_ids"][0, first_real] == 0
     assert batch["position_ids"][1, 0] == 0

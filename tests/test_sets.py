@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from unlearnlm.data.records import load_documents, load_records
-from unlearnlm.data.sets import (
-    PRESETS, SET_FILES, TASKS, BenchmarkSets, bundled_lume_dir, draw_sets, write_sets,
-)
+from unlearnlm.data.sets import PRESETS, SET_FILES, TASKS, BenchmarkSets, bundled_lume_dir, draw_sets, write_sets
 from unlearnlm.errors import UserError
 
 

@@ -11,9 +11,22 @@ import torch
 
 from unlearnlm.data.records import load_documents, load_records
 from unlearnlm.errors import UserError
+from unlearnlm.paths import replace_dir as publish
 from unlearnlm.target import (
-    BARS, BASE_LOG, BENCHMARK_DIR, LOG_NAME, ORACLE_DIR, RECIPES, build_base, build_target, cached_target,
-    calibration_checks, make_model, publish, read_calibration, read_models, train_tokenizer,
+    BARS,
+    BASE_LOG,
+    BENCHMARK_DIR,
+    LOG_NAME,
+    ORACLE_DIR,
+    RECIPES,
+    build_base,
+    build_target,
+    cached_target,
+    calibration_checks,
+    make_model,
+    read_calibration,
+    read_models,
+    train_tokenizer,
 )
 
 

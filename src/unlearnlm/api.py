@@ -8,8 +8,9 @@ a list of dicts or a ``datasets.Dataset``, holding SemEval rows or raw documents
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from unlearnlm.config import UnlearnConfig, load_config
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows
@@ -105,7 +106,8 @@ def evaluate_models(
     Launched on several processes, each scores its share of the rows and all of them return the
     gathered results; the main process writes the report.
     """
-    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.paths import check_output_dir
 
     # Every input is checked before torch is imported and the first model loads.
     sources = [_model_input(model, tokenizer) for model in models]
@@ -123,10 +125,10 @@ def evaluate_models(
     nonmember_documents = load_mia_documents(nonmembers, "nonmembers", text_key) if nonmembers is not None else None
     general_rows = load_general_set(general) if general is not None else None
 
+    from unlearnlm.distributed import join_launched_processes
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.mmlu import load_mmlu
     from unlearnlm.evaluation.report import write_report
-    from unlearnlm.evaluation.sharding import join_launched_processes
 
     data = EvalData(forget_rows, retain_rows, member_documents, nonmember_documents, general_rows,
                     load_mmlu(mmlu) if mmlu else None)

@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 
-# --- target (owned by the target helper) -------------------------------------------------------
+# --- target ------------------------------------------------------------------------------------------
 
 class TargetSize(str, Enum):
     micro = "micro"
@@ -39,7 +39,8 @@ def target_command(
     out: Annotated[Path, typer.Option(help="Output model directory (must be empty unless --overwrite).")],
     size: Annotated[TargetSize, typer.Option(help="Documents per set and model size.")] = TargetSize.mini,
     seed: Annotated[int, typer.Option(help="Seed of the document draw and of the model.")] = 0,
-    draw: Annotated[int, typer.Option(min=0, help="Which disjoint draw of documents (the benchmark tunes on 1, reports on 0).")] = 0,
+    draw: Annotated[int, typer.Option(
+        min=0, help="Which disjoint draw of documents (the benchmark tunes on 1, reports on 0).")] = 0,
     arch: Annotated[TargetArch, typer.Option(help="Decoder architecture from transformers.")] = TargetArch.llama,
     max_epochs: Annotated[Optional[int], typer.Option(min=1, help="Epoch budget (default: the size's own).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads; more than 1 pays only on an idle machine.")] = 1,
@@ -48,7 +49,7 @@ def target_command(
     """Fine-tune a small pretrained base until it memorized LUME documents (the target, at OUT) and
     retrain it without the forget set (the oracle, at OUT/oracle); both are calibrated."""
     from unlearnlm.data.sets import draw_sets
-    from unlearnlm.evaluation.inputs import check_output_dir
+    from unlearnlm.paths import check_output_dir
 
     # Bad input fails before torch is imported.
     check_output_dir(out, overwrite, inputs=[data])
@@ -80,7 +81,7 @@ def base_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Pretrain the small base model on the pool of a LUME-format directory (`target` does it when needed)."""
-    from unlearnlm.evaluation.inputs import check_output_dir
+    from unlearnlm.paths import check_output_dir
 
     check_output_dir(out, overwrite)
 
@@ -90,10 +91,8 @@ def base_command(
     print(f"base: {out}  ({log['parameters']:,} parameters, {log['epochs']} epochs on {log['pool_tokens']:,} tokens, "
           f"{log['train_seconds']:.0f}s; weights sha256 {log['weights_sha256']})")
 
-# --- end target ----------------------------------------------------------------------------------
 
-
-# --- eval (owned by the evaluation helper) -------------------------------------------------------
+# --- eval --------------------------------------------------------------------------------------------
 
 class EvalDType(str, Enum):
     float32 = "float32"
@@ -104,11 +103,17 @@ class EvalDType(str, Enum):
 def eval_command(
     model: Annotated[list[str], typer.Option("--model", help="Model directory, LoRA adapter directory or Hub id "
                                                             "ORG/NAME[@REVISION]; repeat to compare several models.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    forget: Annotated[Path, typer.Option(
+        help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
+             "a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(
+        help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
+             "a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(
+        help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(
+        help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score, an MMLU stand-in.")] = None,
     mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/, test/ CSVs or cais/mmlu parquet).")] = None,
     mmlu_shots: Annotated[int, typer.Option(min=0, help="In-context examples per MMLU prompt.")] = 5,
@@ -126,8 +131,8 @@ def eval_command(
     from rich.progress import Progress
 
     from unlearnlm.api import evaluate_models
+    from unlearnlm.distributed import join_launched_processes
     from unlearnlm.evaluation.report import results_table, terms_table
-    from unlearnlm.evaluation.sharding import join_launched_processes
 
     console = Console()
     main = join_launched_processes()  # launched on several processes: each scores its share of the rows
@@ -162,22 +167,25 @@ def _eval_progress(progress):
     return for_model
 
 
-# --- end eval ------------------------------------------------------------------------------------
 
-
-# --- unlearn -------------------------------------------------------------------------------------
+# --- unlearn -----------------------------------------------------------------------------------------
 
 
 @app.command()
 def unlearn(
     model: Annotated[str, typer.Option(help="Input model: a directory (Hugging Face format, safetensors), a LoRA "
                                            "adapter directory or a Hub id ORG/NAME[@REVISION]. Only read.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    forget: Annotated[Path, typer.Option(
+        help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
+             "a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(
+        help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
+             "a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
     config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
     save: Annotated[Optional[str], typer.Option(help="'merged' (default) or 'adapter' (LoRA only).")] = None,
     val_forget: Annotated[Optional[Path], typer.Option(
         help="Validation forget set: with --val-retain, enables checkpoint selection. The default metric, the "
@@ -185,7 +193,8 @@ def unlearn(
              "(or --set validation.metric=task_aggregate).")] = None,
     val_retain: Annotated[Optional[Path], typer.Option(help="Validation retain set.")] = None,
     val_members: Annotated[Optional[Path], typer.Option(help="Validation MIA members (as --mia-members of eval).")] = None,
-    val_nonmembers: Annotated[Optional[Path], typer.Option(help="Validation MIA nonmembers (as --mia-nonmembers of eval).")] = None,
+    val_nonmembers: Annotated[Optional[Path], typer.Option(
+        help="Validation MIA nonmembers (as --mia-nonmembers of eval).")] = None,
     val_general: Annotated[Optional[Path], typer.Option(help="Validation general set for the utility score.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer directory or Hub id, when not the model's own.")] = None,
     text_key: Annotated[str, typer.Option(help="The text field of raw-document rows (forgotten whole).")] = "text",
@@ -230,7 +239,9 @@ def unlearn(
 @app.command("level")
 def level_command(
     model: Annotated[str, typer.Option(help="The model before unlearning: a directory, an adapter or a Hub id. Only read.")],
-    documents: Annotated[Path, typer.Option(help="Text the model saw only in pretraining, in no evaluation set: a {document} jsonl, a directory with nonmember.jsonl, or rows.")],
+    documents: Annotated[Path, typer.Option(
+        help="Text the model saw only in pretraining, in no evaluation set: a {document} jsonl, a directory with "
+             "nonmember.jsonl, or rows.")],
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for scoring.")] = 16,
     text_key: Annotated[str, typer.Option(help="The text field of raw-document rows.")] = "text",
 ) -> None:
@@ -238,9 +249,11 @@ def level_command(
     from unlearnlm.evaluation.evaluator import load_model
     from unlearnlm.evaluation.inputs import load_mia_documents
     from unlearnlm.evaluation.mia import mean_document_loss
+    from unlearnlm.hub import resolve_model
 
+    source = resolve_model(model)  # checked, as the documents are, before any weights load
     texts = load_mia_documents(documents, "nonmembers", text_key)
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer = load_model(source)
     level = mean_document_loss(loaded, tokenizer, texts, batch_size)
     typer.echo(f"{level:.4f}")
     typer.echo(f"{len(texts)} documents; unlearn with --set method_args.forget_ceiling={level:.4f}", err=True)
@@ -292,16 +305,23 @@ def demo(
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
+    out: Annotated[Path, typer.Option(
+        help="Output directory for results.json, report.md and the plots.")] = Path("unlearnlm-bench"),
     size: Annotated[str, typer.Option(help="Size preset of the targets (bench: the benchmark; micro: a smoke run).")] = "bench",
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Method variant to run (repeatable; default all).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        "--method", help="Method variant to run (repeatable; default all).")] = None,
     grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
-    seeds: Annotated[str, typer.Option(help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",
+    seeds: Annotated[str, typer.Option(
+        help="Unlearning seeds on the reported draw, comma-separated (mean and spread).")] = "0,1,2",
     target_seed: Annotated[int, typer.Option(help="Seed of the targets and the document draws.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds of unlearning allowed per run.")] = None,
-    trajectory: Annotated[bool, typer.Option("--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
-    audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Attack each method's first-seed model and the oracle (unlearnlm audit's attacks): the robust final.")] = True,
-    jobs: Annotated[int, typer.Option(min=1, help="Processes running methods side by side (each gets cores / jobs threads).")] = 1,
+    trajectory: Annotated[bool, typer.Option(
+        "--trajectory/--no-trajectory", help="Log validation scores after every chunk of the SUGD run.")] = True,
+    audit: Annotated[bool, typer.Option(
+        "--audit/--no-audit",
+        help="Attack each method's first-seed model and the oracle (unlearnlm audit's attacks): the robust final.")] = True,
+    jobs: Annotated[int, typer.Option(
+        min=1, help="Processes running methods side by side (each gets cores / jobs threads).")] = 1,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench import BenchOptions, run_bench
@@ -326,27 +346,38 @@ def bench(
 @app.command("audit")
 def audit_command(
     model: Annotated[Path, typer.Option(help="The unlearned model to audit: a directory, an adapter or a Hub id. Only read.")],
-    forget: Annotated[Path, typer.Option(help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
-    retain: Annotated[Path, typer.Option(help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or a Hub split ORG/NAME[@REV]:SPLIT.")],
+    forget: Annotated[Path, typer.Option(
+        help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
+             "a Hub split ORG/NAME[@REV]:SPLIT.")],
+    retain: Annotated[Path, typer.Option(
+        help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
+             "a Hub split ORG/NAME[@REV]:SPLIT.")],
     out: Annotated[Path, typer.Option(help="Output directory for receipt.json, receipt.md and the plot.")],
-    original: Annotated[Optional[Path], typer.Option(help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
-    oracle: Annotated[Optional[Path], typer.Option(help="A model that never saw the forget set: every attack runs on it too.")] = None,
-    mia_members: Annotated[Optional[Path], typer.Option(help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
+    original: Annotated[Optional[Path], typer.Option(
+        help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
+    oracle: Annotated[Optional[Path], typer.Option(
+        help="A model that never saw the forget set: every attack runs on it too.")] = None,
+    mia_members: Annotated[Optional[Path], typer.Option(
+        help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
+    mia_nonmembers: Annotated[Optional[Path], typer.Option(
+        help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the T/V split, the relearning and the sampling.")] = 0,
     relearn_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each relearning attack.")] = 30,
-    relearn_lr: Annotated[float, typer.Option(help="Learning rate of full relearning (LoRA: 5x); 2e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 2e-4,
+    relearn_lr: Annotated[float, typer.Option(
+        help="Learning rate of full relearning (LoRA: 5x); 2e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 2e-4,
     samples: Annotated[int, typer.Option(min=1, help="Samples per prompt in the sampling attack.")] = 8,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for generation and scoring.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
-    redact: Annotated[bool, typer.Option("--redact/--no-redact", help="Keep forget prompts, answers and generations out of the receipt.")] = True,
+    redact: Annotated[bool, typer.Option(
+        "--redact/--no-redact", help="Keep forget prompts, answers and generations out of the receipt.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""
     from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import check_output_dir, load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
     from unlearnlm.hub import resolve_model
+    from unlearnlm.paths import check_output_dir
 
     # A Hub id becomes its snapshot directory, which the receipt hashes like any model directory.
     model, original, oracle = (None if spec is None else resolve_model(spec).path for spec in (model, original, oracle))
@@ -404,7 +435,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("error: interrupted", file=sys.stderr)
         code = 130
     else:
-        from unlearnlm.evaluation.sharding import leave_process_group
+        from unlearnlm.distributed import leave_process_group
 
         leave_process_group()
     sys.exit(code)

@@ -7,8 +7,6 @@ then command-line overrides. Unknown keys are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,18 +15,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from unlearnlm.errors import UserError
-
-
-def bounded(default: Any, *, at_least: float | None = None, above: float | None = None,
-            below: float | None = None) -> Any:
-    """A dataclass field whose value (or each item of a list value) must lie in the given range.
-
-    Checked when the config loads, so a bad value fails in a second with the key's name, not
-    after a model has loaded or, worse, after training (a zero chunk size, a negative rate).
-    """
-    limits = {name: value for name, value in (("at_least", at_least), ("above", above), ("below", below))
-              if value is not None}
-    return field(default=default, metadata={"bounds": limits})
+from unlearnlm.evaluation.metrics import METRICS, SELECTABLE
+from unlearnlm.methods import get_method
+from unlearnlm.settings import bounded, build_dataclass
 
 
 @dataclass
@@ -37,7 +26,8 @@ class LoraSettings:
     r: int = bounded(16, at_least=1)
     alpha: int = bounded(32, above=0)
     dropout: float = bounded(0.0, at_least=0, below=1)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"])
+    # None: the default of the model's family (model.LORA_TARGETS, docs/extending.md).
+    target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -88,7 +78,7 @@ class ValidationSettings:
     nonmembers: Optional[str] = None
     general: Optional[str] = None
     every_steps: Optional[int] = bounded(None, at_least=1)  # None: after every chunk
-    metric: Literal["final", "task_aggregate", "mia_score", "utility"] = "final"
+    metric: str = "final"  # a selectable metric of evaluation/metrics.py
     # False: log the trajectory only and keep the last state (e.g. when validating on reported data).
     select: bool = True
     max_new_tokens: int = bounded(64, at_least=1)
@@ -137,84 +127,6 @@ class UnlearnConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# --- building dataclasses from plain dicts, with errors that name the key ---------------------------
-
-
-def _check_value(value: Any, annotation: Any, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (arg for arg in args if arg is not type(None)):
-            try:
-                return _check_value(value, option, key)
-            except UserError:
-                continue
-        raise UserError(f"setting {key!r}: {value!r} is not a valid value")
-    if origin is Literal:
-        if value not in args:
-            raise UserError(f"setting {key!r}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"setting {key!r}: expected a list, got {value!r}")
-        return [_check_value(item, args[0], key) for item in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"setting {key!r}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        return build_dataclass(annotation, value, prefix=key)
-    if annotation is float and not isinstance(value, bool) and isinstance(value, (int, str)):
-        # YAML 1.1 reads '5e-5' (no dot) as a string; accept it as the number it plainly is.
-        try:
-            return float(value)
-        except ValueError:
-            raise UserError(f"setting {key!r}: expected a number, got {value!r}") from None
-    if annotation is bool and not isinstance(value, bool):
-        raise UserError(f"setting {key!r}: expected true or false, got {value!r}")
-    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"setting {key!r}: expected an integer, got {value!r}")
-    if annotation in (float, str) and not isinstance(value, annotation):
-        raise UserError(f"setting {key!r}: expected {annotation.__name__}, got {value!r}")
-    return value
-
-
-def build_dataclass(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Instantiate ``cls`` from ``data``; unknown or ill-typed keys raise UserError naming the key."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise UserError(f"setting {prefix or cls.__name__!r}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise UserError(f"unknown setting {where!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        values[name] = _check_value(value, hints[name], key)
-        _check_bounds(values[name], fields[name].metadata.get("bounds", {}), key)
-    return cls(**values)
-
-
-def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
-    for item in value if isinstance(value, list) else [value]:
-        if item is None:
-            continue
-        if "at_least" in bounds and item < bounds["at_least"]:
-            raise UserError(f"setting {key!r}: must be at least {bounds['at_least']:g}, got {item!r}")
-        if "above" in bounds and item <= bounds["above"]:
-            raise UserError(f"setting {key!r}: must be above {bounds['above']:g}, got {item!r}")
-        if "below" in bounds and item >= bounds["below"]:
-            raise UserError(f"setting {key!r}: must be below {bounds['below']:g}, got {item!r}")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -277,8 +189,6 @@ def read_yaml(path: Path) -> dict:
 
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> UnlearnConfig:
     """Resolve defaults < method defaults < YAML < overrides into a validated UnlearnConfig."""
-    from unlearnlm.methods import get_method
-
     user: dict = read_yaml(resolve_config_path(config)) if config else {}
     for override in overrides or []:
         user = deep_merge(user, parse_override(override))
@@ -294,8 +204,8 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
         raise UserError(f"setting 'layers.indices': {resolved.layers.indices} names a layer twice")
     if resolved.layers.indices == []:
         raise UserError("setting 'layers.indices': an empty list trains nothing (use null for every layer)")
-    if resolved.lora.enabled and not resolved.lora.target_modules:
-        raise UserError("setting 'lora.target_modules': LoRA needs at least one module name")
+    if resolved.lora.enabled and resolved.lora.target_modules == []:
+        raise UserError("setting 'lora.target_modules': LoRA needs at least one module name (null: the model family's default)")
     if resolved.layers.train_outside and (resolved.lora.enabled or
                                           (resolved.layers.last_k is None and resolved.layers.indices is None)):
         raise UserError("setting 'layers.train_outside' needs layers.last_k or layers.indices and no LoRA "
@@ -306,15 +216,12 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     return resolved
 
 
-# The sets each selection metric is computed from, besides forget and retain.
-METRIC_NEEDS = {"final": ("members", "nonmembers", "general"), "mia_score": ("members", "nonmembers"),
-                "utility": ("general",), "task_aggregate": ()}
-
-
 def _check_validation_metric(plan: ValidationSettings) -> None:
+    if plan.metric not in SELECTABLE:
+        raise UserError(f"setting 'validation.metric': {plan.metric!r} is not one of {', '.join(SELECTABLE)}")
     if not (plan.enabled and plan.select):
         return
-    missing = [name for name in METRIC_NEEDS[plan.metric] if getattr(plan, name) is None]
+    missing = [name for name in METRICS[plan.metric].needs if getattr(plan, name) is None]
     if missing:
         raise UserError(f"setting 'validation.metric'={plan.metric!r} needs validation.{' and validation.'.join(missing)} "
                         "(or validation.metric=task_aggregate)")

@@ -7,30 +7,35 @@ without rebuilding anything.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import random
 import resource
+import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput
 from unlearnlm.data.records import Record, whole_document
-from unlearnlm.data.schedule import FORGET, Item, Phase
+from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
+from unlearnlm.distributed import in_lockstep
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.sharding import in_lockstep
+from unlearnlm.evaluation.metrics import METRICS
 from unlearnlm.hub import LoadedModel, ModelSource
 from unlearnlm.methods import get_method
+from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft
 from unlearnlm.runstate import (
     is_sharded,
@@ -45,12 +50,22 @@ from unlearnlm.runstate import (
 from unlearnlm.tracking import accelerator_options, check_tracker, finish_trackers, hyperparameters, scalars
 
 
+class Stop(enum.Enum):
+    """Why a run ended. ``run.json`` keeps the sentence ``stopped_reason`` gives, unchanged."""
+
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    MAX_STEPS = "max_steps"
+    TIME_BUDGET = "time_budget"
+
+
 @dataclass
 class RunSummary:
     steps: int = 0
     seconds: float = 0.0
     validation_seconds: float = 0.0  # part of ``seconds``
-    stopped_reason: str = "completed"
+    stop: Stop = Stop.COMPLETED
+    stopped_reason: str = "completed"  # ``stop`` in words, with its details
     best: Optional[dict] = None
     validations: list[dict] = field(default_factory=list)
 
@@ -115,6 +130,7 @@ class Engine:
         self.config = config
         self.method = get_method(config.method)
         self.settings = self.method.build_settings(config.method_args)
+        self.layers = self.method.layers(self.settings, model.config.num_hidden_layers)
         self.accelerator = accelerator or build_accelerator()
         self.tokenizer = tokenizer
         self.work_dir = work_dir
@@ -123,20 +139,11 @@ class Engine:
         set_seed(config.seed)
         if config.forget_whole_documents:
             forget = [whole_document(row) for row in forget]
-        self.examples = {
-            FORGET: [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"f{i}")
-                     for i, r in enumerate(forget)],
-            "retain": [encode_example(tokenizer, r.input, r.output, config.max_length, append_eos=config.append_eos, key=f"r{i}")
-                       for i, r in enumerate(retain)],
-        }
+        self.examples = {FORGET: self._encode(forget, "f"), RETAIN: self._encode(retain, "r")}
         self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum) for p in self.phases]
+        optimizer = self._optimizer(model)
+        self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum)
+                                for p in self.phases]
         self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps,
                                   config.optim.optimizer_reset == "per_chunk", config.optim.lr)
         # The scheduler is stepped by us once per optimizer update and never handed to accelerate,
@@ -145,9 +152,25 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
         self.reference_cache: dict[str, torch.Tensor] = {}
+        self.hidden_cache: dict[str, dict[int, torch.Tensor]] = {}  # key -> layer -> [real tokens, H]
         self.log_path = work_dir / "unlearn_log.jsonl"
         if self.accelerator.log_with:
             self.accelerator.init_trackers(config.tracking.project, config=hyperparameters(config.to_dict()))
+
+    def _encode(self, rows: list[Record], prefix: str) -> list[Example]:
+        """The training rows; each keeps its key (role initial and index) for the reference cache."""
+        config = self.config
+        return [encode_example(self.tokenizer, row.input, row.output, config.max_length, append_eos=config.append_eos,
+                               key=f"{prefix}{index}") for index, row in enumerate(rows)]
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the trainable weights (gradient checkpointing switched on first, when asked)."""
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters")
+        return torch.optim.AdamW(params, lr=self.config.optim.lr, weight_decay=self.config.optim.weight_decay)
 
     # --- reference model without a second copy ------------------------------------------------------
 
@@ -155,53 +178,80 @@ class Engine:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _reference_values(self, batch: dict) -> Optional[list[torch.Tensor]]:
-        if self.method.reference_view is None:
+    def _reference_values(self, batch: Batch) -> Optional[list[torch.Tensor]]:
+        """The original model's values the loss compares against: ``reference_view``'s are returned,
+        hidden states (``reference_hidden``) go to ``batch["reference_hidden"]``."""
+        method = self.method
+        if method.reference_view is None and not method.reference_hidden:
             return None
+        hidden_layers = self.layers if method.reference_hidden else ()
         if is_peft(self.unwrapped):
             # The original model is the same model with its adapters switched off.
             with torch.no_grad(), self.unwrapped.disable_adapter():
-                logits = self.unwrapped(**self._model_inputs(batch)).logits
-            return self.method.reference_view(logits, batch["labels"])
-        return [self.reference_cache.get(key) for key in batch["keys"]]
+                logits = forward(self.unwrapped, batch, hidden_layers, key="reference_hidden")
+            return method.reference_view(logits, batch["labels"]) if method.reference_view else None
+        if hidden_layers:
+            batch["reference_hidden"] = self._cached_hidden(batch)
+        return [self.reference_cache.get(key) for key in batch["keys"]] if method.reference_view else None
 
     def _fill_reference_cache(self) -> None:
         """Without LoRA, compute the original model's values once, before any weight moves."""
-        if self.method.reference_view is None or is_peft(self.unwrapped) or self.reference_cache:
+        method = self.method
+        needs_cache = method.reference_view is not None or method.reference_hidden
+        if not needs_cache or is_peft(self.unwrapped) or self.reference_cache or self.hidden_cache:
             return
         needed = {(item.role, item.index) for phase in self.phases for item in phase.items
-                  if item.role in self.method.reference_roles}
+                  if item.role in method.reference_roles}
         examples = [self.examples[role][index] for role, index in sorted(needed)]
+        hidden_layers = self.layers if method.reference_hidden else ()
         self.model.eval()
         for start in range(0, len(examples), 8):
             chunk = examples[start:start + 8]
             batch = self._collate(chunk)
             with torch.no_grad():
-                logits = self.model(**self._model_inputs(batch)).logits
+                logits = forward(self.model, batch, hidden_layers, key="reference_hidden")
             # float32, as computed: a rounded copy would make the unchanged model differ from itself.
-            for key, value in zip(batch["keys"], self.method.reference_view(logits, batch["labels"])):
-                self.reference_cache[key] = value.to("cpu", torch.float32)
+            if method.reference_view is not None:
+                for key, value in zip(batch["keys"], method.reference_view(logits, batch["labels"])):
+                    self.reference_cache[key] = value.to("cpu", torch.float32)
+            for row, key in enumerate(batch["keys"] if hidden_layers else []):
+                length = int(batch["attention_mask"][row].sum())
+                self.hidden_cache[key] = {layer: states[row, :length].to("cpu", torch.float32)
+                                          for layer, states in batch["reference_hidden"].items()}
         self.model.train()
+
+    def _cached_hidden(self, batch: Batch) -> dict[int, torch.Tensor]:
+        """The cached hidden states re-padded to the batch ([B, T, H] per layer); zeros on rows the
+        method reads no reference for (``reference_roles``) and on padding."""
+        rows, width = batch["attention_mask"].shape
+        size = self.unwrapped.config.hidden_size
+        padded = {}
+        for layer in self.layers:
+            states = torch.zeros(rows, width, size, device=self.accelerator.device)
+            for row, key in enumerate(batch["keys"]):
+                cached = self.hidden_cache.get(key)
+                if cached is not None:
+                    states[row, :cached[layer].shape[0]] = cached[layer].to(self.accelerator.device)
+            padded[layer] = states
+        return padded
 
     # --- batches ---------------------------------------------------------------------------------
 
-    def _collate(self, examples: list[Example], weight: float = 1.0) -> dict:
-        batch = collate(examples, self.tokenizer.pad_token_id)
-        batch = {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+    def _collate(self, examples: list[Example], weight: float = 1.0) -> Batch:
+        padded = collate(examples, self.tokenizer.pad_token_id)
+        batch: Batch = {name: tensor.to(self.accelerator.device) for name, tensor in padded.items()}
         batch["is_forget"] = torch.tensor([e.meta["key"].startswith("f") for e in examples], device=self.accelerator.device)
         batch["keys"] = [e.meta["key"] for e in examples]
         batch["share"] = weight
         return batch
 
-    @staticmethod
-    def _model_inputs(batch: dict) -> dict:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    _model_inputs = staticmethod(model_inputs)
 
     def _global_batch(self, phase: Phase) -> int:
         per_process = phase.batch_size if phase.batch_size is not None else self.config.optim.batch_size
         return per_process * self.accelerator.num_processes
 
-    def _local_batches(self, items: list[Item], global_batch: int) -> list[dict]:
+    def _local_batches(self, items: list[Item], global_batch: int) -> list[Batch]:
         """Cut the phase into global batches; this process takes its share of each one.
 
         Each share is weighted by its size so that averaging gradients over processes gives the
@@ -254,7 +304,7 @@ class Engine:
             if self.config.optim.optimizer_reset == "per_chunk" and phase_index > 0:
                 self.optimizer.state.clear()
             stop = self._run_phase(phase_index, summary, started, elapsed_before)
-            if stop == "diverged":
+            if stop is Stop.DIVERGED:
                 self._load_checkpoint(state_dir)
                 break
             if self.validator is not None:
@@ -267,7 +317,7 @@ class Engine:
             load_trainable(self.unwrapped, self.work_dir / "best")
         return summary
 
-    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[str]:
+    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[Stop]:
         phase, accum, limits = self.phases[phase_index], self.config.optim.grad_accum, self.config.optim
         total = self.steps_per_epoch[phase_index] * phase.epochs
         progress = _progress(self.show_progress)
@@ -286,28 +336,36 @@ class Engine:
                     progress.update(task, advance=1, description=f"{phase.name} e{epoch + 1} " + _brief(stats))
                     reason = self._divergence(stats)
                     if reason:
+                        summary.stop = Stop.DIVERGED
                         summary.stopped_reason = f"diverged at step {summary.steps}: {reason}; kept the state before {phase.name}"
                         self._log({"event": "diverged", "step": summary.steps, "reason": reason})
-                        return "diverged"
+                        return summary.stop
                     if limits.max_steps is not None and summary.steps >= limits.max_steps:
+                        summary.stop = Stop.MAX_STEPS
                         summary.stopped_reason = f"max_steps={limits.max_steps} reached"
-                        return "budget"
-                    if limits.time_budget_s is not None and self._on_any_process(elapsed_before + time.perf_counter() - started >= limits.time_budget_s):
+                        return summary.stop
+                    elapsed = elapsed_before + time.perf_counter() - started
+                    if limits.time_budget_s is not None and self._on_any_process(elapsed >= limits.time_budget_s):
+                        summary.stop = Stop.TIME_BUDGET
                         summary.stopped_reason = f"time budget of {limits.time_budget_s}s reached"
-                        return "budget"
-                    if self.validator is not None and self.config.validation.every_steps and summary.steps % self.config.validation.every_steps == 0:
+                        return summary.stop
+                    every = self.config.validation.every_steps
+                    if self.validator is not None and every and summary.steps % every == 0:
                         self._validate(phase, summary)
         return None
 
-    def _optimizer_step(self, group: list[dict]) -> dict:
+    def _optimizer_step(self, group: list[Batch]) -> dict:
         sums: dict[str, list[float]] = {}  # name -> [weighted sum, weight] over this process's rows
         for position, batch in enumerate(group):
             last = position == len(group) - 1
             context = self.accelerator.no_sync(self.model) if not last else nullcontext()
             with context:
-                logits = self.model(**self._model_inputs(batch)).logits
+                logits = forward(self.model, batch, self.layers)
                 loss, stats = self.method.loss(logits, batch, self.settings, self._reference_values(batch))
                 self.accelerator.backward(loss * batch["share"] / len(group))
+            # The hidden states are spent: drop them before the next micro-batch's forward.
+            batch.pop("hidden", None)
+            batch.pop("reference_hidden", None)
             for name, value in {"loss": loss.item(), **stats}.items():
                 weight = _stat_rows(name, batch)
                 if weight:
@@ -345,7 +403,8 @@ class Engine:
         record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
         summary.validations.append(record)
         self._log(record)
-        if self.config.validation.select and (summary.best is None or scores[metric] > summary.best[metric]):
+        if self.config.validation.select and (
+                summary.best is None or METRICS[metric].better(scores[metric], summary.best[metric])):
             summary.best = record
             best = trainable_state(self.unwrapped, keep=self.accelerator.is_main_process)
             if self.accelerator.is_main_process:
@@ -376,7 +435,8 @@ class Engine:
         rng_states = gather_object([process_rng_state()])
         if main:
             position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
-                        "validations": summary.validations, "validation_seconds": summary.validation_seconds, "log_bytes": self.log_path.stat().st_size,
+                        "validations": summary.validations, "validation_seconds": summary.validation_seconds,
+                        "log_bytes": self.log_path.stat().st_size,
                         "world_size": self.accelerator.num_processes}
             save_checkpoint(state_dir, trainable, optimizer, self.scheduler.state_dict(), position, rng_states)
         self.accelerator.wait_for_everyone()
@@ -401,7 +461,7 @@ class Engine:
         return count_parameters(self.unwrapped)
 
 
-def _stat_rows(name: str, batch: dict) -> int:
+def _stat_rows(name: str, batch: Batch) -> int:
     """How many of the batch's rows a logged value averages over (role_means: forget_*, retain_*)."""
     if batch["share"] == 0:
         return 0
@@ -426,7 +486,8 @@ def _global_means(sums: dict[str, list[float]]) -> dict[str, float]:
 
 
 def _brief(stats: dict) -> str:
-    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items() if name.endswith("loss") and name != "loss")
+    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items()
+                    if name.endswith("loss") and name != "loss")
 
 
 def _progress(enabled: bool):
@@ -437,6 +498,22 @@ def _progress(enabled: bool):
 
 
 # --- the public entry point -------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the steps of ``unlearn`` hand on to each other."""
+
+    source: ModelSource | None  # the model read from disk or the Hub; None for one given loaded
+    loaded: LoadedModel | None
+    forget_rows: Rows
+    retain_rows: Rows
+    out_dir: Path
+    work_dir: Path
+    config: UnlearnConfig
+    engine: Engine
+    tokenizer: object
+    redact: bool = False
 
 
 def unlearn(
@@ -458,11 +535,27 @@ def unlearn(
     A model on disk is only read; a loaded one is trained in place. The saved model gets a model card
     (``modelcard.py``; ``redact`` leaves out data file names and paths). Returns the ``run.json`` contents.
     """
+    run = setup(model_path, forget_path, retain_path, Path(out_dir), config, resume, overwrite, show_progress,
+                text_key, redact)
+    summary = run.engine.run(resume=resume)
+    finish_trackers(run.engine.accelerator)
+    record = run_record(run, summary)
+    save(run, record)
+    cleanup(run)
+    return record
+
+
+def setup(model_path: str | Path | ModelSource | LoadedModel, forget_path: RowsInput, retain_path: RowsInput,
+          out_dir: Path, config: UnlearnConfig, resume: bool, overwrite: bool, show_progress: bool,
+          text_key: str = DEFAULT_TEXT_KEY, redact: bool = False) -> Run:
+    """Read and check every input, load the model and make it trainable, then prepare the output.
+
+    Nothing is written before every input has been read and checked.
+    """
     from unlearnlm.data.raw import read_rows
-    from unlearnlm.hub import pin_adapter_base, resolve_model, weights_sha256
-    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, save_model
-    from unlearnlm.modelcard import write_model_card
-    from unlearnlm.runstate import check_output, finalize_output, prepare_output
+    from unlearnlm.hub import resolve_model
+    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, model_depth
+    from unlearnlm.runstate import check_output, prepare_output
 
     loaded = model_path if isinstance(model_path, LoadedModel) else None
     source = None if loaded else resolve_model(model_path)
@@ -472,7 +565,6 @@ def unlearn(
     retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
     forget, retain = forget_rows.for_training(), retain_rows.for_training()
     validation_data = load_validation_data(config, text_key) if config.validation.enabled else None
-    out_dir = Path(out_dir)
     check_tracker(config.tracking)
     accelerator = build_accelerator(**accelerator_options(config.tracking, out_dir))
     if loaded and accelerator.distributed_type == DistributedType.FSDP:
@@ -484,6 +576,9 @@ def unlearn(
     on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
     if source is not None:
         check_layer_choice(source, config.layers)
+        depth, method = model_depth(source), get_method(config.method)
+        if depth is not None:  # the layers a method reads, checked before any weights load
+            method.layers(method.build_settings(config.method_args), depth)
     model, tokenizer = (loaded.model, loaded.tokenizer) if loaded else load_model_and_tokenizer(source, config.dtype)
     set_seed(config.seed)  # LoRA initialisation draws random numbers
     model = apply_trainable(model, config.lora, config.layers)
@@ -491,18 +586,22 @@ def unlearn(
     # Only now, with every input read and checked, is anything written.
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
     engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
-    summary = engine.run(resume=resume)
-    finish_trackers(engine.accelerator)
+    return Run(source, loaded, forget_rows, retain_rows, out_dir, work_dir, config, engine, tokenizer, redact)
+
+
+def run_record(run: Run, summary: RunSummary) -> dict:
+    """The ``run.json`` record: what ran, on what, with which libraries, and how it ended."""
+    engine, model, forget_rows, retain_rows = run.engine, run.source or run.loaded, run.forget_rows, run.retain_rows
     trainable, total = engine.parameter_counts()
     engine.accelerator.wait_for_everyone()
-    report = {
-        "config": config.to_dict(),
-        "model": (source or loaded).spec,
-        "model_source": (source or loaded).record(),
+    return {
+        "config": run.config.to_dict(),
+        "model": model.spec,
+        "model_source": model.record(),
         "data": {"forget": forget_rows.source, "forget_sha256": forget_rows.sha256, "forget_rows": len(forget_rows),
                  "retain": retain_rows.source, "retain_sha256": retain_rows.sha256, "retain_rows": len(retain_rows),
                  "raw_documents": forget_rows.is_raw},
-        "seed": config.seed,
+        "seed": run.config.seed,
         "versions": library_versions(),
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -517,22 +616,43 @@ def unlearn(
         "best": summary.best,
         **peak_memory_mb(),
     }
+
+
+def save(run: Run, record: dict) -> None:
+    """The unlearned model, its model card and ``run.json``, written by the main process into the work
+    directory (the main process's ``record`` gains the saved weights' hashes).
+
+    Under FSDP no process holds the whole model: every process takes part in gathering the trainable
+    weights, and the main one rebuilds the model from the input model and them (the frozen weights
+    never changed).
+    """
+    from unlearnlm.hub import pin_adapter_base, weights_sha256
+    from unlearnlm.model import save_model
+    from unlearnlm.modelcard import write_model_card
+
+    engine, config, work_dir = run.engine, run.config, run.work_dir
     main = engine.accelerator.is_main_process
     trained = trainable_state(engine.unwrapped, keep=main) if engine.sharded else {}
     if main:
-        # Under FSDP no process holds the whole model: the main one rebuilds it from the input model
-        # and the gathered trainable weights (the frozen ones never changed).
-        final = rebuild_model(source, config, trained) if engine.sharded else engine.unwrapped
-        save_model(final, tokenizer, work_dir, config.save)
-        if config.save == "adapter" and source is not None:
-            pin_adapter_base(work_dir, source)
-        report["output_weights_sha256"] = weights_sha256(work_dir)
-        write_model_card(work_dir, report, redact)
-        (work_dir / "run.json").write_text(json.dumps(report, indent=2))
-        _drop_resume_state(work_dir)
-        finalize_output(work_dir, out_dir)
-    engine.accelerator.wait_for_everyone()
-    return report
+        final = rebuild_model(run.source, config, trained) if engine.sharded else engine.unwrapped
+        save_model(final, run.tokenizer, work_dir, config.save)
+        if config.save == "adapter" and run.source is not None:
+            pin_adapter_base(work_dir, run.source)
+        record["output_weights_sha256"] = weights_sha256(work_dir)
+        write_model_card(work_dir, record, run.redact)
+        (work_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def cleanup(run: Run) -> None:
+    """Drop the resume state and move the work directory to its place; then every process goes on."""
+    from unlearnlm.runstate import finalize_output
+
+    if run.engine.accelerator.is_main_process:
+        for name in ("state", "best"):
+            if (run.work_dir / name).exists():
+                shutil.rmtree(run.work_dir / name)
+        finalize_output(run.work_dir, run.out_dir)
+    run.engine.accelerator.wait_for_everyone()
 
 
 def build_accelerator(**options) -> Accelerator:
@@ -556,7 +676,8 @@ def build_accelerator(**options) -> Accelerator:
     return accelerator
 
 
-def rebuild_model(model_path: str | Path | ModelSource, config: UnlearnConfig, trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
+def rebuild_model(model_path: str | Path | ModelSource, config: UnlearnConfig,
+                  trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The input model, on the CPU, with the trainable weights of a run put in."""
     from unlearnlm.model import apply_trainable, load_model_and_tokenizer
     from unlearnlm.runstate import load_trainable_state
@@ -582,14 +703,6 @@ def on_main_process(accelerator: Accelerator, function: Callable, *args):
     if error is not None:
         raise UserError(error)
     return result
-
-
-def _drop_resume_state(work_dir: Path) -> None:
-    import shutil
-
-    for name in ("state", "best"):
-        if (work_dir / name).exists():
-            shutil.rmtree(work_dir / name)
 
 
 def library_versions() -> dict[str, str]:

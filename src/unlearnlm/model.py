@@ -15,6 +15,38 @@ from unlearnlm.hub import ModelSource, resolve_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The modules LoRA adapts when ``lora.target_modules`` is not set, by transformers' ``model_type``: the
+# attention's query and value projections and the MLP's up and down projections, in each family's
+# names (the Llama-family list is the SemEval authors' LoRA run). GPT-2 fuses q, k and v in ``c_attn``
+# and names both the attention output and the MLP down projection ``c_proj``; GPT-NeoX and Falcon fuse
+# them in ``query_key_value``.
+_LLAMA_STYLE = ("q_proj", "v_proj", "up_proj", "down_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "olmo", "olmo2", "olmo3", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text"),
+                    _LLAMA_STYLE),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "gpt_neox": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+    "falcon": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+    "gptj": ("q_proj", "v_proj", "fc_in", "fc_out"),
+    "opt": ("q_proj", "v_proj", "fc1", "fc2"),
+}
+
+
+def lora_target_modules(model: nn.Module, configured: list[str] | None) -> list[str]:
+    """``lora.target_modules`` when set, else the default of the model's family."""
+    if configured is not None:
+        return list(configured)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in LORA_TARGETS:
+        raise UserError(f"setting 'lora.target_modules': no default for model type {model_type!r} "
+                        f"(defaults exist for {', '.join(sorted(LORA_TARGETS))}); name the modules to adapt")
+    return list(LORA_TARGETS[model_type])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "float32"):
     """A model directory, a Hub id or a LoRA adapter (merged into its base in memory), from
     safetensors, without remote code."""
@@ -61,14 +93,19 @@ def select_layers(n_layers: int, settings: LayerSettings) -> list[int] | None:
     return None
 
 
-def check_layer_choice(source: str | Path | ModelSource, settings: LayerSettings) -> None:
-    """Check ``layers.*`` against the depth in ``config.json``, before any weights load."""
+def model_depth(source: str | Path | ModelSource) -> int | None:
+    """The number of decoder layers in ``config.json`` (an adapter's base's), read without loading any weights."""
     from transformers import AutoConfig
 
+    config_dir = resolve_model(source).config_dir
+    return getattr(AutoConfig.from_pretrained(config_dir, trust_remote_code=False), "num_hidden_layers", None)
+
+
+def check_layer_choice(source: str | Path | ModelSource, settings: LayerSettings) -> None:
+    """Check ``layers.*`` against the depth in ``config.json``, before any weights load."""
     if settings.last_k is None and settings.indices is None:
         return
-    config_dir = resolve_model(source).config_dir
-    depth = getattr(AutoConfig.from_pretrained(config_dir, trust_remote_code=False), "num_hidden_layers", None)
+    depth = model_depth(source)
     if depth is not None:
         select_layers(depth, settings)
 
@@ -110,7 +147,8 @@ def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings)
         from peft import LoraConfig, get_peft_model
 
         peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora_target_modules(model, lora.target_modules),
             layers_to_transform=selected, layers_pattern=layer_path.split(".")[-1] if selected else None,
             task_type="CAUSAL_LM",
         )

@@ -9,8 +9,8 @@ can still be matched against the card by whoever holds it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 

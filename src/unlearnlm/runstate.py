@@ -26,8 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from unlearnlm.errors import UserError
-from unlearnlm.paths import partial_dir_for, refuse_overlap
-
+from unlearnlm.paths import partial_dir_for, refuse_overlap, replace_dir
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -192,14 +191,13 @@ def save_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimiz
     _flush(staging / COMPLETE_MARKER)
     _flush(staging)
     _test_pause("written")
-    if directory.exists():
-        directory.rename(previous)
-    _test_pause("swapping")
-    staging.rename(directory)
-    _flush(directory.parent)
-    _test_pause("swapped")
-    if previous.exists():
-        shutil.rmtree(previous)
+
+    def between(stage: str) -> None:
+        if stage == "renamed":
+            _flush(directory.parent)
+        _test_pause({"aside": "swapping", "renamed": "swapped"}[stage])
+
+    replace_dir(staging, directory, aside=previous, on_stage=between)
 
 
 def recover_checkpoint(directory: Path) -> bool:

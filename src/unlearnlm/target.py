@@ -34,10 +34,11 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -45,12 +46,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from unlearnlm import __version__
 from unlearnlm.data.records import Record, content_sha256, load_records
 from unlearnlm.data.sets import (
-    MANIFEST_NAME, BenchmarkSets, SizePreset, bundled_lume_dir, draw_sets, get_preset, pool_texts, pretraining_pool,
+    MANIFEST_NAME,
+    BenchmarkSets,
+    SizePreset,
+    bundled_lume_dir,
+    draw_sets,
+    get_preset,
+    pool_texts,
+    pretraining_pool,
     write_sets,
 )
-from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, encode_example
+from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, encode_example, length_sorted_batches
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.inputs import check_output_dir
+from unlearnlm.model import default_device
+from unlearnlm.paths import check_output_dir, replace_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -197,10 +206,6 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
@@ -230,12 +235,6 @@ def text_example(tokenizer: PreTrainedTokenizerFast, text: str) -> Example:
     return Example(input_ids=ids, labels=list(ids))
 
 
-def length_batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length, so batches carry little padding."""
-    order = sorted(range(len(examples)), key=lambda index: len(examples[index].input_ids))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 @torch.no_grad()
 def measure_memorization(
     model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16
@@ -245,7 +244,7 @@ def measure_memorization(
     model.eval()
     device = next(model.parameters()).device
     rows = rows_recalled = tokens = tokens_recalled = 0
-    for indices in length_batches(examples, batch_size):
+    for indices in length_sorted_batches([len(example.input_ids) for example in examples], batch_size, longest_first=False):
         batch = on_device(collate([examples[index] for index in indices], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
@@ -302,7 +301,8 @@ def fit(
     task = progress.add_task("epochs", total=schedule.max_epochs, loss=float("nan"), recalled="-") if progress else None
     for epoch in range(1, schedule.max_epochs + 1):
         examples = epoch_examples(epoch)
-        batches = length_batches(examples, schedule.batch_size)
+        batches = length_sorted_batches([len(example.input_ids) for example in examples], schedule.batch_size,
+                                        longest_first=False)
         order.shuffle(batches)
         losses = []
         for indices in batches:
@@ -413,7 +413,7 @@ def build_base(
         save_model_dir(staging, model.to(torch.bfloat16) if shipped else model, tokenizer)
         log["weights_sha256"] = content_sha256(staging / "model.safetensors")
         (staging / BASE_LOG).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
-        publish(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return log
@@ -639,21 +639,10 @@ def build_target(
                   "base_weights_sha256": log["base"]["weights_sha256"]}
         write_sets(sets, staging / BENCHMARK_DIR, {"models": models, "calibration": calibration})
         (staging / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
-        publish(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return log
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished directory into place; ``out`` is never seen half-written."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
 
 
 def resolve_recipe(preset: SizePreset, max_epochs: int | None) -> Recipe:

@@ -11,8 +11,8 @@ the steps between that checkpoint and the kill appear twice there, the second ti
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from unlearnlm.config import TrackingSettings
 from unlearnlm.errors import UserError

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from unlearnlm.evaluation.generation import generate_batched
 from unlearnlm.evaluation.likelihood import TokenCache, encode_texts
 from unlearnlm.evaluation.scoring import row_score
 from unlearnlm.methods.base import example_nll
-from unlearnlm.model import apply_trainable, is_peft
+from unlearnlm.model import apply_trainable, is_peft, lora_target_modules
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ class RelearnBudget:
     def lr_lora(self) -> float:
         return self.lr_full * self.lora_lr_factor
 
-    def describe(self, mode: str) -> dict:
+    def describe(self, mode: str, model: torch.nn.Module) -> dict:
         common = {"mode": mode, "steps": self.steps, "batch_size": self.batch_size, "optimizer": "AdamW",
                   "loss": "answer-token NLL"}
         if mode == "lora":
             return {**common, "lr": self.lr_lora, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
-                    "lora_targets": list(LoraSettings().target_modules)}
+                    "lora_targets": lora_target_modules(model, None)}
         return {**common, "lr": self.lr_full}
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from unlearnlm.data.records import content_sha256
 from unlearnlm.evaluation.report import fmt, markdown_table
@@ -74,7 +74,7 @@ def build_receipt(audit: Mapping, inputs: Mapping[str, str | Path | None], redac
               if inputs.get(key) is not None}
     receipt = {
         "format": FORMAT,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "redacted": redact,
         "models": models,
@@ -86,7 +86,8 @@ def build_receipt(audit: Mapping, inputs: Mapping[str, str | Path | None], redac
         "settings": audit["settings"],
         "split": audit["split"],
         "before_after": {role: entry["attacks"]["none"]["scores"] for role, entry in
-                         (("before (original)", audit["models"].get("original")), ("after (unlearned)", audit["models"]["audited"]))
+                         (("before (original)", audit["models"].get("original")),
+                          ("after (unlearned)", audit["models"]["audited"]))
                          if entry is not None},
         "attacks": _attacks_record(audit["models"]["audited"]["attacks"], redact),
         "worst_case": audit["worst_case"],
@@ -126,19 +127,23 @@ def receipt_markdown(receipt: Mapping) -> str:
               "An extraction attack scores each row by its best candidate, the plain greedy answer included; "
               "each variant's own score is listed beside it.", "",
               markdown_table(
-                  ["attack", "scored on", "forget score", "without attack", "recovery", "oracle forget score", "excess over oracle",
+                  ["attack", "scored on", "forget score", "without attack", "recovery", "oracle forget score",
+                   "excess over oracle",
                    "final", "each variant alone", "budget"],
-                  [[a["attack"], a["scored_on"], fmt(a["forget_score"]), fmt(a["forget_score_without_attack"]), fmt(a["recovery"]),
+                  [[a["attack"], a["scored_on"], fmt(a["forget_score"]), fmt(a["forget_score_without_attack"]),
+                    fmt(a["recovery"]),
                     fmt(oracle[a["attack"]]["oracle_forget"]) if a["attack"] in oracle else "no oracle",
                     fmt(oracle[a["attack"]]["excess_forget"]) if a["attack"] in oracle else "",
-                    fmt(a["scores"]["final"]), "; ".join(f"{label} {fmt(value)}" for label, value in a.get("variants", {}).items()),
+                    fmt(a["scores"]["final"]),
+                    "; ".join(f"{label} {fmt(value)}" for label, value in a.get("variants", {}).items()),
                     _budget_text(a["budget"])] for a in receipt["attacks"]])]
     worst = receipt["worst_case"]
     plain = worst["plain"]
     lines += ["## Worst case over the attacks", "",
               markdown_table(["score", "without attack", "worst case (robust)", "from attack"], [
                   ["final", fmt(plain["final"]), fmt(worst["final"]), "(mean of the three below)"],
-                  ["task aggregate", fmt(plain["task_aggregate"]), fmt(worst["task_aggregate"]), "(harmonic mean of the worst terms)"],
+                  ["task aggregate", fmt(plain["task_aggregate"]), fmt(worst["task_aggregate"]),
+                   "(harmonic mean of the worst terms)"],
                   ["MIA score", fmt(plain["mia_score"]), fmt(worst["mia_score"] and worst["mia_score"]["value"]),
                    worst["mia_score"]["attack"] if worst["mia_score"] else ""],
                   ["utility", fmt(plain["utility"]), fmt(worst["utility"] and worst["utility"]["value"]),

@@ -11,9 +11,9 @@ generations, since those do not depend on the forget prompts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from unlearnlm.audit.attacks import (
     RelearnBudget,
@@ -140,7 +140,8 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
            _with_forget_rows(base, best_rows([greedy, sampled])), since)
     since = time.perf_counter()
     variants["prompt-cut"] = {f"last {fraction:.0%} of the prompt": generation_rows(
-        model, tokenizer, EvalData(shortened(data.forget, fraction), []), eval_settings) for fraction in settings.prompt_fractions}
+        model, tokenizer, EvalData(shortened(data.forget, fraction), []), eval_settings)
+        for fraction in settings.prompt_fractions}
     record("prompt-cut", "extraction", "F",
            {"prompts": "the whole prompt and its last " + ", ".join(f"{f:.0%}" for f in settings.prompt_fractions)
             + " of words", "decoding": "greedy"},
@@ -178,7 +179,7 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
         since = time.perf_counter()
         model, tokenizer = load_model(path, settings.dtype)
         model = relearn(model, tokenizer, rows, mode, settings.relearn, settings.seed)
-        budget = {**settings.relearn.describe(mode), "data": "T (half of the forget documents)" if scored_on == "V"
+        budget = {**settings.relearn.describe(mode, model), "data": "T (half of the forget documents)" if scored_on == "V"
                   else "the retain set", "rows": len(rows)}
         record(name, "relearning", scored_on, budget, evaluate(model, tokenizer, forget), since)
         del model
@@ -259,7 +260,8 @@ def run_audit(model: str | Path, data: EvalData, original: str | Path | None = N
     if oracle is not None:
         log(f"oracle: {oracle}")
         audit["models"]["oracle"] = {"path": str(oracle), "attacks": audit_one(oracle, data, train_half, held_out, settings, log)}
-        audit["oracle_comparison"] = oracle_comparison(audit["models"]["audited"]["attacks"], audit["models"]["oracle"]["attacks"])
+        models = audit["models"]
+        audit["oracle_comparison"] = oracle_comparison(models["audited"]["attacks"], models["oracle"]["attacks"])
     audit["worst_case"] = worst_case(audit["models"]["audited"]["attacks"])
     audit["seconds"] = round(time.perf_counter() - started, 1)
     return audit

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from unlearnlm.data.records import (
     REQUIRED_FIELDS,
@@ -101,7 +102,8 @@ def _is_raw(raws: Sequence[Mapping], text_key: str) -> bool:
     return isinstance(first, Mapping) and text_key in first and not any(name in first for name in REQUIRED_FIELDS)
 
 
-def rows_from_dicts(raws: Sequence[Mapping], where: str, text_key: str = DEFAULT_TEXT_KEY) -> tuple[tuple[Record, ...], tuple[str, ...]]:
+def rows_from_dicts(raws: Sequence[Mapping], where: str,
+                    text_key: str = DEFAULT_TEXT_KEY) -> tuple[tuple[Record, ...], tuple[str, ...]]:
     """``(records, documents)``: SemEval rows validated as such, or raw documents."""
     if _is_raw(raws, text_key):
         return (), _raw_documents(raws, text_key, where)

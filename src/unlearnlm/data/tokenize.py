@@ -14,8 +14,8 @@ puts after the answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -85,3 +85,12 @@ def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right
         # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
         batch["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return batch
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, longest_first: bool = True) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so batches carry little padding. Scoring goes
+    longest first, so that memory trouble shows at once; ties keep their order."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index] if longest_first else lengths[index])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

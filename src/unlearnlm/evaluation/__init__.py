@@ -1,6 +1,6 @@
 """Evaluation: the official SemEval-2025 Task 4 scores, the MIA suite, utility and MMLU.
 
-The main entry points are re-exported lazily, so ``import unlearnlm.evaluation.inputs`` (path checks)
+The main entry points are re-exported lazily, so ``import unlearnlm.evaluation.inputs`` (loading the sets)
 does not pay for importing torch.
 """
 

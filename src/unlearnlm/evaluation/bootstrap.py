@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from unlearnlm.evaluation.scoring import KNOWLEDGE, METRIC_OF_KIND, REGURGITATION, mia_score, roc_auc, task_aggregate
 

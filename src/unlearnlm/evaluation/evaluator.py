@@ -10,9 +10,9 @@ training engine calls for checkpoint selection.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -185,13 +185,9 @@ def quick_scores(
     return headline(run_evaluation(model, tokenizer, data, settings))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(path: str | Path | ModelSource, dtype: str = "float32", device: torch.device | None = None):
     """``(model, tokenizer)`` from a directory, adapter or Hub id, on ``device`` (see ``unlearnlm.model``)."""
-    from unlearnlm.model import load_model_and_tokenizer
+    from unlearnlm.model import default_device, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, dtype)
     return model.to(device or default_device()), tokenizer

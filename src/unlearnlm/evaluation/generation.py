@@ -15,13 +15,13 @@ Either way only the new tokens are decoded, with ``skip_special_tokens=True`` an
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from unlearnlm.data.tokenize import Example, collate
-from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, length_sorted_batches, model_device
-from unlearnlm.evaluation.sharding import gather_in_order, process_share, synced_generation
+from unlearnlm.data.tokenize import Example, collate, length_sorted_batches
+from unlearnlm.distributed import gather_in_order, process_share, synced_generation
+from unlearnlm.evaluation.likelihood import Progress, evaluation_mode, model_device
 
 MAX_NEW_TOKENS = 256
 
@@ -92,7 +92,7 @@ def generate_batched(
 ) -> list[str]:
     """Left-padded batches of similar-length prompts; same strings as :func:`generate_official`.
 
-    In a distributed run each process generates its share of the batches (see ``sharding``).
+    In a distributed run each process generates its share of the batches (see ``unlearnlm.distributed``).
     ``sampling`` (e.g. ``{"do_sample": True, "temperature": 1.0, "top_p": 0.9}``) replaces greedy
     decoding, for the audit's extraction attack; the caller seeds torch's generator.
     """

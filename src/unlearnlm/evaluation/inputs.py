@@ -1,31 +1,19 @@
-"""Checking and loading what an evaluation reads, without importing torch.
+"""Loading and checking the sets an evaluation reads, without importing torch.
 
-The CLI runs these before the first model loads, so a wrong path fails in a second, not after a
-model has been loaded (or a long evaluation has run).
+The CLI runs these before the first model loads, so a wrong file fails in a second, not after a
+model has been loaded (or a long evaluation has run). Path and output checks are in ``unlearnlm.paths``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from unlearnlm.data.layouts import mia_file
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, read_rows
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
-from unlearnlm.paths import refuse_overlap
-
-
-def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse a file, a non-empty directory unless ``overwrite``, and any overlap with ``inputs``."""
-    out = Path(out)
-    refuse_overlap(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
-    return out
 
 
 def load_general_set(path: str | Path) -> list[Record]:

@@ -6,15 +6,15 @@ length-sorted examples (less padding), and the results come back in the caller's
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate
-from unlearnlm.evaluation.sharding import gather_in_order, process_share
+from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, length_sorted_batches
+from unlearnlm.distributed import gather_in_order, process_share
 
 Progress = Callable[[int], None]
 
@@ -68,14 +68,6 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first so memory trouble shows at once."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 @dataclass(frozen=True)
 class TokenStats:
     """Per scored token: its log-probability and, optionally, the mean and standard deviation of
@@ -114,7 +106,7 @@ def token_statistics(
 
     Right padding: a causal model's real tokens never see the padding after them, so no position
     ids are needed. The vocabulary-sized log-softmax is taken one row at a time to bound memory. In a
-    distributed run each process scores its share of the batches (see ``sharding``).
+    distributed run each process scores its share of the batches (see ``unlearnlm.distributed``).
     """
     device = model_device(model)
     results: list[TokenStats | None] = [None] * len(examples)

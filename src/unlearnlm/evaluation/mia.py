@@ -16,7 +16,7 @@ Every score is oriented so that higher means "member".
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.likelihood import Progress, TokenCache, encode_texts, next_token_logits

@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from rich.table import Table
 
 from unlearnlm.data.records import write_jsonl
-from unlearnlm.evaluation.inputs import check_output_dir
+from unlearnlm.evaluation.metrics import METRICS
 from unlearnlm.evaluation.scoring import KNOWLEDGE, REGURGITATION, SPLITS, headline
+from unlearnlm.paths import check_output_dir, replace_dir
 
 RESULTS_FILE = "evaluation_results.json"
 GENERATIONS_FILE = "generations.jsonl"
@@ -28,13 +29,15 @@ SUMMARY_FILE = "summary.md"
 GENERATION_FIELDS = ("id", "task", "kind", "split", "input", "output", "generation", "score")
 REDACTED = "[redacted]"
 SAMPLE_ROWS_PER_SPLIT = 3
-HEADLINE_COLUMNS = (("final", "final"), ("task_aggregate", "task aggregate"), ("mia_score", "MIA score"),
-                    ("mia_auc", "MIA AUC"), ("utility", "utility"), ("mmlu", "MMLU"))
+HEADLINE_COLUMNS = tuple((name, metric.label) for name, metric in METRICS.items())
 NamedResults = Sequence[tuple[str, Mapping]]
 
 
-def fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def fmt(value: float | None, digits: int = 4, std: float | None = None) -> str:
+    """A score for a table: ``n/a`` when missing, with ``± std`` when a spread is given."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
 
 def _cell(text: object) -> str:
@@ -138,21 +141,10 @@ def write_report(named_results: NamedResults, out: str | Path, overwrite: bool =
             for name, results in named_results:
                 _write_one(results, staging / name, name)
             (staging / SUMMARY_FILE).write_text(comparison_markdown(named_results), encoding="utf-8")
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    # The old directory is moved aside before the new one takes its name, so ``out`` is never half-written.
-    old = out.with_name(f".{out.name}.old") if out.exists() else None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def results_table(named_results: NamedResults) -> Table:

@@ -23,14 +23,15 @@ scored as the empty string. Both score 0 unless the reference itself contains th
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import auc, roc_curve
 
 from unlearnlm.data.records import row_kind
+from unlearnlm.evaluation.metrics import METRICS, MISSING_AGGREGATE
 
 SPLITS = ("forget", "retain")
 REGURGITATION = "regurgitation-score"
@@ -38,8 +39,6 @@ KNOWLEDGE = "knowledge-score"
 METRIC_OF_KIND = {"sc": REGURGITATION, "qa": KNOWLEDGE}
 # 75% of the pre-unlearning OLMo-7B MMLU: below it a 7B submission was left out of the ranking.
 MMLU_THRESHOLD = 0.371
-# The value the official script leaves in ``aggregate-score`` when MIA or MMLU is missing.
-MISSING_AGGREGATE = -1
 
 
 @lru_cache(maxsize=1)
@@ -207,14 +206,8 @@ def official_results(
 
 def headline(results: Mapping) -> dict[str, float | None]:
     """The numbers a table or a checkpoint selector wants from an official results dict."""
-    aggregate = results.get("aggregate-score")
     return {
-        "final": None if aggregate in (None, MISSING_AGGREGATE) else aggregate,
-        "task_aggregate": results["harmonic-mean-task-aggregate"],
-        "mia_score": results.get("mia_final_score"),
-        "mia_auc": results.get("mia_loss_acc"),
-        "utility": results.get("utility"),
-        "mmlu": results.get("mmlu_average"),
+        **{name: metric.value(results) for name, metric in METRICS.items()},
         # Raw means of the per-task scores (forget not inverted): the trajectory plot's two curves.
         **{f"{split}_mean": _raw_mean(results, split) for split in SPLITS},
     }

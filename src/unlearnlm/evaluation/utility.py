@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import IGNORE_INDEX, Example
@@ -39,7 +39,7 @@ def _normalized(answer: str) -> str:
 
 def _rng(row_id: str, seed: int) -> random.Random:
     # hashlib, not hash(): str hashes change between processes.
-    digest = hashlib.sha256(f"{seed}:{row_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 

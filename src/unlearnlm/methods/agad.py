@@ -24,15 +24,15 @@ from typing import Optional
 
 import torch
 
-from unlearnlm.config import bounded
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase, split_chunks
 from unlearnlm.errors import UserError
-from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, role_means, token_logprobs
+from unlearnlm.methods.base import Batch, Method, role_means, token_logprobs
+from unlearnlm.methods.registry import register
+from unlearnlm.settings import bounded
 
 
 @dataclass
-class Settings:
+class AgadSettings:
     # The authors' ``interleaving_factor`` f anneals every 1/f chunks; 0 means no intermediate anneal.
     anneal_every: int = bounded(1, at_least=0)
     # At most 1 as well, checked where the subset is drawn.
@@ -51,7 +51,7 @@ def anneal_size(n_retain: int, fraction: float) -> int:
     return int(n_retain * fraction)
 
 
-def agad_schedule(n_forget: int, n_retain: int, config, settings: Settings, seed: int) -> list[Phase]:
+def agad_schedule(n_forget: int, n_retain: int, config, settings: AgadSettings, seed: int) -> list[Phase]:
     chunk_size = config.schedule.chunk_size
     chunks = split_chunks(n_forget, chunk_size)
     n_full = n_forget // chunk_size if chunk_size else len(chunks)
@@ -74,7 +74,7 @@ def agad_schedule(n_forget: int, n_retain: int, config, settings: Settings, seed
     return phases
 
 
-def token_mean_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference=None):
+def token_mean_loss(logits: torch.Tensor, batch: Batch, settings: AgadSettings, reference=None):
     """The batch's cross-entropy averaged over all its answer tokens, the sign flipped on forget rows.
 
     An AGAD phase holds one role, so this is the library loss of a forgetting (negated) or an
@@ -90,7 +90,7 @@ def token_mean_loss(logits: torch.Tensor, batch: dict, settings: Settings, refer
 
 
 register(Method(
-    name="agad", loss=token_mean_loss, settings=Settings,
+    name="agad", loss=token_mean_loss, settings=AgadSettings,
     summary="alternating gradient ascent on forget chunks and descent on retain samples",
     config_defaults={"schedule": {"chunk_size": 64, "ratio": 0, "epochs_per_chunk": 3}},
     schedule=agad_schedule,

@@ -1,22 +1,44 @@
 """What a method is: a loss over (logits, batch) plus its default settings and data schedule.
 
 Everything a method's loss may need is computed here once, so methods stay a few lines each:
-token log-probabilities restricted to answer tokens (labels != -100) of real positions.
+token log-probabilities restricted to answer tokens (labels != -100) of real positions, and the
+hidden states of the layers a method declares (``Method.hidden_layers``, filled in by ``forward``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, NotRequired, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
 
-from unlearnlm.config import build_dataclass
 from unlearnlm.data.schedule import Phase, chunk_schedule
 from unlearnlm.data.tokenize import IGNORE_INDEX
+from unlearnlm.errors import UserError
+from unlearnlm.settings import build_dataclass
+
+
+class Batch(TypedDict):
+    """What a loss reads. The engine fills every key; a test may build only those its loss reads."""
+
+    input_ids: NotRequired[torch.Tensor]  # [B, T], right-padded
+    attention_mask: NotRequired[torch.Tensor]  # [B, T], 1 on real tokens
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX off the answer
+    is_forget: torch.Tensor  # [B] bool
+    keys: NotRequired[list[str]]  # one per row, the reference cache's key
+    share: NotRequired[float]  # this process's weight in the global batch (data parallelism)
+    # The declared layers' hidden states ([B, T, H] each) of the model being trained ...
+    hidden: NotRequired[dict[int, torch.Tensor]]
+    # ... and of the original model, on the rows of ``reference_roles`` (zeros on the others).
+    reference_hidden: NotRequired[dict[int, torch.Tensor]]
+
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+# (settings, number of decoder layers) -> indices into transformers' ``hidden_states``: 0 is the
+# embedding output, i the output of decoder layer i (counted from 1).
+HiddenLayers = Callable[[Any, int], tuple[int, ...]]
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,6 +95,23 @@ def role_means(per_example: torch.Tensor, is_forget: torch.Tensor) -> dict[str, 
     return stats
 
 
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def forward(model: torch.nn.Module, batch: Batch, layers: tuple[int, ...] = (), key: str = "hidden") -> torch.Tensor:
+    """The model's logits on ``batch``; with ``layers``, their hidden states go to ``batch[key]``.
+
+    Hidden states are asked for only when a method declares layers: the plain call is the one every
+    logits-only method has always made, so their runs stay bit-identical.
+    """
+    if not layers:
+        return model(**model_inputs(batch)).logits
+    outputs = model(**model_inputs(batch), output_hidden_states=True)
+    batch[key] = {layer: outputs.hidden_states[layer] for layer in layers}
+    return outputs.logits
+
+
 def schedule_from_config(n_forget: int, n_retain: int, config: Any, settings: Any, seed: int) -> list[Phase]:
     """The default schedule of every method: the chunk schedule with the config's settings."""
     plan = config.schedule
@@ -84,9 +123,11 @@ class Method:
     """A registered unlearning method.
 
     ``loss(logits, batch, settings, reference)`` returns the scalar loss and log metrics; ``batch``
-    holds ``labels`` and ``is_forget`` ([B] bool). ``reference_view`` (optional) maps reference-model
-    logits to the per-example values the loss compares against; the engine supplies them from the
-    adapter-disabled model (LoRA) or from a cache computed once before training.
+    is a ``Batch``. ``reference_view`` (optional) maps reference-model logits to the per-example
+    values the loss compares against (``reference``); ``hidden_layers`` (optional) names the layers
+    whose hidden states the loss reads in ``batch["hidden"]``, and with ``reference_hidden`` the
+    original model's in ``batch["reference_hidden"]``. The engine supplies the original model's
+    values from the adapter-disabled model (LoRA) or from a cache computed once before training.
     """
 
     name: str
@@ -98,6 +139,19 @@ class Method:
     reference_view: Optional[Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]] = None
     # The rows whose reference values the loss reads; the cache holds only those (others get None).
     reference_roles: tuple[str, ...] = ("forget", "retain")
+    hidden_layers: Optional[HiddenLayers] = None
+    reference_hidden: bool = False
 
     def build_settings(self, args: dict) -> Any:
         return build_dataclass(self.settings, args, prefix="method_args")
+
+    def layers(self, settings: Any, n_layers: int) -> tuple[int, ...]:
+        """The ``hidden_states`` indices the loss reads, checked against the model's depth."""
+        if self.hidden_layers is None:
+            return ()
+        layers = tuple(self.hidden_layers(settings, n_layers))
+        outside = [layer for layer in layers if not 0 <= layer <= n_layers]
+        if outside:
+            raise UserError(f"method {self.name!r}: layer {outside[0]} is outside the model's hidden states "
+                            f"0..{n_layers} (0: the embeddings, i: the output of decoder layer i)")
+        return layers

@@ -4,16 +4,16 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, role_means
+from unlearnlm.methods.base import Batch, Method, example_nll, role_means
+from unlearnlm.methods.registry import register
 
 
 @dataclass
-class Settings:
+class GaSettings:
     pass
 
 
-def gradient_ascent_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference=None):
+def gradient_ascent_loss(logits: torch.Tensor, batch: Batch, settings: GaSettings, reference=None):
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
     # Retain rows (if a schedule adds any) carry no gradient in plain ascent.
@@ -22,7 +22,7 @@ def gradient_ascent_loss(logits: torch.Tensor, batch: dict, settings: Settings, 
 
 
 register(Method(
-    name="ga", loss=gradient_ascent_loss, settings=Settings,
+    name="ga", loss=gradient_ascent_loss, settings=GaSettings,
     summary="gradient ascent on the forget set",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 0, "epochs_per_chunk": 5}},
 ))

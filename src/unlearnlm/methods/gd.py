@@ -5,19 +5,19 @@ from typing import Optional
 
 import torch
 
-from unlearnlm.config import bounded
-from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means
+from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means
+from unlearnlm.methods.registry import register
+from unlearnlm.settings import bounded
 
 
 @dataclass
-class Settings:
+class GdSettings:
     retain_weight: float = 1.0
     # The level (mean nats per answer token) up to which a forget row is pushed; None: no limit.
     forget_ceiling: Optional[float] = bounded(None, above=0)
 
 
-def gradient_difference_loss(logits: torch.Tensor, batch: dict, settings, reference=None):
+def gradient_difference_loss(logits: torch.Tensor, batch: Batch, settings, reference=None):
     """Mean over the batch of -1 x forget NLL and ``retain_weight`` x retain NLL (docs/methods.md).
 
     With ``forget_ceiling`` a forget row's NLL is clamped there, so its gradient stops once it reaches
@@ -31,7 +31,7 @@ def gradient_difference_loss(logits: torch.Tensor, batch: dict, settings, refere
 
 
 register(Method(
-    name="gd", loss=gradient_difference_loss, settings=Settings,
+    name="gd", loss=gradient_difference_loss, settings=GdSettings,
     summary="gradient difference over the whole forget set (no chunking)",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
 ))

@@ -4,12 +4,12 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, answer_log_distributions, example_nll, mix_roles, role_means
+from unlearnlm.methods.base import Batch, Method, answer_log_distributions, example_nll, mix_roles, role_means
+from unlearnlm.methods.registry import register
 
 
 @dataclass
-class Settings:
+class KlSettings:
     retain_weight: float = 1.0
 
 
@@ -26,7 +26,7 @@ def retain_kl(logits: torch.Tensor, labels: torch.Tensor, reference: list[torch.
     return torch.stack(values)
 
 
-def kl_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
+def kl_loss(logits: torch.Tensor, batch: Batch, settings: KlSettings, reference):
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
     divergence = retain_kl(logits, batch["labels"], reference)
@@ -38,7 +38,7 @@ def kl_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
 
 
 register(Method(
-    name="kl", loss=kl_loss, settings=Settings,
+    name="kl", loss=kl_loss, settings=KlSettings,
     summary="gradient ascent on forget plus KL to the original model on retain",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
     reference_view=answer_log_distributions,

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means, sequence_logprob
+from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means, sequence_logprob
+from unlearnlm.methods.registry import register
 
 
 @dataclass
-class Settings:
+class NpoSettings:
     beta: float = 0.1
     retain_weight: float = 1.0
 
@@ -23,7 +23,7 @@ def reference_logprob(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.
     return list(sequence_logprob(logits, labels).unbind(0))
 
 
-def npo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
+def npo_loss(logits: torch.Tensor, batch: Batch, settings: NpoSettings, reference):
     labels, is_forget = batch["labels"], batch["is_forget"]
     nll = example_nll(logits, labels)
     # Retain rows carry no reference value (None); their forget term is discarded below.
@@ -34,7 +34,7 @@ def npo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference):
 
 
 register(Method(
-    name="npo", loss=npo_loss, settings=Settings,
+    name="npo", loss=npo_loss, settings=NpoSettings,
     summary="negative preference optimisation against the original model, with a retain term",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
     reference_view=reference_logprob,

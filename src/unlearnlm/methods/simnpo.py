@@ -9,18 +9,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnlm.methods import register
-from unlearnlm.methods.base import Method, example_nll, mix_roles, role_means
+from unlearnlm.methods.base import Batch, Method, example_nll, mix_roles, role_means
+from unlearnlm.methods.registry import register
 
 
 @dataclass
-class Settings:
+class SimnpoSettings:
     beta: float = 2.5
     gamma: float = 0.0
     retain_weight: float = 1.0
 
 
-def simnpo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference=None):
+def simnpo_loss(logits: torch.Tensor, batch: Batch, settings: SimnpoSettings, reference=None):
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
     # example_nll is already -(1/|y|) log p(y|x), the length-normalised log-likelihood, negated.
@@ -29,7 +29,7 @@ def simnpo_loss(logits: torch.Tensor, batch: dict, settings: Settings, reference
 
 
 register(Method(
-    name="simnpo", loss=simnpo_loss, settings=Settings,
+    name="simnpo", loss=simnpo_loss, settings=SimnpoSettings,
     summary="reference-free, length-normalised NPO, with a retain term",
     config_defaults={"schedule": {"chunk_size": None, "ratio": 1, "epochs_per_chunk": 5}},
 ))

@@ -8,21 +8,21 @@ cyclically drawn retain rows at 1:ratio, unlearned in sequence) and its settings
 from dataclasses import dataclass
 from typing import Optional
 
-from unlearnlm.config import bounded
-from unlearnlm.methods import register
 from unlearnlm.methods.base import Method
 from unlearnlm.methods.gd import gradient_difference_loss
+from unlearnlm.methods.registry import register
+from unlearnlm.settings import bounded
 
 
 @dataclass
-class Settings:
+class SugdSettings:
     retain_weight: float = 0.5
     # See gradient_difference_loss: the level a forget row's loss is pushed up to, not beyond.
     forget_ceiling: Optional[float] = bounded(None, above=0)
 
 
 register(Method(
-    name="sugd", loss=gradient_difference_loss, settings=Settings,
+    name="sugd", loss=gradient_difference_loss, settings=SugdSettings,
     summary="sequential unlearning with gradient difference over forget chunks (the SemEval winner)",
     config_defaults={"schedule": {"chunk_size": 32, "ratio": 7, "epochs_per_chunk": 7}},
 ))

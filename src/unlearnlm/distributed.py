@@ -1,4 +1,5 @@
-"""Evaluation shared between the processes of a distributed run, with the results of one process.
+"""The process group of a distributed run: joining and leaving it, and evaluation shared between
+its processes with the results of one process.
 
 Work is dealt out by whole batches, never re-batched: each process runs every ``world``-th of the
 very batches one process would run, so every row is padded, and therefore computed, as it would be
