@@ -55,6 +55,21 @@ def test_forget_ceiling_stops_the_ascent_of_rows_above_it(name):
         assert logits.grad[1].abs().sum() > 0  # the retain row always trains
 
 
+@pytest.mark.parametrize("name", ["gd", "sugd"])
+def test_forget_target_pushes_rows_below_it_up_and_pulls_rows_above_it_down(name):
+    forget_nll = -(math.log(3 / 5) + math.log(2 / 4)) / 2  # about 0.60 nats
+    method = get_method(name)
+    for target, sign in ((1.0, -1.0), (0.5, 1.0)):
+        logits, batch = hand_batch()
+        logits.requires_grad_(True)
+        loss, _ = method.loss(logits, batch, method.build_settings({"forget_target": target, "retain_weight": 1.0}), None)
+        assert loss.item() == pytest.approx((abs(forget_nll - target) + math.log(3.0)) / 2, abs=1e-6)
+        loss.backward()
+        # d loss / d logit of the first answer token's label: the NLL's own gradient (p - 1) / 2 tokens / 2 rows,
+        # times +1 when the row is above the target (descent) and -1 below it (ascent).
+        assert logits.grad[0, 1, 1].item() == pytest.approx(sign * (3 / 5 - 1) / 2 / 2, abs=1e-6)
+
+
 def test_ga_ignores_retain_rows():
     logits, batch = hand_batch()
     method = get_method("ga")

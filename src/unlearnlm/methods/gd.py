@@ -15,6 +15,8 @@ class GdSettings:
     retain_weight: float = 1.0
     # The level (mean nats per answer token) up to which a forget row is pushed; None: no limit.
     forget_ceiling: Optional[float] = bounded(None, above=0)
+    # Two-sided: a forget row below this level is pushed up, one above it pulled back down.
+    forget_target: Optional[float] = bounded(None, above=0)
 
 
 def gradient_difference_loss(logits: torch.Tensor, batch: Batch, settings, reference=None):
@@ -22,12 +24,16 @@ def gradient_difference_loss(logits: torch.Tensor, batch: Batch, settings, refer
 
     With ``forget_ceiling`` a forget row's NLL is clamped there, so its gradient stops once it reaches
     it: unseen text costs a model a finite loss, and a member pushed beyond it stands out to a
-    membership attack as much as one left below it.
+    membership attack as much as one left below it. With ``forget_target`` the forget term is
+    ``|NLL - target|`` instead: rows past the level are pulled back to it.
     """
     nll = example_nll(logits, batch["labels"])
     is_forget = batch["is_forget"]
-    pushed = nll if settings.forget_ceiling is None else nll.clamp(max=settings.forget_ceiling)
-    return mix_roles(is_forget, -pushed, settings.retain_weight * nll), role_means(nll, is_forget)
+    if settings.forget_target is not None:
+        forget_term = (nll - settings.forget_target).abs()
+    else:
+        forget_term = -(nll if settings.forget_ceiling is None else nll.clamp(max=settings.forget_ceiling))
+    return mix_roles(is_forget, forget_term, settings.retain_weight * nll), role_means(nll, is_forget)
 
 
 register(Method(

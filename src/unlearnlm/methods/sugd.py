@@ -19,6 +19,7 @@ class SugdSettings:
     retain_weight: float = 0.5
     # See gradient_difference_loss: the level a forget row's loss is pushed up to, not beyond.
     forget_ceiling: Optional[float] = bounded(None, above=0)
+    forget_target: Optional[float] = bounded(None, above=0)
 
 
 register(Method(
