@@ -21,6 +21,19 @@ app = typer.Typer(
 
 # --- target ------------------------------------------------------------------------------------------
 
+# Options several commands share, written once.
+ForgetRows = Annotated[Path, typer.Option(
+    help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
+         "a Hub split ORG/NAME[@REV]:SPLIT.")]
+RetainRows = Annotated[Path, typer.Option(
+    help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
+         "a Hub split ORG/NAME[@REV]:SPLIT.")]
+MiaMembers = Annotated[Optional[Path], typer.Option(
+    help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")]
+MiaNonmembers = Annotated[Optional[Path], typer.Option(
+    help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")]
+
+
 class TargetSize(str, Enum):
     micro = "micro"
     mini = "mini"
@@ -103,17 +116,11 @@ class EvalDType(str, Enum):
 def eval_command(
     model: Annotated[list[str], typer.Option("--model", help="Model directory, LoRA adapter directory or Hub id "
                                                             "ORG/NAME[@REVISION]; repeat to compare several models.")],
-    forget: Annotated[Path, typer.Option(
-        help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
-             "a Hub split ORG/NAME[@REV]:SPLIT.")],
-    retain: Annotated[Path, typer.Option(
-        help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
-             "a Hub split ORG/NAME[@REV]:SPLIT.")],
+    forget: ForgetRows,
+    retain: RetainRows,
     out: Annotated[Path, typer.Option(help="Output directory (must be empty unless --overwrite).")],
-    mia_members: Annotated[Optional[Path], typer.Option(
-        help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(
-        help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
+    mia_members: MiaMembers = None,
+    mia_nonmembers: MiaNonmembers = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score, an MMLU stand-in.")] = None,
     mmlu: Annotated[Optional[Path], typer.Option(help="Local MMLU directory (dev/, test/ CSVs or cais/mmlu parquet).")] = None,
     mmlu_shots: Annotated[int, typer.Option(min=0, help="In-context examples per MMLU prompt.")] = 5,
@@ -175,12 +182,8 @@ def _eval_progress(progress):
 def unlearn(
     model: Annotated[str, typer.Option(help="Input model: a directory (Hugging Face format, safetensors), a LoRA "
                                            "adapter directory or a Hub id ORG/NAME[@REVISION]. Only read.")],
-    forget: Annotated[Path, typer.Option(
-        help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
-             "a Hub split ORG/NAME[@REV]:SPLIT.")],
-    retain: Annotated[Path, typer.Option(
-        help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
-             "a Hub split ORG/NAME[@REV]:SPLIT.")],
+    forget: ForgetRows,
+    retain: RetainRows,
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
     config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
@@ -347,21 +350,15 @@ def bench(
 @app.command("audit")
 def audit_command(
     model: Annotated[Path, typer.Option(help="The unlearned model to audit: a directory, an adapter or a Hub id. Only read.")],
-    forget: Annotated[Path, typer.Option(
-        help="Forget rows: a .jsonl or .parquet file, a directory (forget.jsonl, or a SemEval snapshot with data/*.parquet), or "
-             "a Hub split ORG/NAME[@REV]:SPLIT.")],
-    retain: Annotated[Path, typer.Option(
-        help="Retain rows: a .jsonl or .parquet file, a directory (retain.jsonl, or a SemEval snapshot with data/*.parquet), or "
-             "a Hub split ORG/NAME[@REV]:SPLIT.")],
+    forget: ForgetRows,
+    retain: RetainRows,
     out: Annotated[Path, typer.Option(help="Output directory for receipt.json, receipt.md and the plot.")],
     original: Annotated[Optional[Path], typer.Option(
         help="The model before unlearning: its scores and weight hashes go in the receipt.")] = None,
     oracle: Annotated[Optional[Path], typer.Option(
         help="A model that never saw the forget set: every attack runs on it too.")] = None,
-    mia_members: Annotated[Optional[Path], typer.Option(
-        help="MIA members: a {document} jsonl, a directory with member.jsonl, or rows (sc rows used).")] = None,
-    mia_nonmembers: Annotated[Optional[Path], typer.Option(
-        help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")] = None,
+    mia_members: MiaMembers = None,
+    mia_nonmembers: MiaNonmembers = None,
     utility: Annotated[Optional[Path], typer.Option(help="General set G (rows): the utility score.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the T/V split, the relearning and the sampling.")] = 0,
     relearn_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each relearning attack.")] = 30,
