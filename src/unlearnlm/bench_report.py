@@ -238,14 +238,15 @@ def plot_attacks(results: dict, path: Path) -> Path:
     plt = _pyplot()
     audits = results["audits"]
     methods = [name for name in audits if name != "oracle"]
-    attacks = list(audits["oracle"]["attacks"])
+    attacks = list(next(iter(audits.values()))["attacks"])
     figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(attacks) + 3), 4.8))
     width = 0.8 / max(1, len(methods))
     for offset, method in enumerate(methods):
         values = [audits[method]["attacks"][attack]["forget_score"] for attack in attacks]
         axis.bar([i - 0.4 + (offset + 0.5) * width for i in range(len(attacks))], values, width, label=method)
-    oracle = [audits["oracle"]["attacks"][attack]["forget_score"] for attack in attacks]
-    axis.scatter(range(len(attacks)), oracle, marker="_", s=900, color="black", zorder=3, label="oracle")
+    if "oracle" in audits:  # a worker process of a --jobs run leaves the oracle to its parent
+        oracle = [audits["oracle"]["attacks"][attack]["forget_score"] for attack in attacks]
+        axis.scatter(range(len(attacks)), oracle, marker="_", s=900, color="black", zorder=3, label="oracle")
     axis.set_xticks(range(len(attacks)), attacks, rotation=20, ha="right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("forget score under attack (higher = more recalled)")
