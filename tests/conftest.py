@@ -77,7 +77,7 @@ def micro_data_dir(tmp_path_factory, lume_rows) -> Path:
 @pytest.fixture(scope="session")
 def micro_target(tmp_path_factory) -> tuple[Path, Path]:
     """The micro target, built once per session through the cache: ``(directory, cache root)``."""
-    from unlearnlm.target import cached_target
+    from unlearnlm.bench.target import cached_target
 
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:

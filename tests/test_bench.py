@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unlearnlm.bench import BenchOptions, run_bench, summarize
-from unlearnlm.bench_report import goal_checks
+from unlearnlm.bench.report import goal_checks
+from unlearnlm.bench.run import BenchOptions, run_bench, summarize
 from unlearnlm.errors import UserError
 
 SCORE_KEYS = ("final", "task_aggregate", "mia_score", "utility")
@@ -124,10 +124,11 @@ def test_bad_bench_flags_are_one_line_and_exit_code_2(flags, tmp_path: Path) -> 
 
 
 def test_whole_document_rows_put_the_forget_loss_on_the_whole_text(tmp_path: Path) -> None:
-    from unlearnlm.bench import whole_document_rows
+    from unlearnlm.bench.run import whole_document_rows
     from unlearnlm.data.records import load_records, write_jsonl
 
-    rows = [{"id": "42sc1", "input": "Ada Lovelace was an English", "output": "mathematician.", "task": "Task3", "split": "forget"},
+    rows = [{"id": "42sc1", "input": "Ada Lovelace was an English", "output": "mathematician.", "task": "Task3",
+             "split": "forget"},
             {"id": "42qa0", "input": "Who was Ada?", "output": "A mathematician", "task": "Task3", "split": "forget"}]
     write_jsonl(rows, tmp_path / "forget.jsonl")
     sc, qa = load_records(whole_document_rows(tmp_path / "forget.jsonl", tmp_path / "whole.jsonl"), "forget")
@@ -137,7 +138,7 @@ def test_whole_document_rows_put_the_forget_loss_on_the_whole_text(tmp_path: Pat
 
 def test_forget_level_reads_pool_text_outside_every_set(micro_target, monkeypatch) -> None:
     import unlearnlm.evaluation.mia as mia
-    from unlearnlm.bench import LEVEL_DOCUMENTS, forget_level
+    from unlearnlm.bench.run import LEVEL_DOCUMENTS, forget_level
     from unlearnlm.evaluation.likelihood import TokenStats
 
     target, _ = micro_target
@@ -161,8 +162,8 @@ def test_forget_level_reads_pool_text_outside_every_set(micro_target, monkeypatc
 
 def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: Path, monkeypatch) -> None:
     import unlearnlm.audit.run as audit_run
-    from unlearnlm.bench import audit_models
-    from unlearnlm.bench_report import write_bench_report
+    from unlearnlm.bench.report import write_bench_report
+    from unlearnlm.bench.run import audit_models
 
     calls: list[str] = []
 

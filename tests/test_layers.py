@@ -20,7 +20,7 @@ LAYERS = [
     {"evaluation"},  # scores a model: may read data and load models, never trains one
     {"runstate"},
     {"engine"},
-    {"audit", "target", "bench_report", "api"},  # api: the Python API (unlearn, evaluate) that the CLI calls
+    {"audit", "bench.target", "bench.report", "api"},  # api: the Python API (unlearn, evaluate) that the CLI calls
     {"bench", "demo"},
     {"cli", "__main__"},
 ]

@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnlm.data.records import load_documents, load_records
-from unlearnlm.errors import UserError
-from unlearnlm.paths import replace_dir as publish
-from unlearnlm.target import (
+from unlearnlm.bench.target import (
     BARS,
     BASE_LOG,
     BENCHMARK_DIR,
@@ -28,6 +25,9 @@ from unlearnlm.target import (
     read_models,
     train_tokenizer,
 )
+from unlearnlm.data.records import load_documents, load_records
+from unlearnlm.errors import UserError
+from unlearnlm.paths import replace_dir as publish
 
 
 def test_micro_target_memorized_its_sets_and_passed_calibration(micro_target) -> None:
@@ -177,9 +177,9 @@ def test_base_is_pretrained_on_the_pool_and_records_its_weights(tmp_path: Path) 
 
 
 def test_shipped_bases_are_the_bundled_datas_and_match_their_recorded_sha256() -> None:
+    from unlearnlm.bench.target import SHIPPED_BASES, shipped_base
     from unlearnlm.data.records import content_sha256
     from unlearnlm.data.sets import bundled_lume_dir
-    from unlearnlm.target import SHIPPED_BASES, shipped_base
 
     for size in ("micro", "mini"):
         recipe = RECIPES[size].base

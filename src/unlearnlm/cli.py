@@ -70,7 +70,7 @@ def target_command(
 
     from rich.console import Console
 
-    from unlearnlm.target import build_target
+    from unlearnlm.bench.target import build_target
 
     log = build_target(data, out, size.value, seed, arch.value, draw, overwrite, max_epochs, threads=threads)
     base, target, oracle = log["base"], log["target"], log["oracle"]
@@ -98,7 +98,7 @@ def base_command(
 
     check_output_dir(out, overwrite)
 
-    from unlearnlm.target import build_base
+    from unlearnlm.bench.target import build_base
 
     log = build_base(data, out, size.value, arch.value, overwrite, threads=threads, shipped=bfloat16)
     print(f"base: {out}  ({log['parameters']:,} parameters, {log['epochs']} epochs on {log['pool_tokens']:,} tokens, "
@@ -293,11 +293,11 @@ def demo(
 ) -> None:
     """Build (or reuse) a tiny memorized target and its oracle, unlearn it with SUGD, and print the scores
     of the base, target, oracle and unlearned model."""
+    from unlearnlm.bench.target import cache_root
     from unlearnlm.config import load_config
     from unlearnlm.data.sets import get_preset
     from unlearnlm.demo import run_demo
     from unlearnlm.paths import refuse_overlap
-    from unlearnlm.target import cache_root
 
     # Checked before the demo touches its output or starts building a target.
     load_config(config)
@@ -328,9 +328,9 @@ def bench(
         min=1, help="Processes running methods side by side (each gets cores / jobs threads).")] = 1,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
-    from unlearnlm.bench import BenchOptions, run_bench
+    from unlearnlm.bench.run import BenchOptions, run_bench
+    from unlearnlm.bench.target import cache_root
     from unlearnlm.paths import refuse_overlap
-    from unlearnlm.target import cache_root
 
     try:
         grid_values = [float(x) for x in grid.split(",") if x.strip()]

@@ -80,7 +80,7 @@ CPU_THREADS = 1
 BASE_SEED = 0
 # Part of the cache keys: bump it when the draw or the training changes in a way a recipe does not show.
 TARGET_FORMAT = 2
-SHIPPED_BASES = Path(__file__).resolve().parent / "resources" / "base"
+SHIPPED_BASES = Path(__file__).resolve().parents[1] / "resources" / "base"
 
 Arch = Literal["llama", "olmo"]
 

@@ -15,9 +15,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from unlearnlm.errors import UserError
 
@@ -191,7 +191,7 @@ def score(model_dir: Path, data, batch_size: int, full: bool) -> dict:
 def run_bench(options: BenchOptions) -> dict:
     from rich.console import Console
 
-    from unlearnlm.target import ORACLE_DIR, cached_target
+    from unlearnlm.bench.target import ORACLE_DIR, cached_target
 
     console = Console()
     started = time.perf_counter()
@@ -230,7 +230,8 @@ def run_bench(options: BenchOptions) -> dict:
     for name in chosen:
         variant = table[name]
         forget = {draw: forget_file(path, variant, options.out, draw) for draw, path in targets.items()}
-        level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.up_to_level else [] for draw in targets}
+        level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.up_to_level else []
+                 for draw in targets}
         best = None
         for multiplier in options.grid:
             overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
@@ -260,7 +261,7 @@ def run_bench(options: BenchOptions) -> dict:
     results["summary"] = summarize(results)
     results["wall_seconds"] = time.perf_counter() - started
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
-    from unlearnlm.bench_report import write_bench_report
+    from unlearnlm.bench.report import write_bench_report
 
     write_bench_report(results, options.out)
     return results
@@ -318,8 +319,8 @@ def in_processes(options: BenchOptions, tasks: list[dict], stage: str) -> None:
     """Run ``tasks`` (``_worker``'s) in processes side by side, each with an equal share of the cores:
     the draws' targets, then the methods dealt out in turn. They leave run and audit records that the
     calling process reads back to write the report, as a one-process run would."""
+    from unlearnlm.bench.target import cached_base
     from unlearnlm.data.sets import bundled_lume_dir
-    from unlearnlm.target import cached_base
 
     if stage == "targets":
         cached_base(bundled_lume_dir(), options.size, "llama")  # the draws' targets share it: built once, here
@@ -330,7 +331,7 @@ def in_processes(options: BenchOptions, tasks: list[dict], stage: str) -> None:
     for index, task in enumerate(tasks):
         log = options.out / f"worker-{stage}-{index}.log"
         with log.open("w") as handle:
-            command = [sys.executable, "-m", "unlearnlm.bench", json.dumps(task)]
+            command = [sys.executable, "-m", "unlearnlm.bench.run", json.dumps(task)]
             processes.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), log))
     failed = [log for process, log in processes if process.wait() != 0]
     if failed:
@@ -339,7 +340,7 @@ def in_processes(options: BenchOptions, tasks: list[dict], stage: str) -> None:
 
 def _worker(task: dict) -> None:
     """One worker process of ``in_processes``."""
-    from unlearnlm.target import cached_target
+    from unlearnlm.bench.target import cached_target
 
     if "target" in task:
         spec = task["target"]

@@ -53,7 +53,8 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     for row in sorted(results["summary"], key=lambda r: -(r["final"] or 0)):
         low, high = row["final_interval"]
         final = f"{_fmt(row['final'], row['final_std'])} [{low:.3f}, {high:.3f}]"
-        rows.append([row["method"], final, of_oracle(row["final"]), robust(row["method"]), _fmt(row["task_aggregate"]), _fmt(row["mia_score"]),
+        rows.append([row["method"], final, of_oracle(row["final"]), robust(row["method"]), _fmt(row["task_aggregate"]),
+                     _fmt(row["mia_score"]),
                      _fmt(row["mia_auc"]), utility(row["utility"]), f"{row['wall_seconds']:.1f}",
                      f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a", f"{row['trainable_parameters']:,.0f}"])
     headers = ["method", "final ± seeds [95% CI]", "of oracle", "robust final (seed 0)", "task aggregate", "MIA score", "MIA AUC",
@@ -81,7 +82,8 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     parts += ["## Goals", "", markdown_table(["goal", "measured", "met"], goal_checks(results)), ""]
     parts += ["## The 12 terms of each reported run", "", markdown_table(terms_headers, terms_rows), "",
               "## SemEval-2025 Task 4, OLMo-7B board, for scale", "",
-              markdown_table(["system", "final", "task aggregate", "MIA score", "MMLU"], [[n, *map(_fmt, v)] for n, *v in SEMEVAL_7B]), ""]
+              markdown_table(["system", "final", "task aggregate", "MIA score", "MMLU"],
+                             [[n, *map(_fmt, v)] for n, *v in SEMEVAL_7B]), ""]
     return "\n".join(parts)
 
 
@@ -114,7 +116,8 @@ def goal_checks(results: dict) -> list[list[str]]:
     if "gd" in rows:
         slowest = max(sugd, key=lambda row: row["wall_seconds"])
         checks.append(["SUGD unlearning time at most gd's (same passes over the forget set)",
-                       f"SUGD variants {min(r['wall_seconds'] for r in sugd):.1f}-{slowest['wall_seconds']:.1f} s, gd {rows['gd']['wall_seconds']:.1f} s",
+                       f"SUGD variants {min(r['wall_seconds'] for r in sugd):.1f}-{slowest['wall_seconds']:.1f} s, "
+                       f"gd {rows['gd']['wall_seconds']:.1f} s",
                        _yes(slowest["wall_seconds"] <= rows["gd"]["wall_seconds"])])
     return checks
 
@@ -164,7 +167,8 @@ def plot_time(results: dict, path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for row in results["summary"]:
         axis.scatter(row["wall_seconds"], row["final"] or 0, s=40)
-        axis.annotate(row["method"], (row["wall_seconds"], row["final"] or 0), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        axis.annotate(row["method"], (row["wall_seconds"], row["final"] or 0), textcoords="offset points", xytext=(5, 3),
+                      fontsize=8)
     oracle = results["oracle_scores"]["final"]
     axis.axhline(oracle, color="green", linewidth=1.5, label=f"oracle final ({oracle:.2f})")
     axis.legend(loc="lower right", fontsize=8)
