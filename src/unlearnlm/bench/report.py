@@ -36,7 +36,7 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     target, oracle = results["target_scores"]["0"], results["oracle_scores"]
 
     def of_oracle(final: float | None) -> str:
-        return f"{final / oracle['final']:.0%}" if final is not None and oracle["final"] else "n/a"
+        return f"{final / oracle['final']:.1%}" if final is not None and oracle["final"] else "n/a"
 
     def utility(value: float | None) -> str:
         return f"{_fmt(value)} ({value / target['utility']:.0%})" if value is not None and target["utility"] else _fmt(value)
@@ -108,7 +108,7 @@ def goal_checks(results: dict) -> list[list[str]]:
                        _yes(best["final"] > rival["final"])])
     if oracle_final:
         checks.append(["SUGD's final at least 0.9 of the oracle's",
-                       f"{best['method']} {best['final']:.3f} = {best['final'] / oracle_final:.0%} of {oracle_final:.3f}",
+                       f"{best['method']} {best['final']:.3f} = {best['final'] / oracle_final:.1%} of {oracle_final:.3f}",
                        _yes(best["final"] >= 0.9 * oracle_final)])
     if best["utility"] is not None and target_utility:
         share = best["utility"] / target_utility
@@ -247,13 +247,14 @@ def plot_attacks(results: dict, path: Path) -> Path:
     width = 0.8 / max(1, len(methods))
     for offset, method in enumerate(methods):
         values = [audits[method]["attacks"][attack]["forget_score"] for attack in attacks]
-        axis.bar([i - 0.4 + (offset + 0.5) * width for i in range(len(attacks))], values, width, label=method)
+        axis.bar([i - 0.4 + (offset + 0.5) * width for i in range(len(attacks))], values, width, label=method,
+                 color=plt.get_cmap("tab20")(offset % 20))  # the default cycle repeats after 10 methods
     if "oracle" in audits:  # a worker process of a --jobs run leaves the oracle to its parent
         oracle = [audits["oracle"]["attacks"][attack]["forget_score"] for attack in attacks]
         axis.scatter(range(len(attacks)), oracle, marker="_", s=900, color="black", zorder=3, label="oracle")
     axis.set_xticks(range(len(attacks)), attacks, rotation=20, ha="right")
     axis.set_ylim(0, 1.05)
-    axis.set_ylabel("forget score under attack (higher = more recalled)")
+    axis.set_ylabel("forget score under attack\n(higher = more recalled)")
     axis.set_title("What each attack recovers, against the oracle")
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(6, len(methods) + 1), fontsize=8)
     figure.tight_layout()
