@@ -200,11 +200,8 @@ def test_olmo_7b_presets_train_the_last_eight_layers_and_their_notebooks_extras(
 
 
 def test_lora_on_selected_layers_only():
-    from transformers import AutoModelForCausalLM, OlmoConfig
-
     config = load_config("configs/olmo-7b-sugd-lora.yaml", ["layers.last_k=2"])
-    olmo = AutoModelForCausalLM.from_config(OlmoConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2))
+    olmo = _tiny("olmo", layers=6)
     names = trainable_parameter_names(apply_trainable(olmo, config.lora, config.layers))
     assert names and all("lora_" in name for name in names)
     assert {int(name.split("layers.")[1].split(".")[0]) for name in names} == {4, 5}

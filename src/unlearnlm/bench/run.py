@@ -152,16 +152,15 @@ def finished_run(run_dir: Path, target: Path, forget: Path, overrides: list[str]
     A record is written only after the run and its scoring finish, so a bench killed midway and started
     again with the same command redoes only the run it was in.
     """
+    def run_and_score() -> dict:
+        run = run_unlearn(target, forget, run_dir, overrides, run_dir.with_name(run_dir.name + ".log"))
+        return {"run": run, "scores": scorer(run_dir)}
+
     record_path = run_dir.with_name(run_dir.name + ".done.json")
-    key = {"target": str(target), "forget": str(forget), "overrides": overrides}
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record["key"] == key and (run_dir / "run.json").is_file():
-            return record["run"], record["scores"]
-    run = run_unlearn(target, forget, run_dir, overrides, run_dir.with_name(run_dir.name + ".log"))
-    scores = scorer(run_dir)
-    record_path.write_text(json.dumps({"key": key, "run": run, "scores": scores}))
-    return run, scores
+    if not (run_dir / "run.json").is_file():
+        record_path.unlink(missing_ok=True)  # the model it described is gone
+    done = cached(record_path, {"target": str(target), "forget": str(forget), "overrides": overrides}, run_and_score)
+    return done["run"], done["scores"]
 
 
 def evaluation_data(target: Path):
