@@ -123,19 +123,6 @@ def test_bad_bench_flags_are_one_line_and_exit_code_2(flags, tmp_path: Path) -> 
     assert not (tmp_path / "out").exists()
 
 
-def test_whole_document_rows_put_the_forget_loss_on_the_whole_text(tmp_path: Path) -> None:
-    from unlearnlm.bench.run import whole_document_rows
-    from unlearnlm.data.records import load_records, write_jsonl
-
-    rows = [{"id": "42sc1", "input": "Ada Lovelace was an English", "output": "mathematician.", "task": "Task3",
-             "split": "forget"},
-            {"id": "42qa0", "input": "Who was Ada?", "output": "A mathematician", "task": "Task3", "split": "forget"}]
-    write_jsonl(rows, tmp_path / "forget.jsonl")
-    sc, qa = load_records(whole_document_rows(tmp_path / "forget.jsonl", tmp_path / "whole.jsonl"), "forget")
-    assert (sc.id, sc.input, sc.output) == ("42sc1", "Ada", "Lovelace was an English mathematician.")
-    assert (qa.input, qa.output) == ("Who was Ada?", "A mathematician")
-
-
 def test_forget_level_reads_pool_text_outside_every_set(micro_target, monkeypatch) -> None:
     import unlearnlm.evaluation.mia as mia
     from unlearnlm.bench.run import LEVEL_DOCUMENTS, forget_level

@@ -97,3 +97,15 @@ def test_append_eos_adds_exactly_one_labelled_eos(micro_tokenizer, prompt, answe
     with_eos = encode_example(tok, prompt, answer, append_eos=True)
     assert with_eos.input_ids == joined + [tok.eos_token_id]
     assert with_eos.labels == plain.labels + [tok.eos_token_id]
+
+
+def test_whole_document_puts_the_forget_loss_on_the_whole_text(tmp_path) -> None:
+    from unlearnlm.data.records import load_records, whole_document, write_jsonl
+
+    rows = [{"id": "42sc1", "input": "Ada Lovelace was an English", "output": "mathematician.", "task": "Task3",
+             "split": "forget"},
+            {"id": "42qa0", "input": "Who was Ada?", "output": "A mathematician", "task": "Task3", "split": "forget"}]
+    write_jsonl(rows, tmp_path / "forget.jsonl")
+    sc, qa = map(whole_document, load_records(tmp_path / "forget.jsonl", "forget"))
+    assert (sc.id, sc.input, sc.output) == ("42sc1", "Ada", "Lovelace was an English mathematician.")
+    assert (qa.input, qa.output) == ("Who was Ada?", "A mathematician")

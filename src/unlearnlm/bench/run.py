@@ -30,11 +30,9 @@ class Variant:
     overrides: tuple[str, ...]
     lr: float
     description: str
-    # Forget each sentence completion's whole text, not only its answer (``whole_document_rows``).
-    whole_documents: bool = False
-    # Push forget rows only up to the target's loss on text outside every set (``forget_level``).
-    up_to_level: bool = False
-    level_setting: str = "forget_ceiling"  # or forget_target: held at the level from both sides
+    # The method setting that receives the target's loss on text outside every set (``forget_level``):
+    # forget_ceiling (pushed up to it) or forget_target (held at it from both sides); None: no level.
+    level_setting: str | None = None
 
 
 def variants(n_layers: int) -> dict[str, Variant]:
@@ -49,16 +47,17 @@ def variants(n_layers: int) -> dict[str, Variant]:
     sugd = ("method=sugd", "schedule.chunk_size=8", "schedule.ratio=3", "schedule.epochs_per_chunk=3",
             "method_args.retain_weight=1.0", "optim.batch_size=4")
     whole = ("schedule.epochs_per_chunk=3", "optim.batch_size=4")
+    whole_documents = ("forget_whole_documents=true",)  # data.records.whole_document, inside the run
     table = [
         Variant("sugd-lora", sugd + lora, 1e-2, "SUGD with LoRA adapters"),
         Variant("sugd-layers", sugd + (half,), 3e-3, "SUGD on the last half of the layers"),
         Variant("sugd-lora-layers", sugd + lora + (half,), 2e-2, "SUGD with LoRA on the last half of the layers"),
         Variant("sugd", sugd, 1e-3, "SUGD on every weight"),
-        Variant("sugd-doc", sugd, 1e-3, "SUGD on every weight, forgetting whole documents", whole_documents=True),
-        Variant("sugd-level", sugd, 1e-3, "SUGD on every weight, whole documents, pushed up to the unseen-text level",
-                whole_documents=True, up_to_level=True),
-        Variant("sugd-target", sugd, 1e-3, "SUGD on every weight, whole documents, held at the unseen-text level",
-                whole_documents=True, up_to_level=True, level_setting="forget_target"),
+        Variant("sugd-doc", sugd + whole_documents, 1e-3, "SUGD on every weight, forgetting whole documents"),
+        Variant("sugd-level", sugd + whole_documents, 1e-3,
+                "SUGD on every weight, whole documents, pushed up to the unseen-text level", level_setting="forget_ceiling"),
+        Variant("sugd-target", sugd + whole_documents, 1e-3,
+                "SUGD on every weight, whole documents, held at the unseen-text level", level_setting="forget_target"),
         Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
                          "method_args.final_anneal=true"), 1e-3, "alternating ascent / annealing descent"),
         Variant("ga", ("method=ga",) + whole, 1e-3, "gradient ascent"),
@@ -88,22 +87,6 @@ class BenchOptions:
     # Processes running methods side by side (``in_processes``); the report is the same.
     jobs: int = 1
     audit_oracle: bool = True  # off in the worker processes: their parent audits the oracle once
-
-
-def whole_document_rows(forget: Path, out: Path) -> Path:
-    """``forget`` with each sentence completion in its whole-document form (``data.records.whole_document``,
-    what ``forget_whole_documents: true`` does inside a run), as a file.
-
-    Measured on the mini demo: SUGD on answers only left the members' whole-text loss at 0.78 nats
-    per token against the oracle's 3.69, so the loss attack still told them apart.
-    """
-    from unlearnlm.data.records import load_records, whole_document, write_jsonl
-
-    # Written aside and renamed: bench processes given disjoint methods may share one output directory.
-    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
-    write_jsonl((whole_document(row).to_dict() for row in load_records(forget, "forget")), partial)
-    partial.replace(out)
-    return out
 
 
 LEVEL_DOCUMENTS = 32
@@ -228,8 +211,8 @@ def run_bench(options: BenchOptions) -> dict:
                                for share in shares if share], "methods")
     for name in chosen:
         variant = table[name]
-        forget = {draw: forget_file(path, variant, options.out, draw) for draw, path in targets.items()}
-        level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.up_to_level else []
+        forget = {draw: path / "benchmark" / "forget.jsonl" for draw, path in targets.items()}
+        level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.level_setting else []
                  for draw in targets}
         best = None
         for multiplier in options.grid:
@@ -347,12 +330,6 @@ def _worker(task: dict) -> None:
         return
     spec = task["bench"]
     run_bench(BenchOptions(**{**spec, "out": Path(spec["out"])}))
-
-
-def forget_file(target: Path, variant: Variant, out: Path, draw: int) -> Path:
-    """The forget rows a variant unlearns: the target's, or their whole-document form."""
-    forget = target / "benchmark" / "forget.jsonl"
-    return whole_document_rows(forget, out / f"forget-whole-d{draw}.jsonl") if variant.whole_documents else forget
 
 
 def _trajectory_overrides(target: Path) -> list[str]:
