@@ -7,7 +7,6 @@ without it, prompts, answers and generations are kept so a person can read what 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from unlearnlm.data.records import content_sha256
 from unlearnlm.evaluation.report import fmt, markdown_table
+from unlearnlm.hub import weights_sha256
 
 RECEIPT_JSON = "receipt.json"
 RECEIPT_MD = "receipt.md"
@@ -36,19 +36,6 @@ LIMITS = (
     "The hashes identify the files audited. They do not show that the audited model was made from the "
     "original one, nor that no other copy of the original or of the forget data exists.",
 )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_sha256(model_dir: str | Path) -> dict[str, str]:
-    """sha256 of each ``*.safetensors`` file of a model directory, by file name."""
-    return {path.name: sha256_file(path) for path in sorted(Path(model_dir).glob("*.safetensors"))}
 
 
 def _data_entry(path: str | Path | None) -> dict | None:
