@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from unlearnlm.bench.report import goal_checks
 from unlearnlm.bench.run import BenchOptions, run_bench, summarize
@@ -22,26 +23,28 @@ def bench_out(micro_target, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNLEARNLM_CACHE", str(cache))
         # The audit stage has its own test below (audit_one itself: tests/test_audit.py).
-        run_bench(BenchOptions(out=out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0], audit=False))
+        run_bench(BenchOptions(out=out, size="micro", methods=["sugd", "gd"], grid=[1.0], seeds=[0], audit=False))
     return out
 
 
 @pytest.mark.slow  # every unlearning run is a process of its own
 def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> None:
     results = json.loads((bench_out / "results.json").read_text())
-    assert [entry["method"] for entry in results["tuning"]] == ["sugd-lora", "gd"]
-    assert [entry["method"] for entry in results["reported"]] == ["sugd-lora", "gd"]
+    assert [entry["method"] for entry in results["tuning"]] == ["sugd", "gd"]
+    assert [entry["method"] for entry in results["reported"]] == ["sugd", "gd"]
     for entry in results["tuning"] + results["reported"]:
         assert all(0.0 <= entry["scores"][key] <= 1.0 for key in SCORE_KEYS)
         assert len(entry["scores"]["terms"]) == 12
         assert entry["wall_seconds"] > 0 and entry["peak_rss_mb"] > 0 and entry["trainable_parameters"] > 0
-    lora, full = (entry["trainable_parameters"] for entry in results["reported"])
-    assert lora < full / 10
+    # Both train every weight: the count is the target's, read from its weights file.
+    with safe_open(Path(results["targets"]["0"]) / "model.safetensors", "pt") as weights:
+        in_file = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
+    assert [entry["trainable_parameters"] for entry in results["reported"]] == [in_file, in_file]
     # Tuning and reporting used different targets (draws 1 and 0); the oracle is the reported draw's.
     assert results["targets"]["0"] != results["targets"]["1"]
     assert results["oracle"] == str(Path(results["targets"]["0"]) / "oracle")
     oracle = results["oracle_scores"]["final"]
-    assert {row["method"] for row in results["summary"]} == {"sugd-lora", "gd"}
+    assert {row["method"] for row in results["summary"]} == {"sugd", "gd"}
     for row in results["summary"]:
         low, high = row["final_interval"]
         assert low <= row["final"] <= high and row["of_oracle"] == pytest.approx(row["final"] / oracle)
@@ -106,7 +109,7 @@ def test_a_rerun_reuses_finished_runs(bench_out: Path, micro_target, monkeypatch
     assert len(records) == 4
     stamps = [record.stat().st_mtime_ns for record in records]
     monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
-    again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd-lora", "gd"], grid=[1.0], seeds=[0], audit=False))
+    again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd", "gd"], grid=[1.0], seeds=[0], audit=False))
     assert [record.stat().st_mtime_ns for record in records] == stamps
     assert [e["scores"] for e in again["reported"]] == [e["scores"] for e in first["reported"]]
 
@@ -154,8 +157,11 @@ def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: P
 
     calls: list[str] = []
 
-    def fake_audit_one(path, data, train_half, held_out, settings, log=None):
+    bases: list = []
+
+    def fake_audit_one(path, data, train_half, held_out, settings, log=None, base=None):
         calls.append(str(path))
+        bases.append(base)
         plain = {"task_aggregate": 0.8, "mia_score": 0.6, "utility": 1.0, "final": 0.8}
         attacked = {"task_aggregate": 0.5, "mia_score": 0.6, "utility": 1.0, "final": 0.7}
         terms = {"forget Task1 regurgitation": 0.8}
@@ -174,12 +180,14 @@ def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: P
     results = {"reported": [{"method": "gd", "seed": 0}, {"method": "gd", "seed": 1}]}
     from rich.console import Console
 
-    audits = audit_models(results, tmp_path / "oracle", Data(), runs, Console(quiet=True))
+    (runs / "gd-seed0.results.json").write_text(json.dumps({"kept": "by the reported scoring"}))
+    audits = audit_models(results, tmp_path / "oracle", Data(), runs, Console(quiet=True), 16)
     assert calls == [str(tmp_path / "oracle"), str(runs / "gd-seed0")]  # the first seed only
+    assert bases == [None, {"kept": "by the reported scoring"}]  # the audit starts from the kept results
     # Robust: the worst term (0.5) alone, MIA and utility unchanged: (0.5 + 0.6 + 1.0) / 3.
     assert audits["gd"]["worst_case"]["final"] == pytest.approx((0.5 + 0.6 + 1.0) / 3)
     assert audits["gd"]["attacks"]["relearn-full"]["recovery"] == pytest.approx(0.3)
-    assert audit_models(results, tmp_path / "oracle", Data(), runs, Console(quiet=True)) == audits
+    assert audit_models(results, tmp_path / "oracle", Data(), runs, Console(quiet=True), 16) == audits
     assert len(calls) == 2  # the second call read the records
 
     entry = {"method": "gd", "seed": 0, "scores": {"final": 0.8, "task_aggregate": 0.8, "mia_score": 0.6, "mia_auc": 0.3,
@@ -212,3 +220,26 @@ def test_jobs_run_the_methods_in_worker_processes_and_report_them_together(micro
         assert (tmp_path / "runs" / f"{method}-tune-x1.0.done.json").is_file()
     assert sorted(p.name for p in tmp_path.glob("worker-targets-*.log")) == ["worker-targets-0.log", "worker-targets-1.log"]
     assert (tmp_path / "report.md").is_file()
+
+
+def test_kept_results_are_what_the_audit_would_compute(micro_target, tmp_path: Path) -> None:
+    """The audit starts from the reported scoring's results: they must be the audit's own un-attacked
+    evaluation (same rows, batch size, decoding and attacks on the MIA)."""
+    from dataclasses import replace
+
+    from unlearnlm.audit.run import AuditSettings
+    from unlearnlm.bench.run import evaluation_data, score
+    from unlearnlm.evaluation.evaluator import EvalSettings, load_model, run_evaluation
+
+    target = micro_target[0]
+    data = evaluation_data(target)
+    data = replace(data, forget=data.forget[:6], retain=data.retain[:6])
+    settings = AuditSettings()
+    score(target, data, settings.batch_size, full=True, keep=tmp_path / "kept.json")
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    model, tokenizer = load_model(target, settings.dtype)
+    own = run_evaluation(model, tokenizer, data, EvalSettings(batch_size=settings.batch_size,
+                                                              max_new_tokens=settings.max_new_tokens))
+    for key in ("settings", "timings", "model_source"):
+        kept.pop(key, None), own.pop(key, None)
+    assert kept == json.loads(json.dumps(own))

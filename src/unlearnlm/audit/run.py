@@ -105,8 +105,12 @@ def _held_out(base: Mapping, held_out_ids: set[str]) -> dict:
 
 
 def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], held_out: Sequence[Record],
-              settings: AuditSettings, log: Log = lambda message: None) -> dict[str, dict]:
-    """Every attack on the model at ``path`` (only read; each attack starts from a fresh load)."""
+              settings: AuditSettings, log: Log = lambda message: None, base: Mapping | None = None) -> dict[str, dict]:
+    """Every attack on the model at ``path`` (only read; each attack starts from a fresh load).
+
+    ``base``: the model's un-attacked results on ``data`` with these settings, when the caller has them
+    already (the bench scores every reported model before auditing it); computed here otherwise.
+    """
     eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
 
     def evaluate(model, tokenizer, forget: Sequence[Record]) -> dict:
@@ -115,7 +119,8 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
     attacks: dict[str, dict] = {}
     started = time.perf_counter()
     model, tokenizer = load_model(path, settings.dtype)
-    base = evaluate(model, tokenizer, data.forget)
+    if base is None:
+        base = evaluate(model, tokenizer, data.forget)
     attacks[NO_ATTACK] = _summary(base, NO_ATTACK, NO_ATTACK, "F", {"decoding": "greedy"}, None,
                                   time.perf_counter() - started)
     before_f = attacks[NO_ATTACK]["forget_score"]
