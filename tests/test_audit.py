@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from unlearnlm.audit import attacks
 from unlearnlm.audit.attacks import SamplingBudget, quantize, shortened, split_documents, with_document_context
 from unlearnlm.audit.receipt import RECEIPT_JSON, RECEIPT_MD, build_receipt, write_receipt
 from unlearnlm.audit.run import AuditSettings, best_rows, run_audit, worst_case
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.evaluator import EvalData
+from unlearnlm.model import load_model_and_tokenizer
 
 # --- building blocks, against hand-worked values ----------------------------------------------------
 
@@ -101,6 +103,65 @@ def test_quantization_rounds_each_weight_to_within_half_a_step_and_leaves_the_he
         error = (layer.weight.dequantize().reshape_as(grouped) - grouped).abs()
         assert (error <= step / 2 * (1 + 1e-5)).all()
         assert error.max() > step.min() / 100  # the weights did move: this is not the identity
+
+
+@pytest.mark.parametrize("device, installed, expected", [
+    ("cpu", True, "torchao"), ("cuda", True, "bitsandbytes"), ("cuda", False, "torchao"), ("cpu", False, "torchao")])
+def test_auto_quantizes_with_bitsandbytes_only_on_a_gpu_that_has_it(device, installed, expected, monkeypatch) -> None:
+    monkeypatch.setattr(attacks, "bitsandbytes_installed", lambda: installed)
+    assert attacks.resolve_quantizer("auto", torch.device(device)) == expected
+    assert attacks.resolve_quantizer("torchao", torch.device(device)) == "torchao"
+
+
+def test_asking_for_bitsandbytes_without_it_or_for_an_unknown_library_is_a_user_error(monkeypatch) -> None:
+    monkeypatch.setattr(attacks, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(UserError, match=r"pip install 'unlearnlm\[bnb\]'"):
+        attacks.resolve_quantizer("bitsandbytes", torch.device("cuda"))
+    with pytest.raises(UserError, match="unknown quantizer 'gptq'"):
+        attacks.resolve_quantizer("gptq", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bitsandbytes_quantizes_as_the_weights_load_onto_the_models_device(bits: int, micro_model_dir, monkeypatch) -> None:
+    """What a deployment passes to transformers; the real library is exercised in the next test."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained
+    seen: dict = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("quantization_config"), kwargs.pop("device_map")
+        return loaded(path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    attacks.quantized_model(micro_model_dir, bits, "float32", "bitsandbytes")
+    config = seen["quantization_config"]
+    assert seen["device_map"] == {"": "cpu"} and seen["use_safetensors"] is True
+    if bits == 8:
+        assert config.load_in_8bit and not config.load_in_4bit and config.llm_int8_threshold == 6.0
+    else:
+        assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+        assert config.bnb_4bit_compute_dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits, layer", [(8, "Linear8bitLt"), (4, "Linear4bit")])
+def test_bitsandbytes_quantization_really_runs_and_leaves_the_head(bits: int, layer: str, micro_target) -> None:
+    """Runs where bitsandbytes is installed (pip install 'unlearnlm[bnb]'; its CPU backend will do, for
+    layers at least 64 wide: the micro target's, not the random micro model's)."""
+    pytest.importorskip("bitsandbytes")
+    micro_model_dir = micro_target[0]
+    model, tokenizer = attacks.quantized_model(micro_model_dir, bits, "float32", "bitsandbytes")
+    plain, _ = attacks.quantized_model(micro_model_dir, bits, "float32", "torchao")
+    kinds = {type(module).__name__ for name, module in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
+    assert kinds == {layer} and type(model.lm_head) is torch.nn.Linear
+    ids = torch.tensor([tokenizer("Alice was born in").input_ids])
+    with torch.no_grad():
+        full = load_model_and_tokenizer(micro_model_dir)[0](ids).logits
+        quantized, rounded = model(ids).logits, plain(ids).logits
+    # Both libraries move the logits by a rounding of the same order, and neither leaves them as they were.
+    bnb_change, torchao_change = (quantized - full).abs().max(), (rounded - full).abs().max()
+    assert 0 < bnb_change < 10 * torchao_change and 0 < torchao_change < 10 * bnb_change
 
 
 # --- the audit on the micro target and on a model that never saw F ---------------------------------------
@@ -209,7 +270,7 @@ def test_the_command_writes_a_redacted_receipt_by_default_and_leaves_the_inputs(
     assert (tree_sha256(micro_model_dir), tree_sha256(micro_data_dir)) == inputs_before
 
 
-@pytest.mark.parametrize("case", ["one document", "missing model", "zero rate", "out inside the model"])
+@pytest.mark.parametrize("case", ["one document", "missing model", "zero rate", "unknown quantizer", "out inside the model"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, micro_model_dir, micro_data_dir, tmp_path: Path,
                                                          capfd) -> None:
     forget, out = micro_data_dir / "forget.jsonl", tmp_path / "out"
@@ -223,6 +284,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, micro_model_
         model = tmp_path / "nowhere"
     elif case == "zero rate":
         extra = ["--relearn-lr", "0"]
+    elif case == "unknown quantizer":
+        extra = ["--quantizer", "gptq"]
     else:
         out = micro_model_dir / "audit"
     code, lines = run_cli(["audit", "--model", str(model), "--forget", str(forget), "--retain",

@@ -365,6 +365,10 @@ def audit_command(
     relearn_lr: Annotated[float, typer.Option(
         help="Learning rate of full relearning (LoRA: 5x); 2e-4 suits the tiny targets, ~1e-5 a 7B model.")] = 2e-4,
     samples: Annotated[int, typer.Option(min=1, help="Samples per prompt in the sampling attack.")] = 8,
+    quantizer: Annotated[str, typer.Option(
+        help="Library of the quantization attacks: torchao (round-to-nearest, runs anywhere), bitsandbytes "
+             "(LLM.int8 and NF4; pip install 'unlearnlm[bnb]'), or auto: bitsandbytes on a CUDA GPU when "
+             "installed, else torchao.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for generation and scoring.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
     redact: Annotated[bool, typer.Option(
@@ -395,16 +399,18 @@ def audit_command(
 
     from rich.console import Console
 
-    from unlearnlm.audit.attacks import RelearnBudget, SamplingBudget, split_documents
+    from unlearnlm.audit.attacks import RelearnBudget, SamplingBudget, resolve_quantizer, split_documents
     from unlearnlm.audit.receipt import RECEIPT_MD, build_receipt, write_receipt
     from unlearnlm.audit.run import AuditSettings, run_audit
     from unlearnlm.evaluation.evaluator import EvalData
+    from unlearnlm.model import default_device
     from unlearnlm.runstate import finalize_output, prepare_output
 
     settings = AuditSettings(seed=seed, relearn=replace(RelearnBudget(), steps=relearn_steps, lr_full=relearn_lr),
                              sampling=replace(SamplingBudget(), samples=samples), batch_size=batch_size,
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, quantizer=quantizer)
     split_documents(forget_rows, seed)  # fewer than 2 documents fails here, before any model loads
+    resolve_quantizer(quantizer, default_device())  # so does a quantizer that cannot run here
     console = Console(stderr=True)
     audit = run_audit(model, EvalData(forget_rows, retain_rows, members, nonmembers, general), original, oracle,
                       settings, log=console.print)

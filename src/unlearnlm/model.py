@@ -47,18 +47,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "float32"):
+def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "float32", quantization=None):
     """A model directory, a Hub id or a LoRA adapter (merged into its base in memory), from
-    safetensors, without remote code."""
+    safetensors, without remote code. ``quantization`` (a transformers quantization config, e.g.
+    bitsandbytes') quantizes the weights as they load, onto ``default_device()``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(source)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
     weights = source.base.path if source.is_adapter else source.path
+    # A quantized model is placed as it loads: it cannot be moved to a device afterwards.
+    placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(default_device())}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
+                                                     **placed)
         if source.is_adapter:
             from peft import PeftModel
 

@@ -2,8 +2,9 @@
 
 - Relearning (Hu et al., arXiv 2406.13356; Deeb and Roger, arXiv 2410.08827): fine-tune on one half
   T of the forget documents, score the other half V, which the fine-tuning never saw.
-- Quantization (Zhang et al., arXiv 2410.16454): round-to-nearest weight-only 8-bit and 4-bit
-  quantization of the decoder's linear layers with torchao, as a deployment would compress it.
+- Quantization (Zhang et al., arXiv 2410.16454): 8-bit and 4-bit weight quantization of the
+  decoder's linear layers, as a deployment would compress it: bitsandbytes (LLM.int8, NF4) where
+  deployments use it, on a CUDA GPU; torchao's round-to-nearest weight-only scheme elsewhere.
 - Extraction beyond greedy decoding (Patil et al., arXiv 2309.17410; Lynch et al., arXiv
   2402.16835): sampled decoding, prompts cut shorter, the document's own earlier text in context.
 
@@ -13,6 +14,7 @@ Every function here returns a model or a list of rows; the official scoring happ
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from collections.abc import Sequence
@@ -120,6 +122,59 @@ INT4_GROUP = 128
 def _decoder_linear(module: torch.nn.Module, name: str) -> bool:
     # The output head stays in full precision, as transformers' bitsandbytes integration keeps it.
     return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+
+
+QUANTIZERS = ("auto", "torchao", "bitsandbytes")
+
+
+def resolve_quantizer(requested: str, device: torch.device) -> str:
+    """The quantization library to attack with. ``auto``: bitsandbytes for a model on a CUDA GPU,
+    where deployments quantize with it, when it is installed; torchao otherwise (it runs anywhere)."""
+    if requested not in QUANTIZERS:
+        raise UserError(f"unknown quantizer {requested!r} (use {', '.join(QUANTIZERS)})")
+    installed = bitsandbytes_installed()
+    if requested == "auto":
+        return "bitsandbytes" if device.type == "cuda" and installed else "torchao"
+    if requested == "bitsandbytes" and not installed:
+        raise UserError("the bitsandbytes quantizer needs the bitsandbytes package: pip install 'unlearnlm[bnb]'")
+    return requested
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def bitsandbytes_config(bits: int, compute_dtype: torch.dtype):
+    """8-bit: LLM.int8 (Dettmers et al., arXiv 2208.07339) with its default outlier threshold of 6.
+    4-bit: NF4 (Dettmers et al., arXiv 2305.14314) computing in the model's dtype. transformers keeps
+    the output head in full precision, as torchao's path here does."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    raise ValueError(f"unsupported bit width {bits} (8 or 4)")
+
+
+QUANTIZATION_SCHEMES = {
+    ("torchao", 8): "round-to-nearest, weight-only int8, one scale per output channel (torchao)",
+    ("torchao", 4): f"round-to-nearest, weight-only int4, one scale per {INT4_GROUP} inputs (per output channel in "
+                    f"layers narrower than that) (torchao)",
+    ("bitsandbytes", 8): "LLM.int8, outlier threshold 6 (bitsandbytes)",
+    ("bitsandbytes", 4): "NF4 weights, compute in the model's dtype (bitsandbytes)",
+}
+
+
+def quantized_model(path, bits: int, dtype: str, quantizer: str):
+    """``(model, tokenizer)``: the model at ``path`` with its decoder's linear layers quantized to ``bits``
+    by ``quantizer`` (``resolve_quantizer``'s answer); bitsandbytes quantizes as the weights load."""
+    from unlearnlm.model import DTYPES, default_device, load_model_and_tokenizer
+
+    if quantizer == "bitsandbytes":
+        return load_model_and_tokenizer(path, dtype, quantization=bitsandbytes_config(bits, DTYPES[dtype]))
+    model, tokenizer = load_model_and_tokenizer(path, dtype)
+    return quantize(model.to(default_device()), bits), tokenizer
 
 
 def quantize(model: torch.nn.Module, bits: int) -> torch.nn.Module:

@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from unlearnlm.audit.attacks import (
+    QUANTIZATION_SCHEMES,
     RelearnBudget,
     SamplingBudget,
-    quantize,
+    quantized_model,
     relearn,
+    resolve_quantizer,
     sampled_best_rows,
     shortened,
     split_documents,
@@ -29,6 +31,7 @@ from unlearnlm.data.records import Record
 from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, generation_rows, load_model, run_evaluation
 from unlearnlm.evaluation.likelihood import TokenCache
 from unlearnlm.evaluation.scoring import aggregated_terms, final_score, headline, official_results, task_aggregate
+from unlearnlm.model import default_device
 
 NO_ATTACK = "none"
 
@@ -40,6 +43,7 @@ class AuditSettings:
     sampling: SamplingBudget = field(default_factory=SamplingBudget)
     prompt_fractions: tuple[float, ...] = (0.5, 0.25)
     bits: tuple[int, ...] = (8, 4)
+    quantizer: str = "auto"  # attacks.QUANTIZERS; auto: bitsandbytes on a CUDA GPU when installed, else torchao
     batch_size: int = 16
     max_new_tokens: int = 256
     dtype: str = "float32"
@@ -168,12 +172,13 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
     del model
 
     # Attacks that change the weights: a fresh copy each time.
+    quantizer = resolve_quantizer(settings.quantizer, default_device())
     for bits in settings.bits:
         since = time.perf_counter()
-        model, tokenizer = load_model(path, settings.dtype)
-        quantize(model, bits)
+        model, tokenizer = quantized_model(path, bits, settings.dtype, quantizer)
         record(f"quant-{bits}bit", "quantization", "F",
-               {"bits": bits, "scheme": "round-to-nearest, weight-only (torchao)", "quantized": "decoder linear layers"},
+               {"bits": bits, "library": quantizer, "scheme": QUANTIZATION_SCHEMES[quantizer, bits],
+                "quantized": "decoder linear layers"},
                evaluate(model, tokenizer, data.forget), since)
         del model
     for name, rows, mode, scored_on, forget in (
