@@ -150,6 +150,33 @@ def test_forget_level_reads_pool_text_outside_every_set(micro_target, monkeypatc
     assert level == pytest.approx((LEVEL_DOCUMENTS + 1) / 2)
 
 
+def test_settle_runs_from_the_first_model_at_that_models_level(tmp_path: Path, monkeypatch) -> None:
+    import unlearnlm.bench.run as bench_run
+
+    runs: list[tuple] = []
+
+    def fake_unlearn(model, forget, out, overrides, log):
+        runs.append((model, out, list(overrides)))
+        return {"steps": 10 * len(runs), "wall_seconds": 1.5 * len(runs), "validation_seconds": 0.0,
+                "peak_rss_mb": 100.0 * len(runs), "stopped_reason": "completed", "trainable_parameters": 7}
+
+    levels: list = []
+    monkeypatch.setattr(bench_run, "run_unlearn", fake_unlearn)
+    monkeypatch.setattr(bench_run, "forget_level",
+                        lambda target, batch_size, model=None: levels.append((target, model)) or 3.14159)
+    target, forget, run_dir = tmp_path / "target", tmp_path / "forget.jsonl", tmp_path / "runs" / "x-seed0"
+    first = ["method=sugd", "optim.lr=0.002", "seed=3", "method_args.forget_ceiling=3.0"]
+    record = bench_run.settle_run(target, forget, run_dir, first, ("method=sugd", "schedule.chunk_size=null"), 16)
+    first_dir = tmp_path / "runs" / "x-seed0-first"
+    assert runs[0] == (target, first_dir, first)
+    # The second run starts from the first's model, at the level read on that model (not the target's).
+    assert levels == [(target, first_dir)]
+    assert runs[1] == (first_dir, run_dir, ["method=sugd", "schedule.chunk_size=null", "optim.lr=0.002", "seed=3",
+                                            "method_args.forget_target=3.1416"])
+    assert record["steps"] == 30 and record["wall_seconds"] == pytest.approx(4.5) and record["peak_rss_mb"] == 200.0
+    assert record["first"]["steps"] == 10 and record["settle_level"] == pytest.approx(3.14159)
+
+
 def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: Path, monkeypatch) -> None:
     import unlearnlm.audit.run as audit_run
     from unlearnlm.bench.report import write_bench_report
@@ -243,3 +270,12 @@ def test_kept_results_are_what_the_audit_would_compute(micro_target, tmp_path: P
     for key in ("settings", "timings", "model_source"):
         kept.pop(key, None), own.pop(key, None)
     assert kept == json.loads(json.dumps(own))
+
+
+def test_the_bench_settle_pass_is_the_sugd_settle_preset() -> None:
+    from unlearnlm.bench.run import variants
+    from unlearnlm.config import load_config
+
+    settle = variants(n_layers=4)["sugd-settle"].settle
+    assert load_config("sugd-settle") == load_config(None, [*settle, "optim.lr=0.001"])
+    assert load_config("sugd-settle") != load_config("sugd-level")

@@ -34,6 +34,9 @@ class Variant:
     # forget_ceiling (pushed up to it) or forget_target (held at it from both sides); None: no level.
     level_setting: str | None = None
     default: bool = True  # run when no --method is given; the others only by name
+    # A second run on the first's model, holding every forget document at the level of unseen text
+    # re-read on that model (forget_target): settle_run's settings, else None.
+    settle: tuple[str, ...] | None = None
 
 
 def variants(n_layers: int) -> dict[str, Variant]:
@@ -49,11 +52,19 @@ def variants(n_layers: int) -> dict[str, Variant]:
             "method_args.retain_weight=1.0", "optim.batch_size=4")
     whole = ("schedule.epochs_per_chunk=3", "optim.batch_size=4")
     whole_documents = ("forget_whole_documents=true",)  # data.records.whole_document, inside the run
+    # One pass over every forget document at once, each held at the level from both sides, with
+    # retain rows 1:3 as in SUGD's chunks: it revisits the chunks unlearned first, which the ascent on
+    # later chunks pushed past the level (configs/sugd-settle.yaml).
+    settle = ("method=sugd", "schedule.chunk_size=null", "schedule.ratio=3", "schedule.epochs_per_chunk=1",
+              "method_args.retain_weight=1.0", "optim.batch_size=4", "forget_whole_documents=true")
     # Listed about heaviest first (steps times sequence length, and the audit), the order in which
     # --jobs starts them, so that no long method starts last while the other processes sit idle.
     table = [
         Variant("sugd-level", sugd + whole_documents, 1e-3,
                 "SUGD on every weight, whole documents, pushed up to the unseen-text level", level_setting="forget_ceiling"),
+        Variant("sugd-settle", sugd + whole_documents, 1e-3,
+                "sugd-level, then one pass holding every forget document at the unseen-text level of the unlearned model",
+                level_setting="forget_ceiling", settle=settle, default=False),
         Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
                          "method_args.final_anneal=true"), 1e-3, "alternating ascent / annealing descent"),
         # Held at the level from both sides: tried for docs/benchmark.md and left out of the default
@@ -101,9 +112,10 @@ LEVEL_DOCUMENTS = 32
 TRAJECTORY_VARIANTS = ("sugd", "sugd-level")
 
 
-def forget_level(target: Path, batch_size: int) -> float:
-    """The target's mean loss per token on pretraining text that no set holds: the level of text it
-    has seen only in pretraining, as the MIA nonmembers, and so where a forgotten document should end.
+def forget_level(target: Path, batch_size: int, model: Path | None = None) -> float:
+    """The target's (or ``model``'s) mean loss per token on pretraining text that none of the
+    target's sets holds: the level of text it has seen only in pretraining, as the MIA nonmembers,
+    and so where a forgotten document should end.
 
     Read from a seeded sample of the pool's Task3 biographies outside every set (Task1 and Task2
     pool rows are too few and too repetitive to stand for unseen text); no set, and not the oracle,
@@ -119,8 +131,8 @@ def forget_level(target: Path, batch_size: int) -> float:
     in_sets = {doc for entry in manifest["files"].values() for doc in entry["documents"]}
     outside = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK and doc.id not in in_sets]
     sample = random.Random("forget-level").sample(outside, min(LEVEL_DOCUMENTS, len(outside)))
-    model, tokenizer = load_model_and_tokenizer(target)
-    return mia.mean_document_loss(model, tokenizer, sample, batch_size)
+    loaded, tokenizer = load_model_and_tokenizer(model or target)
+    return mia.mean_document_loss(loaded, tokenizer, sample, batch_size)
 
 
 def run_unlearn(target: Path, forget: Path, out: Path, overrides: list[str], log: Path) -> dict:
@@ -138,21 +150,46 @@ def run_unlearn(target: Path, forget: Path, out: Path, overrides: list[str], log
 
 
 def finished_run(run_dir: Path, target: Path, forget: Path, overrides: list[str],
-                 scorer: Callable[[Path], dict]) -> tuple[dict, dict]:
-    """``(run.json, scores)`` of one unlearning run, reusing a finished one with the same target and settings.
+                 scorer: Callable[[Path], dict], settle: tuple[str, ...] | None = None,
+                 batch_size: int = 16) -> tuple[dict, dict]:
+    """``(run.json, scores)`` of one unlearning run (two with ``settle``: see ``settle_run``), reusing a
+    finished one with the same target and settings.
 
     A record is written only after the run and its scoring finish, so a bench killed midway and started
     again with the same command redoes only the run it was in.
     """
     def run_and_score() -> dict:
-        run = run_unlearn(target, forget, run_dir, overrides, run_dir.with_name(run_dir.name + ".log"))
+        log = run_dir.with_name(run_dir.name + ".log")
+        if settle is None:
+            run = run_unlearn(target, forget, run_dir, overrides, log)
+        else:
+            run = settle_run(target, forget, run_dir, overrides, settle, batch_size)
         return {"run": run, "scores": scorer(run_dir)}
 
     record_path = run_dir.with_name(run_dir.name + ".done.json")
     if not (run_dir / "run.json").is_file():
         record_path.unlink(missing_ok=True)  # the model it described is gone
-    done = cached(record_path, {"target": str(target), "forget": str(forget), "overrides": overrides}, run_and_score)
+    key = {"target": str(target), "forget": str(forget), "overrides": overrides}
+    done = cached(record_path, key if settle is None else {**key, "settle": list(settle)}, run_and_score)
     return done["run"], done["scores"]
+
+
+def settle_run(target: Path, forget: Path, run_dir: Path, overrides: list[str], settle: tuple[str, ...],
+               batch_size: int) -> dict:
+    """The first run (``overrides``) into ``<run_dir>-first``, then ``settle``'s run from its model into
+    ``run_dir``, with the first's learning rate and seed and ``forget_target`` set to the first model's
+    level (``forget_level``); the run record adds up both runs' steps and times."""
+    first_dir = run_dir.with_name(run_dir.name + "-first")
+    first = run_unlearn(target, forget, first_dir, overrides, first_dir.with_name(first_dir.name + ".log"))
+    level = forget_level(target, batch_size, model=first_dir)
+    carried = [item for item in overrides if item.startswith(("optim.lr=", "seed=", "optim.time_budget_s="))]
+    second = run_unlearn(first_dir, forget, run_dir, [*settle, *carried, f"method_args.forget_target={level:.4f}"],
+                         run_dir.with_name(run_dir.name + ".log"))
+    record = {**second, "settle_level": level, "first": {key: first[key] for key in ("steps", "wall_seconds", "stopped_reason")}}
+    for key in ("steps", "wall_seconds", "validation_seconds"):
+        record[key] = first.get(key, 0) + second.get(key, 0)
+    record["peak_rss_mb"] = max(first.get("peak_rss_mb") or 0, second.get("peak_rss_mb") or 0) or None
+    return record
 
 
 def evaluation_data(target: Path):
@@ -233,7 +270,8 @@ def run_bench(options: BenchOptions) -> dict:
             overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
             run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW],
                                        overrides + level[TUNE_DRAW],
-                                       lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False))
+                                       lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False),
+                                       variant.settle, options.batch_size)
             entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
             results["tuning"].append(entry)
             console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
@@ -246,7 +284,8 @@ def run_bench(options: BenchOptions) -> dict:
             run_dir = runs_dir / f"{name}-seed{seed}"
             run, scores = finished_run(run_dir, targets[REPORT_DRAW], forget[REPORT_DRAW], overrides,
                                        lambda directory: score(directory, data[REPORT_DRAW], options.batch_size, full=True,
-                                                               keep=_results_path(directory)))
+                                                               keep=_results_path(directory)),
+                                       variant.settle, options.batch_size)
             results["reported"].append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"],
                                         "overrides": overrides, **_run_facts(run), "scores": scores,
                                         "trajectory": _trajectory(run_dir)})
