@@ -248,7 +248,8 @@ def level_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for scoring.")] = 16,
     text_key: Annotated[str, typer.Option(help="The text field of raw-document rows.")] = "text",
 ) -> None:
-    """Print the model's mean loss per token on DOCUMENTS: the level to forget up to (method_args.forget_ceiling)."""
+    """Print the model's mean loss per token on DOCUMENTS: the level to forget up to (method_args.forget_ceiling)
+    or to hold forgotten documents at (method_args.forget_target)."""
     from unlearnlm.evaluation.evaluator import load_model
     from unlearnlm.evaluation.inputs import load_mia_documents
     from unlearnlm.evaluation.mia import mean_document_loss
