@@ -30,9 +30,11 @@ def bench_out(micro_target, tmp_path_factory) -> Path:
 @pytest.mark.slow  # every unlearning run is a process of its own
 def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> None:
     results = json.loads((bench_out / "results.json").read_text())
-    assert [entry["method"] for entry in results["tuning"]] == ["sugd", "gd"]
+    # One learning rate: nothing to choose, so no tuning run and no tuning draw.
+    assert results["tuning"] == [] and list(results["targets"]) == ["0"]
     assert [entry["method"] for entry in results["reported"]] == ["sugd", "gd"]
-    for entry in results["tuning"] + results["reported"]:
+    assert [entry["lr_multiplier"] for entry in results["reported"]] == [1.0, 1.0]
+    for entry in results["reported"]:
         assert all(0.0 <= entry["scores"][key] <= 1.0 for key in SCORE_KEYS)
         assert len(entry["scores"]["terms"]) == 12
         assert entry["wall_seconds"] > 0 and entry["peak_rss_mb"] > 0 and entry["trainable_parameters"] > 0
@@ -40,8 +42,6 @@ def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> No
     with safe_open(Path(results["targets"]["0"]) / "model.safetensors", "pt") as weights:
         in_file = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
     assert [entry["trainable_parameters"] for entry in results["reported"]] == [in_file, in_file]
-    # Tuning and reporting used different targets (draws 1 and 0); the oracle is the reported draw's.
-    assert results["targets"]["0"] != results["targets"]["1"]
     assert results["oracle"] == str(Path(results["targets"]["0"]) / "oracle")
     oracle = results["oracle_scores"]["final"]
     assert {row["method"] for row in results["summary"]} == {"sugd", "gd"}
@@ -106,7 +106,7 @@ def test_unknown_method_is_a_user_error(micro_target, tmp_path: Path, monkeypatc
 def test_a_rerun_reuses_finished_runs(bench_out: Path, micro_target, monkeypatch) -> None:
     first = json.loads((bench_out / "results.json").read_text())
     records = sorted((bench_out / "runs").glob("*.done.json"))
-    assert len(records) == 4
+    assert len(records) == 2
     stamps = [record.stat().st_mtime_ns for record in records]
     monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
     again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd", "gd"], grid=[1.0], seeds=[0], audit=False))
@@ -155,8 +155,8 @@ def test_settle_runs_from_the_first_model_at_that_models_level(tmp_path: Path, m
 
     runs: list[tuple] = []
 
-    def fake_unlearn(model, forget, out, overrides, log):
-        runs.append((model, out, list(overrides)))
+    def fake_unlearn(model, forget, retain, out, overrides, log):
+        runs.append((model, retain, out, list(overrides)))
         return {"steps": 10 * len(runs), "wall_seconds": 1.5 * len(runs), "validation_seconds": 0.0,
                 "peak_rss_mb": 100.0 * len(runs), "stopped_reason": "completed", "trainable_parameters": 7}
 
@@ -168,13 +168,34 @@ def test_settle_runs_from_the_first_model_at_that_models_level(tmp_path: Path, m
     first = ["method=sugd", "optim.lr=0.002", "seed=3", "method_args.forget_ceiling=3.0"]
     record = bench_run.settle_run(target, forget, run_dir, first, ("method=sugd", "schedule.chunk_size=null"), 16)
     first_dir = tmp_path / "runs" / "x-seed0-first"
-    assert runs[0] == (target, first_dir, first)
+    retain = target / "benchmark" / "retain.jsonl"  # the target's retain set for both runs
+    assert runs[0] == (target, retain, first_dir, first)
     # The second run starts from the first's model, at the level read on that model (not the target's).
     assert levels == [(target, first_dir)]
-    assert runs[1] == (first_dir, run_dir, ["method=sugd", "schedule.chunk_size=null", "optim.lr=0.002", "seed=3",
+    assert runs[1] == (first_dir, retain, run_dir, ["method=sugd", "schedule.chunk_size=null", "optim.lr=0.002", "seed=3",
                                             "method_args.forget_target=3.1416"])
     assert record["steps"] == 30 and record["wall_seconds"] == pytest.approx(4.5) and record["peak_rss_mb"] == 200.0
     assert record["first"]["steps"] == 10 and record["settle_level"] == pytest.approx(3.14159)
+
+
+@pytest.mark.slow  # two unlearning processes
+def test_settle_pass_really_unlearns_the_first_model_on_the_targets_sets(micro_target, tmp_path: Path) -> None:
+    from unlearnlm.bench.run import settle_run, variants
+
+    target, _ = micro_target
+    variant = variants(n_layers=2)["sugd-settle"]
+    run_dir = tmp_path / "runs" / "settle-seed0"
+    run_dir.parent.mkdir()
+    first_rate = [*variant.at_rate(1.0), "schedule.epochs_per_chunk=1", "seed=0", "method_args.forget_ceiling=5.0"]
+    record = settle_run(target, target / "benchmark" / "forget.jsonl", run_dir, first_rate, variant.settle, 16)
+    first = json.loads((tmp_path / "runs" / "settle-seed0-first" / "run.json").read_text())
+    second = json.loads((run_dir / "run.json").read_text())
+    assert first["model"] == str(target) and second["model"] == str(tmp_path / "runs" / "settle-seed0-first")
+    assert first["data"]["retain"] == second["data"]["retain"] == str(target / "benchmark" / "retain.jsonl")
+    assert second["config"]["method_args"]["forget_target"] == pytest.approx(record["settle_level"], abs=1e-4)
+    assert second["config"]["schedule"]["chunk_size"] is None
+    assert second["config"]["optim"]["lr"] == first["config"]["optim"]["lr"]
+    assert record["steps"] == first["steps"] + second["steps"] and second["steps"] > 0
 
 
 def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: Path, monkeypatch) -> None:
@@ -238,13 +259,19 @@ def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: P
 @pytest.mark.slow  # worker processes, each starting unlearning processes
 def test_jobs_run_the_methods_in_worker_processes_and_report_them_together(micro_target, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
-    results = run_bench(BenchOptions(out=tmp_path, size="micro", methods=["gd", "ga"], grid=[1.0], seeds=[0],
+    results = run_bench(BenchOptions(out=tmp_path, size="micro", methods=["gd", "ga"], grid=[0.5, 1.0], seeds=[0],
                                      audit=False, jobs=2))
     assert [entry["method"] for entry in results["reported"]] == ["gd", "ga"]
     # Each method ran in its own worker, which left its log and its run records for the report.
     for index, method in enumerate(["gd", "ga"]):
-        assert f"tune {method} lr x1.0: final" in (tmp_path / f"worker-methods-{index}.log").read_text()
+        log = (tmp_path / f"worker-methods-{index}.log").read_text()
+        assert f"tune {method} lr x0.5: final" in log and f"tune {method} lr x1.0: final" in log
         assert (tmp_path / "runs" / f"{method}-tune-x1.0.done.json").is_file()
+    # Tuned on draw 1, reported on draw 0, each method at the rate its tuning runs scored best with.
+    assert results["targets"]["0"] != results["targets"]["1"]
+    for entry in results["reported"]:
+        tried = {run["lr_multiplier"]: run["scores"]["final"] for run in results["tuning"] if run["method"] == entry["method"]}
+        assert sorted(tried) == [0.5, 1.0] and tried[entry["lr_multiplier"]] == max(tried.values())
     assert sorted(p.name for p in tmp_path.glob("worker-targets-*.log")) == ["worker-targets-0.log", "worker-targets-1.log"]
     assert (tmp_path / "report.md").is_file()
 

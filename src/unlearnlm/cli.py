@@ -314,7 +314,8 @@ def bench(
     size: Annotated[str, typer.Option(help="Size preset of the targets (bench: the benchmark; micro: a smoke run).")] = "bench",
     method: Annotated[Optional[list[str]], typer.Option(
         "--method", help="Method variant to run (repeatable; default all).")] = None,
-    grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method, comma-separated.")] = "0.5,1,2",
+    grid: Annotated[str, typer.Option(help="Learning-rate multipliers tried per method on the tuning draw, comma-separated; "
+                                              "one value: no tuning, no tuning draw (a quick run).")] = "0.5,1,2",
     seeds: Annotated[str, typer.Option(
         help="Unlearning seeds on the reported draw, comma-separated (mean and spread). A seed changes LoRA's "
              "initialization and shuffled orders only; other runs repeat to the last digit.")] = "0",

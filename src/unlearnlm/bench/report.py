@@ -65,9 +65,11 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     terms_rows += [[e["method"] + f" (seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())]
                    for e in results["reported"]]
     options = results["options"]
+    tuning = (f"grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1)" if len(options["grid"]) > 1
+              else f"one learning rate per method ({options['grid'][0]} times its centre, not tuned)")
     parts = [
         "# Benchmark results", "",
-        f"Size preset `{options['size']}`, grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1), "
+        f"Size preset `{options['size']}`, {tuning}, "
         f"seeds {options['seeds']} on the reported draw 0. Total wall time {results['wall_seconds'] / 60:.1f} min. "
         "Final: mean over seeds ± their spread, and the 95% bootstrap interval over documents.", "",
         markdown_table(headers, rows), "",

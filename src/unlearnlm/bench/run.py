@@ -2,9 +2,11 @@
 
 Protocol (docs/benchmark.md): each method variant tries the same number of configurations on a
 tuning draw of documents (its own target, trained the same way), the best by final score is then run
-on the reported draw, once per seed. Every unlearning run is a separate process, so its peak memory
-is its own. Nothing is tuned on the reported draw; the SUGD trajectory is logged there with
-validation in log-only mode (no state selection), on the first seed of every SUGD variant.
+on the reported draw, once per seed. With one configuration (a grid of one) there is nothing to
+choose, so the tuning draw is neither built nor run. Every unlearning run is a separate process, so
+its peak memory is its own. Nothing is tuned on the reported draw; the SUGD trajectory is logged
+there with validation in log-only mode (no state selection), on the first seed of the variants in
+``TRAJECTORY_VARIANTS``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Variant:
     # A second run on the first's model, holding every forget document at the level of unseen text
     # re-read on that model (forget_target): settle_run's settings, else None.
     settle: tuple[str, ...] | None = None
+
+    def at_rate(self, multiplier: float) -> list[str]:
+        """The variant's settings with ``multiplier`` times its centre learning rate."""
+        return [*self.overrides, f"optim.lr={self.lr * multiplier}"]
 
 
 def variants(n_layers: int) -> dict[str, Variant]:
@@ -135,11 +141,10 @@ def forget_level(target: Path, batch_size: int, model: Path | None = None) -> fl
     return mia.mean_document_loss(loaded, tokenizer, sample, batch_size)
 
 
-def run_unlearn(target: Path, forget: Path, out: Path, overrides: list[str], log: Path) -> dict:
-    """One unlearning run in its own process; returns its run.json."""
-    sets = target / "benchmark"
-    command = [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(target), "--forget", str(forget),
-               "--retain", str(sets / "retain.jsonl"), "--out", str(out), "--overwrite"]
+def run_unlearn(model: Path, forget: Path, retain: Path, out: Path, overrides: list[str], log: Path) -> dict:
+    """One unlearning run of ``model`` in its own process; returns its run.json."""
+    command = [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(model), "--forget", str(forget),
+               "--retain", str(retain), "--out", str(out), "--overwrite"]
     for override in overrides:
         command += ["--set", override]
     with log.open("w") as handle:
@@ -161,7 +166,7 @@ def finished_run(run_dir: Path, target: Path, forget: Path, overrides: list[str]
     def run_and_score() -> dict:
         log = run_dir.with_name(run_dir.name + ".log")
         if settle is None:
-            run = run_unlearn(target, forget, run_dir, overrides, log)
+            run = run_unlearn(target, forget, retain_set(target), run_dir, overrides, log)
         else:
             run = settle_run(target, forget, run_dir, overrides, settle, batch_size)
         return {"run": run, "scores": scorer(run_dir)}
@@ -180,16 +185,21 @@ def settle_run(target: Path, forget: Path, run_dir: Path, overrides: list[str], 
     ``run_dir``, with the first's learning rate and seed and ``forget_target`` set to the first model's
     level (``forget_level``); the run record adds up both runs' steps and times."""
     first_dir = run_dir.with_name(run_dir.name + "-first")
-    first = run_unlearn(target, forget, first_dir, overrides, first_dir.with_name(first_dir.name + ".log"))
+    retain = retain_set(target)  # the target's, for both runs: the first model has no sets of its own
+    first = run_unlearn(target, forget, retain, first_dir, overrides, first_dir.with_name(first_dir.name + ".log"))
     level = forget_level(target, batch_size, model=first_dir)
     carried = [item for item in overrides if item.startswith(("optim.lr=", "seed=", "optim.time_budget_s="))]
-    second = run_unlearn(first_dir, forget, run_dir, [*settle, *carried, f"method_args.forget_target={level:.4f}"],
+    second = run_unlearn(first_dir, forget, retain, run_dir, [*settle, *carried, f"method_args.forget_target={level:.4f}"],
                          run_dir.with_name(run_dir.name + ".log"))
     record = {**second, "settle_level": level, "first": {key: first[key] for key in ("steps", "wall_seconds", "stopped_reason")}}
     for key in ("steps", "wall_seconds", "validation_seconds"):
         record[key] = first.get(key, 0) + second.get(key, 0)
     record["peak_rss_mb"] = max(first.get("peak_rss_mb") or 0, second.get("peak_rss_mb") or 0) or None
     return record
+
+
+def retain_set(target: Path) -> Path:
+    return target / "benchmark" / "retain.jsonl"
 
 
 def evaluation_data(target: Path):
@@ -231,10 +241,11 @@ def run_bench(options: BenchOptions) -> dict:
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
+    draws = (TUNE_DRAW, REPORT_DRAW) if tunes(options) else (REPORT_DRAW,)
     if options.jobs > 1:
         in_processes(options, [{"target": {"size": options.size, "seed": options.target_seed, "draw": draw}}
-                               for draw in (TUNE_DRAW, REPORT_DRAW)], "targets")
-    targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in (TUNE_DRAW, REPORT_DRAW)}
+                               for draw in draws], "targets")
+    targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in draws}
     oracle = targets[REPORT_DRAW] / ORACLE_DIR
     table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
     runs_dir = options.out / "runs"
@@ -265,9 +276,10 @@ def run_bench(options: BenchOptions) -> dict:
         forget = {draw: path / "benchmark" / "forget.jsonl" for draw, path in targets.items()}
         level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.level_setting else []
                  for draw in targets}
-        best = None
-        for multiplier in options.grid:
-            overrides = [*variant.overrides, f"optim.lr={variant.lr * multiplier}", *budget]
+        # Without tuning, the one configuration is the best; with it, the first tuning run replaces this.
+        best = {"lr_multiplier": options.grid[0], "overrides": variant.at_rate(options.grid[0]) + budget, "scores": None}
+        for multiplier in options.grid if tunes(options) else ():
+            overrides = variant.at_rate(multiplier) + budget
             run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW],
                                        overrides + level[TUNE_DRAW],
                                        lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False),
@@ -275,7 +287,7 @@ def run_bench(options: BenchOptions) -> dict:
             entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
             results["tuning"].append(entry)
             console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
-            if best is None or scores["final"] > best["scores"]["final"]:
+            if best["scores"] is None or scores["final"] > best["scores"]["final"]:
                 best = entry
         for seed in options.seeds:
             overrides = [*best["overrides"], f"seed={seed}", *level[REPORT_DRAW]]
@@ -301,6 +313,11 @@ def run_bench(options: BenchOptions) -> dict:
 
     write_bench_report(results, options.out)
     return results
+
+
+def tunes(options: BenchOptions) -> bool:
+    """Whether the bench tunes on the tuning draw: only when there is more than one configuration to try."""
+    return len(options.grid) > 1
 
 
 def cached(record_path: Path, key: dict, compute: Callable[[], dict]) -> dict:
