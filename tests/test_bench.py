@@ -23,18 +23,16 @@ def bench_out(micro_target, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNLEARNLM_CACHE", str(cache))
         # The audit stage has its own test below (audit_one itself: tests/test_audit.py).
-        run_bench(BenchOptions(out=out, size="micro", methods=["sugd", "gd"], grid=[1.0], seeds=[0], audit=False))
+        run_bench(BenchOptions(out=out, size="micro", methods=["sugd", "gd"], grid=[0.5, 1.0], seeds=[0], audit=False))
     return out
 
 
 @pytest.mark.slow  # every unlearning run is a process of its own
 def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> None:
     results = json.loads((bench_out / "results.json").read_text())
-    # One learning rate: nothing to choose, so no tuning run and no tuning draw.
-    assert results["tuning"] == [] and list(results["targets"]) == ["0"]
+    assert [entry["method"] for entry in results["tuning"]] == ["sugd", "sugd", "gd", "gd"]
     assert [entry["method"] for entry in results["reported"]] == ["sugd", "gd"]
-    assert [entry["lr_multiplier"] for entry in results["reported"]] == [1.0, 1.0]
-    for entry in results["reported"]:
+    for entry in results["tuning"] + results["reported"]:
         assert all(0.0 <= entry["scores"][key] <= 1.0 for key in SCORE_KEYS)
         assert len(entry["scores"]["terms"]) == 12
         assert entry["wall_seconds"] > 0 and entry["peak_rss_mb"] > 0 and entry["trainable_parameters"] > 0
@@ -42,7 +40,13 @@ def test_results_hold_every_run_with_its_scores_and_costs(bench_out: Path) -> No
     with safe_open(Path(results["targets"]["0"]) / "model.safetensors", "pt") as weights:
         in_file = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
     assert [entry["trainable_parameters"] for entry in results["reported"]] == [in_file, in_file]
+    # Tuned on draw 1, reported on draw 0 (whose oracle it is), each method at the rate its tuning runs
+    # scored best with.
+    assert results["targets"]["0"] != results["targets"]["1"]
     assert results["oracle"] == str(Path(results["targets"]["0"]) / "oracle")
+    for entry in results["reported"]:
+        tried = {run["lr_multiplier"]: run["scores"]["final"] for run in results["tuning"] if run["method"] == entry["method"]}
+        assert sorted(tried) == [0.5, 1.0] and tried[entry["lr_multiplier"]] == max(tried.values())
     oracle = results["oracle_scores"]["final"]
     assert {row["method"] for row in results["summary"]} == {"sugd", "gd"}
     for row in results["summary"]:
@@ -106,10 +110,11 @@ def test_unknown_method_is_a_user_error(micro_target, tmp_path: Path, monkeypatc
 def test_a_rerun_reuses_finished_runs(bench_out: Path, micro_target, monkeypatch) -> None:
     first = json.loads((bench_out / "results.json").read_text())
     records = sorted((bench_out / "runs").glob("*.done.json"))
-    assert len(records) == 2
+    assert len(records) == 6
     stamps = [record.stat().st_mtime_ns for record in records]
     monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
-    again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd", "gd"], grid=[1.0], seeds=[0], audit=False))
+    again = run_bench(BenchOptions(out=bench_out, size="micro", methods=["sugd", "gd"], grid=[0.5, 1.0], seeds=[0],
+                                   audit=False))
     assert [record.stat().st_mtime_ns for record in records] == stamps
     assert [e["scores"] for e in again["reported"]] == [e["scores"] for e in first["reported"]]
 
@@ -259,20 +264,17 @@ def test_audit_stage_gives_every_method_a_robust_final_and_reuses_it(tmp_path: P
 @pytest.mark.slow  # worker processes, each starting unlearning processes
 def test_jobs_run_the_methods_in_worker_processes_and_report_them_together(micro_target, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("UNLEARNLM_CACHE", str(micro_target[1]))
-    results = run_bench(BenchOptions(out=tmp_path, size="micro", methods=["gd", "ga"], grid=[0.5, 1.0], seeds=[0],
+    results = run_bench(BenchOptions(out=tmp_path, size="micro", methods=["gd", "ga"], grid=[1.0], seeds=[0],
                                      audit=False, jobs=2))
     assert [entry["method"] for entry in results["reported"]] == ["gd", "ga"]
+    # One learning rate: nothing to choose, so no tuning run and no tuning draw.
+    assert results["tuning"] == [] and list(results["targets"]) == ["0"]
+    assert [entry["lr_multiplier"] for entry in results["reported"]] == [1.0, 1.0]
     # Each method ran in its own worker, which left its log and its run records for the report.
     for index, method in enumerate(["gd", "ga"]):
-        log = (tmp_path / f"worker-methods-{index}.log").read_text()
-        assert f"tune {method} lr x0.5: final" in log and f"tune {method} lr x1.0: final" in log
-        assert (tmp_path / "runs" / f"{method}-tune-x1.0.done.json").is_file()
-    # Tuned on draw 1, reported on draw 0, each method at the rate its tuning runs scored best with.
-    assert results["targets"]["0"] != results["targets"]["1"]
-    for entry in results["reported"]:
-        tried = {run["lr_multiplier"]: run["scores"]["final"] for run in results["tuning"] if run["method"] == entry["method"]}
-        assert sorted(tried) == [0.5, 1.0] and tried[entry["lr_multiplier"]] == max(tried.values())
-    assert sorted(p.name for p in tmp_path.glob("worker-targets-*.log")) == ["worker-targets-0.log", "worker-targets-1.log"]
+        assert f"{method} seed 0: final" in (tmp_path / f"worker-methods-{index}.log").read_text()
+        assert (tmp_path / "runs" / f"{method}-seed0.done.json").is_file()
+    assert [p.name for p in tmp_path.glob("worker-targets-*.log")] == ["worker-targets-0.log"]
     assert (tmp_path / "report.md").is_file()
 
 
