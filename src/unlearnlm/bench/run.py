@@ -199,6 +199,7 @@ def settle_run(target: Path, forget: Path, run_dir: Path, overrides: list[str], 
 
 
 def retain_set(target: Path) -> Path:
+    """The retain set a bench target was built with, which every unlearning run of that target uses."""
     return target / "benchmark" / "retain.jsonl"
 
 
@@ -207,7 +208,7 @@ def evaluation_data(target: Path):
     from unlearnlm.evaluation.evaluator import EvalData
 
     sets = target / "benchmark"
-    return EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(sets / "retain.jsonl", "retain"),
+    return EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(retain_set(target), "retain"),
                     load_documents(sets / "mia_members.jsonl"), load_documents(sets / "mia_nonmembers.jsonl"),
                     load_records(sets / "general.jsonl", "retain"))
 
@@ -241,7 +242,7 @@ def run_bench(options: BenchOptions) -> dict:
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
-    draws = (TUNE_DRAW, REPORT_DRAW) if tunes(options) else (REPORT_DRAW,)
+    draws = (TUNE_DRAW, REPORT_DRAW) if tunes(options.grid) else (REPORT_DRAW,)
     if options.jobs > 1:
         in_processes(options, [{"target": {"size": options.size, "seed": options.target_seed, "draw": draw}}
                                for draw in draws], "targets")
@@ -276,19 +277,20 @@ def run_bench(options: BenchOptions) -> dict:
         forget = {draw: path / "benchmark" / "forget.jsonl" for draw, path in targets.items()}
         level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.level_setting else []
                  for draw in targets}
-        # Without tuning, the one configuration is the best; with it, the first tuning run replaces this.
-        best = {"lr_multiplier": options.grid[0], "overrides": variant.at_rate(options.grid[0]) + budget, "scores": None}
-        for multiplier in options.grid if tunes(options) else ():
+        tried = []
+        for multiplier in options.grid if tunes(options.grid) else ():
             overrides = variant.at_rate(multiplier) + budget
             run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW],
                                        overrides + level[TUNE_DRAW],
                                        lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False),
                                        variant.settle, options.batch_size)
             entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
-            results["tuning"].append(entry)
+            tried.append(entry)
             console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
-            if best["scores"] is None or scores["final"] > best["scores"]["final"]:
-                best = entry
+        results["tuning"] += tried
+        # The first of the best-scoring rates; without tuning, the one configuration there is.
+        best = max(tried, key=lambda entry: entry["scores"]["final"],
+                   default={"lr_multiplier": options.grid[0], "overrides": variant.at_rate(options.grid[0]) + budget})
         for seed in options.seeds:
             overrides = [*best["overrides"], f"seed={seed}", *level[REPORT_DRAW]]
             if options.trajectory and name in TRAJECTORY_VARIANTS and seed == options.seeds[0]:
@@ -315,9 +317,9 @@ def run_bench(options: BenchOptions) -> dict:
     return results
 
 
-def tunes(options: BenchOptions) -> bool:
+def tunes(grid: list[float]) -> bool:
     """Whether the bench tunes on the tuning draw: only when there is more than one configuration to try."""
-    return len(options.grid) > 1
+    return len(grid) > 1
 
 
 def cached(record_path: Path, key: dict, compute: Callable[[], dict]) -> dict:
