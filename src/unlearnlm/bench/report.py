@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unlearnlm.bench.run import tunes
 from unlearnlm.evaluation.report import markdown_table
 
 SEMEVAL_7B = [("AILS-NTUA (1st)", 0.706, 0.827, 0.847, 0.443), ("baseline gradient ascent", 0.394, 0.0, 0.912, 0.269),
@@ -66,7 +65,7 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     terms_rows += [[e["method"] + f" (seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())]
                    for e in results["reported"]]
     options = results["options"]
-    tuning = (f"grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1)" if tunes(options["grid"])
+    tuning = (f"grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1)" if len(options["grid"]) > 1
               else f"one learning rate per method ({options['grid'][0]} times its centre, not tuned)")
     parts = [
         "# Benchmark results", "",
