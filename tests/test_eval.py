@@ -271,3 +271,31 @@ def test_eval_entry_point_exit_code(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'none'}: no such model directory"
+
+
+def test_growing_cache_layer_holds_what_concatenation_holds(monkeypatch):
+    from unlearnlm.evaluation.generation import GrowingLayer
+
+    monkeypatch.setattr(GrowingLayer, "spare", 2)  # so that decoding outgrows the buffers twice
+    layer, generator = GrowingLayer(), torch.Generator().manual_seed(0)
+    chunks = [torch.randn(3, 2, length, 4, generator=generator) for length in (5, 1, 1, 1, 1, 1, 2)]
+    for index, chunk in enumerate(chunks):
+        keys, values = layer.update(chunk, -chunk)
+        expected = torch.cat(chunks[:index + 1], dim=-2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected) and layer.get_seq_length() == expected.shape[-2]
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    keys, _ = layer.update(chunks[1][:2], chunks[1][:2])
+    assert torch.equal(keys, torch.cat([torch.cat(chunks, dim=-2)[[2, 0]], chunks[1][:2]], dim=-2))
+    layer.crop(-3)
+    assert torch.equal(layer.update(chunks[1][:2], chunks[1][:2])[0][..., -1:, :], chunks[1][:2])
+    assert layer.get_seq_length() == 12 + 1 - 3 + 1
+
+
+def test_batched_generation_equals_official_when_the_cache_outgrows_its_room(monkeypatch, micro_tokenizer, lume_rows):
+    from unlearnlm.evaluation.generation import GrowingLayer
+
+    monkeypatch.setattr(GrowingLayer, "spare", 3)
+    model = make_micro_model(len(micro_tokenizer))
+    prompts = varied_prompts(micro_tokenizer, lume_rows)
+    official = generate_official(model, micro_tokenizer, prompts, max_new_tokens=MAX_NEW)
+    assert generate_batched(model, micro_tokenizer, prompts, batch_size=3, max_new_tokens=MAX_NEW) == official

@@ -115,11 +115,53 @@ def test_calibration_names_each_missed_bar_and_by_how_much() -> None:
     failed = [check for check in calibration_checks(scores(0.85, 0.9, 0.6, 7.0), mia_docs=12) if not check.passed]
     # AUC 0.9 is MIA score 1 - 2 * 0.4 = 0.2; the bar 1.5 x the base's 4.0 is 6.0.
     assert [(check.name, round(check.value, 3), round(check.bound, 3)) for check in failed] == [
-        ("oracle mean forget term", 0.6, 0.5), ("target nonmember loss", 7.0, 6.0),
-        ("target MIA AUC", 0.85, 0.9), ("oracle MIA score", 0.2, 0.6)]
+        ("target nonmember loss", 7.0, 6.0), ("target MIA AUC", 0.85, 0.9),
+        ("oracle mean forget term", 0.6, 0.5), ("oracle MIA score", 0.2, 0.6)]
     assert failed[-1].describe() == "oracle MIA score = 0.200, needs >= 0.600 (off by 0.400)"
     # Below min_mia_docs members the MIA bars are not checked.
     assert len(calibration_checks(scores(0.5, 0.9, 0.2, 5.0), mia_docs=1)) == 22
+    # Without an oracle (the bench's tuning draw), the target's bars alone: 12 terms, utility, nonmember loss, AUC.
+    without = {name: value for name, value in scores(0.85, 0.9, 0.6, 7.0).items() if name != "oracle"}
+    checks = calibration_checks(without, mia_docs=12)
+    assert len(checks) == 15 and [check.name for check in checks if not check.passed] == [
+        "target nonmember loss", "target MIA AUC"]
+
+
+def test_the_oracle_follows_the_target_to_its_last_step_whether_trained_after_it_or_alongside() -> None:
+    """The target (5 steps an epoch, checked every 2nd epoch) stops at its check after epoch 4, step 20;
+    the oracle (3 steps an epoch) must make exactly those 20 steps before its first check, with the
+    target's verdicts known in advance or heard one by one as the target's process sends them."""
+    import queue
+
+    from conftest import make_micro_model
+
+    from unlearnlm.bench.target import QueuedVerdicts, Schedule, TargetStop, fit
+    from unlearnlm.data.tokenize import Example
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [Example(ids, ids) for ids in torch.randint(1, 50, (16, 7), generator=generator).tolist()]
+    schedule = Schedule(lr=1e-3, batch_size=2, warmup=2, horizon=40, max_grad_norm=1.0, max_epochs=8)
+    heard = []
+    target_log = fit(make_micro_model(50), lambda epoch: rows[:10], 0, schedule, seed=0,
+                     done=lambda epoch: None if epoch % 2 else ("3/3" if epoch == 4 else "1/3"),
+                     on_check=lambda epoch, stopped: heard.append((epoch, stopped)))
+    assert heard == [(2, False), (4, True)] and target_log["steps"] == 20
+
+    sent = queue.Queue()
+    for verdict in heard:
+        sent.put(verdict)
+    checked_at = {}
+    oracles = {}
+    for how, verdict in (("after", lambda epoch: epoch == target_log["epochs"]), ("alongside", QueuedVerdicts(sent))):
+        model = make_micro_model(50, seed=1)
+        log = fit(model, lambda epoch: rows[10:], 0, schedule, seed=0, target_stop=TargetStop(5, 2, 8, verdict),
+                  done=lambda epoch, how=how: checked_at.setdefault(how, epoch) and "2/2")
+        oracles[how] = (log, model.state_dict())
+    assert oracles["after"][0] == oracles["alongside"][0]
+    assert oracles["after"][0]["followed_target_to_step"] == oracles["after"][0]["steps"] == 20
+    # 20 steps of 3 an epoch end within the 7th epoch, cut short: the first check comes after it.
+    assert checked_at == {"after": 7, "alongside": 7}
+    assert all(torch.equal(oracles["after"][1][name], tensor) for name, tensor in oracles["alongside"][1].items())
 
 
 def test_a_non_empty_output_directory_is_refused(tmp_path: Path) -> None:

@@ -243,10 +243,12 @@ def run_bench(options: BenchOptions) -> dict:
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
     draws = (TUNE_DRAW, REPORT_DRAW) if tunes(options.grid) else (REPORT_DRAW,)
+    # The tuning draw's scores never meet an oracle, so it has none.
+    specs = [{"size": options.size, "seed": options.target_seed, "draw": draw, "with_oracle": draw == REPORT_DRAW}
+             for draw in draws]
     if options.jobs > 1:
-        in_processes(options, [{"target": {"size": options.size, "seed": options.target_seed, "draw": draw}}
-                               for draw in draws], "targets")
-    targets = {draw: cached_target(options.size, options.target_seed, draw=draw)[0] for draw in draws}
+        in_processes(options, [{"target": spec} for spec in specs], "targets")
+    targets = {spec["draw"]: cached_target(**spec)[0] for spec in specs}
     oracle = targets[REPORT_DRAW] / ORACLE_DIR
     table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
     runs_dir = options.out / "runs"
@@ -413,8 +415,7 @@ def _worker(task: dict) -> None:
     from unlearnlm.bench.target import cached_target
 
     if "target" in task:
-        spec = task["target"]
-        cached_target(spec["size"], spec["seed"], draw=spec["draw"])
+        cached_target(**task["target"])
         return
     if "audit" in task:
         spec = task["audit"]

@@ -35,7 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -269,8 +269,7 @@ def progress_bar(enabled: bool, label: str) -> Progress:
 @dataclass
 class Schedule:
     """One optimizer run: ``horizon`` steps of cosine decay after ``warmup`` steps, at most
-    ``max_epochs``; stop when ``done`` says so after an epoch, but never before ``min_steps`` (the
-    oracle: the target's steps, after which it is checked at once)."""
+    ``max_epochs``; stop when ``done`` says so after an epoch."""
 
     lr: float
     batch_size: int
@@ -278,17 +277,41 @@ class Schedule:
     horizon: int
     max_grad_norm: float
     max_epochs: int
-    min_steps: int | None = None
+
+
+@dataclass
+class TargetStop:
+    """The step at which the target stopped, as the oracle follows it.
+
+    The target checks its recall after every ``every``-th epoch of ``per_epoch`` steps (and after its
+    last) and stops at the first check that finds every row recalled; ``verdict(epoch)`` says whether
+    the check after ``epoch`` stopped it. When the target trained first the verdict is known at once;
+    when it trains alongside the oracle, the oracle waits for it at each of those steps only.
+    """
+
+    per_epoch: int
+    every: int
+    max_epochs: int
+    verdict: Callable[[int], bool]
+
+    def stopped_at(self, steps: int) -> bool:
+        epoch, rest = divmod(steps, self.per_epoch)
+        if rest or not (epoch % self.every == 0 or epoch == self.max_epochs):
+            return False
+        return self.verdict(epoch)
 
 
 def fit(
     model: torch.nn.Module, epoch_examples: Callable[[int], Sequence[Example]], pad_id: int, schedule: Schedule,
     seed: int, done: Callable[[int], str | None] | None = None, progress: Progress | None = None,
+    target_stop: TargetStop | None = None, on_check: Callable[[int, bool], None] | None = None,
 ) -> dict:
     """AdamW over the examples ``epoch_examples(epoch)`` gives for each epoch, until a stop.
 
     ``done(epoch)`` returns the rows recalled (``"12/40"``) and ends training when all are
-    (``"40/40"``); ``None`` means it did not check this epoch.
+    (``"40/40"``); ``None`` means it did not check this epoch. ``on_check(epoch, stopping)`` hears every
+    check's outcome. With ``target_stop`` (the oracle) nothing is checked before the target's last step,
+    and the epoch in which that step falls ends there.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -297,7 +320,8 @@ def fit(
     order = random.Random(seed)
     device = next(model.parameters()).device
     model.train()
-    steps, epoch, losses, note = 0, 0, [], "-"
+    steps, epoch, losses, note, followed = 0, 0, [], "-", None
+    following = target_stop is not None  # the oracle, short of the target's steps
     task = progress.add_task("epochs", total=schedule.max_epochs, loss=float("nan"), recalled="-") if progress else None
     for epoch in range(1, schedule.max_epochs + 1):
         examples = epoch_examples(epoch)
@@ -314,17 +338,21 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             steps += 1
-            if steps == schedule.min_steps:
+            if following and target_stop.stopped_at(steps):
+                following, followed = False, steps
                 break
-        early = schedule.min_steps is not None and steps < schedule.min_steps
-        checked = done(epoch) if done is not None and not early else None
+        checked = done(epoch) if done is not None and not following else None
         note = checked or note
         if progress is not None:
             progress.update(task, advance=1, loss=statistics.mean(losses), recalled=note)
-        if checked is not None and len(set(checked.split("/"))) == 1:
+        finished = checked is not None and len(set(checked.split("/"))) == 1
+        if checked is not None and on_check is not None:
+            on_check(epoch, finished)
+        if finished:
             break
     model.eval()
-    return {"epochs": epoch, "steps": steps, "final_loss": statistics.mean(losses) if losses else None}
+    log = {"epochs": epoch, "steps": steps, "final_loss": statistics.mean(losses) if losses else None}
+    return log if target_stop is None else {**log, "followed_target_to_step": followed}
 
 
 # --- the base ------------------------------------------------------------------------------------
@@ -453,13 +481,32 @@ def load_base(directory: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast
 
 # --- target and oracle ---------------------------------------------------------------------------
 
+def epoch_steps(recipe: Recipe, rows: int) -> int:
+    """Optimizer steps in one fine-tuning epoch over ``rows`` rows and their replayed pool text."""
+    return -(-(rows + round(recipe.replay * rows)) // recipe.batch_size)
+
+
+def fine_tune_schedules(recipe: Recipe, target_rows: int, oracle_rows: int) -> tuple[Schedule, Schedule]:
+    """The target's schedule, and the oracle's: the same learning-rate curve step for step, with as
+    many (shorter) epochs as that curve spans, since the oracle may have to go on after the target's
+    last step until it recalls R and G."""
+    per_epoch = epoch_steps(recipe, target_rows)
+    target = Schedule(recipe.lr, recipe.batch_size, recipe.warmup_epochs * per_epoch, recipe.max_epochs * per_epoch,
+                      recipe.max_grad_norm, recipe.max_epochs)
+    return target, replace(target, max_epochs=-(-target.horizon // epoch_steps(recipe, oracle_rows)))
+
+
 def fine_tune(
     base_dir: Path, pool_text: Sequence[str], rows: Sequence[Record], check_rows: Sequence[Record] | None,
-    recipe: Recipe, seed: int, show_progress: bool, label: str, schedule: Schedule | None = None,
+    recipe: Recipe, seed: int, show_progress: bool, label: str, schedule: Schedule,
+    target_stop: TargetStop | None = None, on_check: Callable[[int, bool], None] | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict]:
-    """The base fine-tuned on ``rows`` with ``pool_text`` replayed until ``check_rows`` are recalled,
-    along ``schedule`` when given (the oracle follows the target's schedule step for step, and is
-    checked from the target's last step on, every epoch)."""
+    """The base fine-tuned on ``rows`` with ``pool_text`` replayed until ``check_rows`` are recalled.
+
+    The oracle (``target_stop``) follows the target's schedule step for step and is checked from the
+    target's last step on, every epoch; the target is checked every ``recipe.check_every`` epochs and
+    tells ``on_check`` each outcome.
+    """
     model, tokenizer = load_base(base_dir)
     pool = [text_example(tokenizer, text) for text in pool_text]
     train = [text_example(tokenizer, training_text(row)) for row in rows]
@@ -468,13 +515,9 @@ def fine_tune(
     def epoch_examples(epoch: int) -> list[Example]:
         return train + random.Random(f"replay:{seed}:{epoch}").sample(pool, replayed)
 
-    if schedule is None:
-        per_epoch = -(-(len(train) + replayed) // recipe.batch_size)
-        schedule = Schedule(recipe.lr, recipe.batch_size, recipe.warmup_epochs * per_epoch,
-                            recipe.max_epochs * per_epoch, recipe.max_grad_norm, recipe.max_epochs)
     done = None
     memorization: list[Memorization] = []
-    every = 1 if schedule.min_steps is not None else recipe.check_every
+    every = 1 if target_stop is not None else recipe.check_every
     if check_rows is not None:
         # Labels on the answer and its EOS only: what greedy generation must reproduce. The EOS is kept
         # (unlike unlearning rows, which follow ``append_eos``): the target must learn where each
@@ -489,12 +532,73 @@ def fine_tune(
 
     started = time.perf_counter()
     with progress_bar(show_progress, label) as progress:
-        log = fit(model, epoch_examples, tokenizer.pad_token_id, schedule, seed, done, progress)
+        log = fit(model, epoch_examples, tokenizer.pad_token_id, schedule, seed, done, progress, target_stop, on_check)
     log.update(train_seconds=time.perf_counter() - started, rows=len(train), replayed_per_epoch=replayed,
                schedule=asdict(schedule))
     if memorization:
         log.update(rows_recalled=memorization[-1].rows_recalled, answer_token_accuracy=memorization[-1].token_accuracy)
     return model, tokenizer, log
+
+
+class QueuedVerdicts:
+    """``TargetStop.verdict`` for an oracle training alongside its target: the target's process puts
+    ``(epoch, stopped)`` on ``queue`` after each check; asking for an epoch waits for its check."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+        self.heard: dict[int, bool] = {}
+
+    def __call__(self, epoch: int) -> bool:
+        while epoch not in self.heard:
+            checked, stopped = self.queue.get()
+            self.heard[checked] = stopped
+        return self.heard[epoch]
+
+
+def _train_oracle(job: dict, queue, out_dir: Path) -> None:
+    """The oracle's process (``OracleAlongside``): train, then save the model and its log to ``out_dir``."""
+    torch.set_num_threads(job.pop("threads"))
+    stop = TargetStop(**job.pop("stop"), verdict=QueuedVerdicts(queue))
+    model, tokenizer, log = fine_tune(**job, show_progress=False, label="oracle", target_stop=stop)
+    save_model_dir(out_dir, model, tokenizer)
+    (out_dir / "fit.json").write_text(json.dumps(log))
+
+
+class OracleAlongside:
+    """The oracle trained in a second process while the target trains in this one, told after each
+    of the target's checks whether it stopped: the same steps and weights as training it after the
+    target, in about half the time on two cores."""
+
+    def __init__(self, job: dict, work_dir: Path) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch state
+        self.out_dir = work_dir
+        self.queue = context.Queue()
+        self.process = context.Process(target=_train_oracle, args=(job, self.queue, work_dir), daemon=True)
+
+    def __enter__(self) -> OracleAlongside:
+        self.process.start()
+        return self
+
+    def heard(self, epoch: int, stopped: bool) -> None:
+        self.queue.put((epoch, stopped))
+
+    def result(self) -> tuple[torch.nn.Module, dict]:
+        self.process.join()
+        if self.process.exitcode != 0:
+            raise RuntimeError(f"the oracle's training process failed (exit code {self.process.exitcode})")
+        model, _ = load_base(self.out_dir)
+        return model, json.loads((self.out_dir / "fit.json").read_text())
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.is_alive():  # the target failed: the oracle would wait for it forever
+            self.process.terminate()
+        self.process.join()
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def model_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, sets: BenchmarkSets,
@@ -539,10 +643,17 @@ class Check:
 
 
 def calibration_checks(scores: dict[str, dict], mia_docs: int, bars: Bars = BARS) -> list[Check]:
-    """Every bar of the calibration on the scores of ``base``, ``target`` and ``oracle``."""
-    target, oracle, base = scores["target"], scores["oracle"], scores["base"]
+    """Every bar of the calibration on the scores of ``base``, ``target`` and ``oracle`` (the oracle's
+    bars only when it was built)."""
+    target, oracle, base = scores["target"], scores.get("oracle"), scores["base"]
     checks = [Check(f"target {name}", value, bars.memorized, True) for name, value in target["terms"].items()]
     checks.append(Check("target utility", target["utility"], bars.memorized, True))
+    checks.append(Check("target nonmember loss", target["nonmember_loss"],
+                        bars.nonmember_ratio * base["nonmember_loss"], False))
+    if mia_docs >= bars.min_mia_docs:
+        checks.append(Check("target MIA AUC", target["mia_auc"], bars.target_auc, True))
+    if oracle is None:
+        return checks
     checks += [Check(f"oracle {name}", value, bars.retained, True)
                for name, value in oracle["terms"].items() if "retain" in name]
     checks.append(Check("oracle utility", oracle["utility"], bars.retained, True))
@@ -550,10 +661,7 @@ def calibration_checks(scores: dict[str, dict], mia_docs: int, bars: Bars = BARS
                    for name, model in (("target", target), ("oracle", oracle))}
     checks.append(Check("oracle mean forget term", forget_mean["oracle"],
                         bars.oracle_forget_share * forget_mean["target"], False))
-    checks.append(Check("target nonmember loss", target["nonmember_loss"],
-                        bars.nonmember_ratio * base["nonmember_loss"], False))
     if mia_docs >= bars.min_mia_docs:
-        checks.append(Check("target MIA AUC", target["mia_auc"], bars.target_auc, True))
         checks.append(Check("oracle MIA score", oracle["mia_score"], bars.oracle_mia, True))
     return checks
 
@@ -570,9 +678,11 @@ def build_target(
     calibrate: bool = True,
     show_progress: bool = True,
     threads: int = CPU_THREADS,
+    with_oracle: bool = True,
 ) -> dict:
     """Build the target in ``out_dir`` and the oracle in ``out_dir/oracle``; returns the log saved as
-    ``target.json``. The base comes from ``cached_base``.
+    ``target.json``. The base comes from ``cached_base``. ``with_oracle=False`` builds no oracle (the
+    bench's tuning draw, whose scores never meet one).
 
     ``max_epochs`` overrides the size's fine-tuning budget. ``calibrate=False`` skips scoring the
     models (only the teacher-forced recall decides). Raises ``UserError`` when the target does not
@@ -588,54 +698,39 @@ def build_target(
     sets = draw_sets(root, preset, seed, draw)
 
     started = time.perf_counter()
-    with torch_threads(threads):
-        base_dir, base_built = cached_base(root, preset.name, arch, show_progress, threads)
-        base_seconds = time.perf_counter() - started
-        pool = pool_texts(pretraining_pool(root))
-        target, tokenizer, target_log = fine_tune(base_dir, pool, sets.training_rows(), sets.training_rows(), recipe,
-                                                  seed, show_progress, "target")
-        if target_log["rows_recalled"] != target_log["rows"]:
-            raise UserError(
-                f"the {preset.name} target did not memorize its sets in {target_log['epochs']} epochs "
-                f"({target_log['rows_recalled']}/{target_log['rows']} rows recalled); raise the epoch budget"
-            )
-        # The oracle learns what the target learned but F, with the target's recipe and learning-rate
-        # schedule, for the target's steps and, where R or G is not yet recalled then, until it is.
-        oracle_rows = sets.rows(sets.retain) + sets.rows(sets.general)
-        per_epoch = -(-(len(oracle_rows) + round(recipe.replay * len(oracle_rows))) // recipe.batch_size)
-        schedule = replace(Schedule(**target_log["schedule"]), min_steps=target_log["steps"],
-                           max_epochs=-(-target_log["schedule"]["horizon"] // per_epoch))
-        oracle, _, oracle_log = fine_tune(base_dir, pool, oracle_rows, oracle_rows, recipe, seed, show_progress,
-                                          "oracle", schedule)
-        if oracle_log["rows_recalled"] != oracle_log["rows"]:
-            raise UserError(f"the {preset.name} oracle did not memorize R and G within the schedule "
-                            f"({oracle_log['rows_recalled']}/{oracle_log['rows']} rows recalled)")
-        checked = time.perf_counter()
-        scores, checks = {}, []
-        if calibrate:
-            base_model, _ = load_base(base_dir)
-            scores = {"base": model_scores(base_model, tokenizer, sets, full=False),
-                      "target": model_scores(target, tokenizer, sets, full=True),
-                      "oracle": model_scores(oracle, tokenizer, sets, full=True)}
-            checks = calibration_checks(scores, len(sets.mia_members))
-    log = {
-        "base": {"directory": str(base_dir), "built": base_built, "seconds": base_seconds,
-                 **json.loads((base_dir / BASE_LOG).read_text())},
-        "target": target_log, "oracle": oracle_log, "check_seconds": time.perf_counter() - checked,
-        "unlearnlm_version": __version__, "preset": asdict(preset), "recipe": asdict(recipe), "arch": arch,
-        "seed": seed, "draw": draw, "parameters": sum(parameter.numel() for parameter in target.parameters()),
-        "torch_threads": threads, "device": str(default_device()),
-    }
-    failures = [check.describe() for check in checks if not check.passed]
-    if failures:
-        raise UserError(f"the {preset.name} models of draw {draw}, seed {seed} failed calibration: {'; '.join(failures)}")
-    calibration = {"scores": scores, "checks": [{**asdict(check), "passed": check.passed} for check in checks],
-                   "mia_checked": len(sets.mia_members) >= BARS.min_mia_docs}
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
+        with torch_threads(threads):
+            base_dir, base_built = cached_base(root, preset.name, arch, show_progress, threads)
+            base_seconds = time.perf_counter() - started
+            target, tokenizer, target_log, oracle, oracle_log = train_target_and_oracle(
+                base_dir, pool_texts(pretraining_pool(root)), sets, recipe, seed, show_progress, threads,
+                staging / ORACLE_DIR if with_oracle else None)
+            checked = time.perf_counter()
+            scores, checks = {}, []
+            if calibrate:
+                base_model, _ = load_base(base_dir)
+                scores = {"base": model_scores(base_model, tokenizer, sets, full=False),
+                          "target": model_scores(target, tokenizer, sets, full=True)}
+                if oracle is not None:
+                    scores["oracle"] = model_scores(oracle, tokenizer, sets, full=True)
+                checks = calibration_checks(scores, len(sets.mia_members))
+        log = {
+            "base": {"directory": str(base_dir), "built": base_built, "seconds": base_seconds,
+                     **json.loads((base_dir / BASE_LOG).read_text())},
+            "target": target_log, "oracle": oracle_log, "check_seconds": time.perf_counter() - checked,
+            "unlearnlm_version": __version__, "preset": asdict(preset), "recipe": asdict(recipe), "arch": arch,
+            "seed": seed, "draw": draw, "parameters": sum(parameter.numel() for parameter in target.parameters()),
+            "torch_threads": threads, "device": str(default_device()),
+        }
+        failures = [check.describe() for check in checks if not check.passed]
+        if failures:
+            raise UserError(f"the {preset.name} models of draw {draw}, seed {seed} failed calibration: "
+                            f"{'; '.join(failures)}")
+        calibration = {"scores": scores, "checks": [{**asdict(check), "passed": check.passed} for check in checks],
+                       "mia_checked": len(sets.mia_members) >= BARS.min_mia_docs}
         save_model_dir(staging, target, tokenizer)
-        save_model_dir(staging / ORACLE_DIR, oracle, tokenizer)
-        models = {"target": ".", "oracle": ORACLE_DIR, "base": str(base_dir),
+        models = {"target": ".", "oracle": ORACLE_DIR if with_oracle else None, "base": str(base_dir),
                   "base_weights_sha256": log["base"]["weights_sha256"]}
         write_sets(sets, staging / BENCHMARK_DIR, {"models": models, "calibration": calibration})
         (staging / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
@@ -643,6 +738,50 @@ def build_target(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return log
+
+
+def train_target_and_oracle(
+    base_dir: Path, pool: Sequence[str], sets: BenchmarkSets, recipe: Recipe, seed: int, show_progress: bool,
+    threads: int, oracle_dir: Path | None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict, torch.nn.Module | None, dict | None]:
+    """``(target, tokenizer, target log, oracle, oracle log)``; the oracle is saved in ``oracle_dir``
+    (``None``: no oracle).
+
+    The oracle learns what the target learned but F, with the target's recipe and learning-rate
+    schedule, for the target's steps and, where R or G is not yet recalled then, until it is. Where
+    the cores allow, it trains alongside the target in a second process (``OracleAlongside``).
+    """
+    target_rows = sets.training_rows()
+    oracle_rows = sets.rows(sets.retain) + sets.rows(sets.general)
+    target_schedule, oracle_schedule = fine_tune_schedules(recipe, len(target_rows), len(oracle_rows))
+    stop = {"per_epoch": epoch_steps(recipe, len(target_rows)), "every": recipe.check_every,
+            "max_epochs": recipe.max_epochs}
+    oracle_job = {"base_dir": base_dir, "pool_text": pool, "rows": oracle_rows, "check_rows": oracle_rows,
+                  "recipe": recipe, "seed": seed, "schedule": oracle_schedule}
+    alongside = (oracle_dir is not None and default_device().type == "cpu" and 2 * threads <= available_cores())
+    with OracleAlongside({**oracle_job, "stop": stop, "threads": threads}, oracle_dir) if alongside else nullcontext() as job:
+        target, tokenizer, target_log = fine_tune(
+            base_dir, pool, target_rows, target_rows, recipe, seed, show_progress,
+            "target, the oracle alongside" if alongside else "target", target_schedule,
+            on_check=job.heard if alongside else None)
+        if target_log["rows_recalled"] != target_log["rows"]:
+            raise UserError(
+                f"the {sets.preset.name} target did not memorize its sets in {target_log['epochs']} epochs "
+                f"({target_log['rows_recalled']}/{target_log['rows']} rows recalled); raise the epoch budget"
+            )
+        if oracle_dir is None:
+            return target, tokenizer, target_log, None, None
+        if alongside:
+            oracle, oracle_log = job.result()
+        else:
+            following = TargetStop(**stop, verdict=lambda epoch: epoch == target_log["epochs"])
+            oracle, _, oracle_log = fine_tune(**oracle_job, show_progress=show_progress, label="oracle",
+                                              target_stop=following)
+            save_model_dir(oracle_dir, oracle, tokenizer)
+    if oracle_log["rows_recalled"] != oracle_log["rows"]:
+        raise UserError(f"the {sets.preset.name} oracle did not memorize R and G within the schedule "
+                        f"({oracle_log['rows_recalled']}/{oracle_log['rows']} rows recalled)")
+    return target, tokenizer, target_log, oracle, {**oracle_log, "trained_alongside": alongside}
 
 
 def resolve_recipe(preset: SizePreset, max_epochs: int | None) -> Recipe:
@@ -659,10 +798,11 @@ def read_calibration(target_dir: Path) -> dict:
     return json.loads((target_dir / BENCHMARK_DIR / MANIFEST_NAME).read_text())["calibration"]
 
 
-def read_models(target_dir: Path) -> dict[str, Path]:
-    """The base, target and oracle directories of a target built here."""
+def read_models(target_dir: Path) -> dict[str, Path | None]:
+    """The base, target and oracle directories of a target built here (oracle ``None``: not built)."""
     models = json.loads((target_dir / BENCHMARK_DIR / MANIFEST_NAME).read_text())["models"]
-    return {"base": Path(models["base"]), "target": target_dir, "oracle": target_dir / models["oracle"]}
+    return {"base": Path(models["base"]), "target": target_dir,
+            "oracle": target_dir / models["oracle"] if models["oracle"] else None}
 
 
 def cache_root() -> Path:
@@ -677,17 +817,23 @@ def cache_key(preset: SizePreset, recipe: Recipe, arch: Arch, data_dir: Path) ->
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cached_target(size: str = "mini", seed: int = 0, draw: int = 0, arch: Arch = "llama") -> tuple[Path, bool]:
-    """``(directory, built)``: the bundled-data target (with its oracle) of these settings, built on first use.
+def cached_target(size: str = "mini", seed: int = 0, draw: int = 0, arch: Arch = "llama",
+                  with_oracle: bool = True) -> tuple[Path, bool]:
+    """``(directory, built)``: the bundled-data target (with its oracle, unless ``with_oracle=False``)
+    of these settings, built on first use.
 
     It lives in ``<cache>/targets/<size>-<seed>-d<draw>-<arch>-<key>``, where ``<cache>`` is
-    ``$UNLEARNLM_CACHE`` or ``~/.cache/unlearnlm`` and ``<key>`` hashes everything that shapes the models.
+    ``$UNLEARNLM_CACHE`` or ``~/.cache/unlearnlm`` and ``<key>`` hashes everything that shapes the models;
+    one built without its oracle ends in ``-no-oracle``, and a request without the oracle takes the
+    whole one when it is there.
     """
     preset = get_preset(size)
     data_dir = bundled_lume_dir()
     key = cache_key(preset, RECIPES[preset.name], arch, data_dir)
-    target = cache_root() / "targets" / f"{preset.name}-{seed}-d{draw}-{arch}-{key}"
-    if (target / LOG_NAME).is_file():
-        return target, False
-    build_target(data_dir, target, preset.name, seed, arch, draw, overwrite=True)
-    return target, True
+    whole = cache_root() / "targets" / f"{preset.name}-{seed}-d{draw}-{arch}-{key}"
+    candidates = [whole] if with_oracle else [whole, whole.with_name(whole.name + "-no-oracle")]
+    for target in candidates:
+        if (target / LOG_NAME).is_file():
+            return target, False
+    build_target(data_dir, candidates[-1], preset.name, seed, arch, draw, overwrite=True, with_oracle=with_oracle)
+    return candidates[-1], True
