@@ -542,15 +542,24 @@ def fine_tune(
 
 class QueuedVerdicts:
     """``TargetStop.verdict`` for an oracle training alongside its target: the target's process puts
-    ``(epoch, stopped)`` on ``queue`` after each check; asking for an epoch waits for its check."""
+    ``(epoch, stopped)`` on ``queue`` after each check; asking for an epoch waits for its check, and
+    ends this process if the target's is gone (killed), rather than wait for ever."""
 
     def __init__(self, queue) -> None:
         self.queue = queue
         self.heard: dict[int, bool] = {}
+        self.parent = os.getppid()
 
     def __call__(self, epoch: int) -> bool:
+        import queue
+
         while epoch not in self.heard:
-            checked, stopped = self.queue.get()
+            try:
+                checked, stopped = self.queue.get(timeout=5)
+            except queue.Empty:
+                if os.getppid() != self.parent:
+                    raise SystemExit("the target's process is gone") from None
+                continue
             self.heard[checked] = stopped
         return self.heard[epoch]
 
