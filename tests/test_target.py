@@ -57,6 +57,7 @@ def test_oracle_directory_loads_and_does_not_recall_the_forget_set(micro_target)
     directory, _ = micro_target
     models = read_models(directory)
     assert models["oracle"] == directory / ORACLE_DIR and (models["base"] / BASE_LOG).is_file()
+    assert not (models["oracle"] / "fit.json").exists()  # the oracle's log lives in target.json only
     terms = read_calibration(directory)["scores"]["oracle"]["terms"]
     forget = [value for name, value in terms.items() if name.startswith("forget")]
     assert len(forget) == 6 and sum(forget) / 6 <= BARS.oracle_forget_share

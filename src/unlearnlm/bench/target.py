@@ -598,7 +598,10 @@ class OracleAlongside:
         if self.process.exitcode != 0:
             raise RuntimeError(f"the oracle's training process failed (exit code {self.process.exitcode})")
         model, _ = load_base(self.out_dir)
-        return model, json.loads((self.out_dir / "fit.json").read_text())
+        log_path = self.out_dir / "fit.json"
+        log = json.loads(log_path.read_text())
+        log_path.unlink()  # the log goes into target.json; the directory keeps only the model
+        return model, log
 
     def __exit__(self, *exc_info) -> None:
         if self.process.is_alive():  # the target failed: the oracle would wait for it forever
