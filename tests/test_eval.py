@@ -57,7 +57,25 @@ def test_batched_generation_equals_official(arch, micro_tokenizer, lume_rows):
     prompts = varied_prompts(micro_tokenizer, lume_rows)
     official = generate_official(model, micro_tokenizer, prompts, max_new_tokens=MAX_NEW)
     assert generate_batched(model, micro_tokenizer, prompts, batch_size=3, max_new_tokens=MAX_NEW) == official
+    # Regrouped after 1 and 3 new tokens: the running rows go on in new batches with the keys and
+    # values they carry, so only the first round's two batches read more than one token per row.
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    regrouped = generate_batched(model, micro_tokenizer, prompts, batch_size=3, max_new_tokens=MAX_NEW, regroup_after=(1, 3))
+    hook.remove()
+    assert regrouped == official
+    assert len([width for width in widths if width > 1]) == 2 and len(widths) > 2
     assert len(set(official)) > 1
+
+
+def test_rounds_run_up_to_each_regrouping_point_then_to_the_limit():
+    from unlearnlm.evaluation.generation import _round_limits
+
+    assert _round_limits(256, (32, 96)) == [32, 64, 160]
+    assert _round_limits(6, (3, 1, 3)) == [1, 2, 3]
+    assert _round_limits(6, (6, 9)) == [6]  # points at or past the limit add no round
+    assert _round_limits(6, ()) == [6]
 
 
 def test_each_sequence_stops_at_its_own_eos(micro_tokenizer, lume_rows):
@@ -71,6 +89,8 @@ def test_each_sequence_stops_at_its_own_eos(micro_tokenizer, lume_rows):
     official = generate_official(model, micro_tokenizer, prompts, max_new_tokens=MAX_NEW)
     assert official[0] == decode_new_tokens(micro_tokenizer, new_tokens[:new_tokens.index(stop) + 1])
     assert generate_batched(model, micro_tokenizer, prompts, batch_size=4, max_new_tokens=MAX_NEW) == official
+    # Prompt 0 is still running at the regrouping point (2 tokens) and stops in the next round.
+    assert generate_batched(model, micro_tokenizer, prompts, batch_size=4, max_new_tokens=MAX_NEW, regroup_after=(2,)) == official
 
 
 @pytest.fixture(scope="module")

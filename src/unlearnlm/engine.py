@@ -706,14 +706,13 @@ def on_main_process(accelerator: Accelerator, function: Callable, *args):
 
 
 def library_versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
+    # From the installed metadata: importing peft only for its version costs seconds per run.
+    from importlib.metadata import version
 
     import unlearnlm
 
-    return {"unlearnlm": unlearnlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
+    return {"unlearnlm": unlearnlm.__version__, "torch": torch.__version__,
+            **{name: version(name) for name in ("transformers", "peft", "accelerate")}}
 
 
 def load_validation_data(config: UnlearnConfig, text_key: str = DEFAULT_TEXT_KEY):
