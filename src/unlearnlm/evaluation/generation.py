@@ -98,14 +98,14 @@ class GrowingCache(Cache):
         super().__init__(layer_class_to_replicate=GrowingLayer)
 
 
-def decoding_cache(model) -> dict:
-    """``generate``'s cache argument: a :class:`GrowingCache` where every layer attends to the whole
-    sequence; nothing (its default cache) for models with sliding-window or other layer kinds."""
+def decoding_cache(model) -> GrowingCache | None:
+    """A fresh :class:`GrowingCache` for one ``generate`` call where every layer attends to the whole
+    sequence; None (``generate``'s default cache) for models with sliding-window or other layer kinds."""
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "sliding_window", None) or any(kind != "full_attention" for kind in layer_types):
-        return {}
-    return {"cache": GrowingCache()}
+        return None
+    return GrowingCache()
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -241,7 +241,7 @@ def _generate_batch(model, sequences: list[list[int]], carried: list[RowCache | 
     the cache, and ``generate`` reads only the last token of each row."""
     batch = collate([Example(sequence, list(sequence)) for sequence in sequences], pad_id, padding_side="left")
     width = batch["input_ids"].shape[1]
-    cache = decoding_cache(model).get("cache")
+    cache = decoding_cache(model)
     if cache is not None and all(rows is not None for rows in carried):
         for layer, states in enumerate(zip(*carried)):
             keys, values = (torch.stack([nn_functional.pad(row[part], (0, 0, width - 1 - row[part].shape[-2], 0))
