@@ -292,3 +292,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, micro_model_
                            str(micro_data_dir / "retain.jsonl"), "--out", str(out), *extra], capfd)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
     assert not out.exists()
+
+
+def test_sampled_attack_batches_several_prompts_samples_unless_told():
+    # 3 prompts' worth of rows at the default factor of 4 over a batch size of 3: 12 rows.
+    assert AuditSettings(batch_size=3).sampling_rows_per_batch == 12
+    assert AuditSettings(batch_size=3, sampling_batch_size=5).sampling_rows_per_batch == 5

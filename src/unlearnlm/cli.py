@@ -372,6 +372,9 @@ def audit_command(
              "(LLM.int8 and NF4; pip install 'unlearnlm[bnb]'), or auto: bitsandbytes on a CUDA GPU when "
              "installed, else torchao.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for generation and scoring.")] = 16,
+    sampling_batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Rows per batch of the sampled attack (a prompt's samples share its length); "
+                    "default: four times --batch-size.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
     redact: Annotated[bool, typer.Option(
         "--redact/--no-redact", help="Keep forget prompts, answers and generations out of the receipt.")] = True,
@@ -410,7 +413,7 @@ def audit_command(
 
     settings = AuditSettings(seed=seed, relearn=replace(RelearnBudget(), steps=relearn_steps, lr_full=relearn_lr),
                              sampling=replace(SamplingBudget(), samples=samples), batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, quantizer=quantizer)
+                             sampling_batch_size=sampling_batch_size, max_new_tokens=max_new_tokens, quantizer=quantizer)
     split_documents(forget_rows, seed)  # fewer than 2 documents fails here, before any model loads
     resolve_quantizer(quantizer, default_device())  # so does a quantizer that cannot run here
     console = Console(stderr=True)

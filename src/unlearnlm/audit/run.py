@@ -34,6 +34,10 @@ from unlearnlm.evaluation.scoring import aggregated_terms, final_score, headline
 from unlearnlm.model import default_device
 
 NO_ATTACK = "none"
+# A prompt's samples share its length, so a batch of several prompts' samples adds little padding,
+# and a decoding step's fixed cost is shared by more rows: on a bench model (one thread, 120 forget
+# prompts, 8 samples each) batches of 64 rows decoded in 39 s against 54 s for batches of 16.
+SAMPLING_BATCH_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,17 @@ class AuditSettings:
     bits: tuple[int, ...] = (8, 4)
     quantizer: str = "auto"  # attacks.QUANTIZERS; auto: bitsandbytes on a CUDA GPU when installed, else torchao
     batch_size: int = 16
+    # Rows per batch of the sampled attack; None: SAMPLING_BATCH_FACTOR times batch_size.
+    sampling_batch_size: int | None = None
     max_new_tokens: int = 256
     dtype: str = "float32"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def sampling_rows_per_batch(self) -> int:
+        return self.sampling_batch_size or SAMPLING_BATCH_FACTOR * self.batch_size
 
 
 Log = Callable[[str], None]
@@ -143,7 +153,7 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
     greedy = [row for row in base["generations"] if row["split"] == "forget"]
     since = time.perf_counter()
     sampled = sampled_best_rows(model, tokenizer, data.forget, settings.sampling, settings.seed,
-                                settings.batch_size, settings.max_new_tokens, TokenCache())
+                                settings.sampling_rows_per_batch, settings.max_new_tokens, TokenCache())
     variants = {"sampled": {"samples": sampled}}
     record("sampled", "extraction", "F", {**settings.sampling.describe(), "also": "the greedy answer"},
            _with_forget_rows(base, best_rows([greedy, sampled])), since)
