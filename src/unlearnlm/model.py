@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -157,7 +158,10 @@ def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings)
             task_type="CAUSAL_LM",
         )
         try:
-            return get_peft_model(model, peft_config)
+            with warnings.catch_warnings():
+                # peft reads transformers' renamed is_gradient_checkpointing; the warning is theirs to fix.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                return get_peft_model(model, peft_config)
         except ValueError as err:
             raise UserError(f"LoRA: {str(err).splitlines()[0]}") from None
     if selected is None:
