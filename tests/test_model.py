@@ -1,5 +1,6 @@
 """LoRA's default target modules per model family (model.LORA_TARGETS)."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,10 +18,15 @@ def test_a_gpt2_gets_lora_on_its_own_module_names():
 
     hidden, rank, blocks = 16, 2, 2
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=hidden, n_layer=blocks, n_head=2))
-    model = apply_trainable(model, LoraSettings(enabled=True, r=rank, alpha=4), LayerSettings())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_trainable(model, LoraSettings(enabled=True, r=rank, alpha=4), LayerSettings())
     assert count_parameters(model)[0] == blocks * 16 * rank * hidden
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable_parameter_names(model)}
     assert adapted == {"c_attn", "c_proj", "c_fc"}
+    # GPT-2's Conv1D stores its weight as (in, out): the adapter is told, not corrected with a warning.
+    assert model.peft_config["default"].fan_in_fan_out
+    assert not [warning for warning in caught if "fan_in_fan_out" in str(warning.message)]
 
 
 def test_a_llama_keeps_the_authors_modules_and_a_configured_list_wins():

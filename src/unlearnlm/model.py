@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +46,14 @@ def lora_target_modules(model: nn.Module, configured: list[str] | None) -> list[
     return list(LORA_TARGETS[model_type])
 
 
+def stores_weights_transposed(model: nn.Module, targets: list[str]) -> bool:
+    """Whether the adapted modules are GPT-2-style ``Conv1D`` layers, whose weight is (in, out):
+    LoRA must know, or peft corrects it with a warning."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in targets)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -67,7 +77,8 @@ def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "flo
         if source.is_adapter:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, source.path, use_safetensors=True).merge_and_unload()
+            with peft_deprecations_silenced():
+                model = PeftModel.from_pretrained(model, source.path, use_safetensors=True).merge_and_unload()
     except (OSError, ValueError) as err:
         raise UserError(f"{source.spec}: cannot load model ({str(err).splitlines()[0]})") from None
     ensure_pad_token(tokenizer)
@@ -140,6 +151,15 @@ def unfreeze_outside(model: nn.Module, layer_path: str, names: list[str]) -> Non
         modules[name].requires_grad_(True)
 
 
+@contextmanager
+def peft_deprecations_silenced() -> Iterator[None]:
+    """peft reads transformers' renamed ``is_gradient_checkpointing``: a warning in every LoRA run that
+    the user can do nothing about (peft's to fix), so it is kept out of their output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings) -> nn.Module:
     """Freeze what must not change. LoRA adapters go only on the selected layers when both are set;
     with a layer selection, ``layers.train_outside`` adds embeddings, final norm or LM head."""
@@ -151,16 +171,15 @@ def apply_trainable(model: nn.Module, lora: LoraSettings, layers: LayerSettings)
     if lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        targets = lora_target_modules(model, lora.target_modules)
         peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora_target_modules(model, lora.target_modules),
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+            fan_in_fan_out=stores_weights_transposed(model, targets),
             layers_to_transform=selected, layers_pattern=layer_path.split(".")[-1] if selected else None,
             task_type="CAUSAL_LM",
         )
         try:
-            with warnings.catch_warnings():
-                # peft reads transformers' renamed is_gradient_checkpointing; the warning is theirs to fix.
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with peft_deprecations_silenced():
                 return get_peft_model(model, peft_config)
         except ValueError as err:
             raise UserError(f"LoRA: {str(err).splitlines()[0]}") from None
