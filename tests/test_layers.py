@@ -21,7 +21,7 @@ LAYERS = [
     {"runstate"},
     {"engine"},
     {"audit", "bench.target", "bench.report", "api"},  # api: the Python API (unlearn, evaluate) that the CLI calls
-    {"bench", "demo"},
+    {"bench", "demo", "ledger"},  # ledger: requests over time, on the API and the audit
     {"cli", "__main__"},
 ]
 

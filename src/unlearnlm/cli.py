@@ -1,4 +1,4 @@
-"""The `unlearnlm` command line: target, unlearn, eval, level, demo, bench, audit."""
+"""The `unlearnlm` command line: target, unlearn, eval, level, demo, bench, audit, ledger."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from unlearnlm.errors import UserError
+from unlearnlm.ledger.commands import ledger_app
 
 app = typer.Typer(
     add_completion=False,
@@ -426,6 +427,9 @@ def audit_command(
     worst = receipt["worst_case"]
     console.print(f"final {worst['plain']['final']}, robust final {worst['final']} "
                   f"(worst case over {len(receipt['attacks'])} attacks) -> {out / RECEIPT_MD}")
+
+
+app.add_typer(ledger_app, name="ledger")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -118,38 +118,20 @@ def _held_out(base: Mapping, held_out_ids: set[str]) -> dict:
                                     if row["split"] == "forget" and row["id"] in held_out_ids])
 
 
-def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], held_out: Sequence[Record],
-              settings: AuditSettings, log: Log = lambda message: None, base: Mapping | None = None) -> dict[str, dict]:
-    """Every attack on the model at ``path`` (only read; each attack starts from a fresh load).
+Recorder = Callable[[str, str, str, dict, Mapping, float], None]
 
-    ``base``: the model's un-attacked results on ``data`` with these settings, when the caller has them
-    already (the bench scores every reported model before auditing it); computed here otherwise.
+
+def extraction_attacks(model, tokenizer, data: EvalData, base: Mapping, settings: AuditSettings,
+                       record: Recorder) -> dict[str, dict[str, float]]:
+    """The attacks that change only the prompts or the decoding, on the loaded model, each passed to
+    ``record(name, family, scored_on, budget, results, started)``; returns each attack's variants'
+    own forget scores, by attack.
+
+    An attacker keeps whatever works, so each attack scores a row by its best candidate, the
+    un-attacked greedy answer included (Patil et al. count an attack a success when any candidate
+    holds the answer); each variant's own score is kept beside it.
     """
     eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
-
-    def evaluate(model, tokenizer, forget: Sequence[Record]) -> dict:
-        return run_evaluation(model, tokenizer, replace(data, forget=forget), eval_settings)
-
-    attacks: dict[str, dict] = {}
-    started = time.perf_counter()
-    model, tokenizer = load_model(path, settings.dtype)
-    if base is None:
-        base = evaluate(model, tokenizer, data.forget)
-    attacks[NO_ATTACK] = _summary(base, NO_ATTACK, NO_ATTACK, "F", {"decoding": "greedy"}, None,
-                                  time.perf_counter() - started)
-    before_f = attacks[NO_ATTACK]["forget_score"]
-    before_v = headline(_held_out(base, {row.id for row in held_out}))["forget_mean"]
-    log(f"{NO_ATTACK}: forget {before_f:.3f}")
-
-    def record(name: str, family: str, scored_on: str, budget: dict, results: Mapping, since: float) -> None:
-        before = before_v if scored_on == "V" else before_f
-        attacks[name] = _summary(results, name, family, scored_on, budget, before, time.perf_counter() - since)
-        log(f"{name}: forget {attacks[name]['forget_score']:.3f} (without attack {before:.3f})")
-
-    # Prompt and decoding attacks on the loaded, unchanged model. An attacker keeps whatever works,
-    # so each attack scores a row by its best candidate, the un-attacked greedy answer included
-    # (Patil et al. count an attack a success when any candidate holds the answer); each variant's
-    # own score is kept beside it.
     greedy = [row for row in base["generations"] if row["split"] == "forget"]
     since = time.perf_counter()
     sampled = sampled_best_rows(model, tokenizer, data.forget, settings.sampling, settings.seed,
@@ -172,14 +154,58 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
            {"prompts": "each question alone and after its document's earlier text (the completion prompt)",
             "decoding": "greedy"},
            _with_forget_rows(base, best_rows([greedy, *variants["context"].values()])), since)
-    for name, candidates in variants.items():
-        attacks[name]["variants"] = {label: headline(_with_forget_rows(base, rows))["forget_mean"]
-                                     for label, rows in candidates.items()}
     since = time.perf_counter()
     every = [greedy, *(rows for candidates in variants.values() for rows in candidates.values())]
     record("extraction-any", "extraction", "F", {"candidates": "every candidate of the three attacks above"},
            _with_forget_rows(base, best_rows(every)), since)
+    return {name: {label: headline(_with_forget_rows(base, rows))["forget_mean"] for label, rows in candidates.items()}
+            for name, candidates in variants.items()}
+
+
+def _recorder(attacks: dict[str, dict], before: Mapping[str, float], log: Log) -> Recorder:
+    """What records an attack's results in ``attacks``, against the un-attacked forget score of the
+    rows it is scored on (``before``: by ``scored_on``)."""
+    def record(name: str, family: str, scored_on: str, budget: dict, results: Mapping, since: float) -> None:
+        without = before[scored_on]
+        attacks[name] = _summary(results, name, family, scored_on, budget, without, time.perf_counter() - since)
+        log(f"{name}: forget {attacks[name]['forget_score']:.3f} (without attack {without:.3f})")
+
+    return record
+
+
+def extraction_audit(model, tokenizer, data: EvalData, base: Mapping, settings: AuditSettings,
+                     log: Log = lambda message: None, base_seconds: float = 0.0) -> dict[str, dict]:
+    """The loaded model without attack (``base``: its results on ``data``) and under the extraction
+    attacks, by attack name: the light audit, which leaves the weights alone."""
+    attacks = {NO_ATTACK: _summary(base, NO_ATTACK, NO_ATTACK, "F", {"decoding": "greedy"}, None, base_seconds)}
+    before = attacks[NO_ATTACK]["forget_score"]
+    log(f"{NO_ATTACK}: forget {before:.3f}")
+    record = _recorder(attacks, {"F": before}, log)
+    for name, variants in extraction_attacks(model, tokenizer, data, base, settings, record).items():
+        attacks[name]["variants"] = variants
+    return attacks
+
+
+def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], held_out: Sequence[Record],
+              settings: AuditSettings, log: Log = lambda message: None, base: Mapping | None = None) -> dict[str, dict]:
+    """Every attack on the model at ``path`` (only read; each attack starts from a fresh load).
+
+    ``base``: the model's un-attacked results on ``data`` with these settings, when the caller has them
+    already (the bench scores every reported model before auditing it); computed here otherwise.
+    """
+    eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+
+    def evaluate(model, tokenizer, forget: Sequence[Record]) -> dict:
+        return run_evaluation(model, tokenizer, replace(data, forget=forget), eval_settings)
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(path, settings.dtype)
+    if base is None:
+        base = evaluate(model, tokenizer, data.forget)
+    attacks = extraction_audit(model, tokenizer, data, base, settings, log, time.perf_counter() - started)
     del model
+    record = _recorder(attacks, {"F": attacks[NO_ATTACK]["forget_score"],
+                                 "V": headline(_held_out(base, {row.id for row in held_out}))["forget_mean"]}, log)
 
     # Attacks that change the weights: a fresh copy each time.
     quantizer = resolve_quantizer(settings.quantizer, default_device())

@@ -1,0 +1,265 @@
+"""Creating a ledger and adding a request to it: unlearn the request's forget set from the current
+model, score it and every earlier request on the new model, run the light audit, chain the receipt.
+
+The ledger refers to its data by path (or Hub split) and sha256; it copies none of it. A request's
+forget set is the sensitive data, so the ledger keeps only where it was read
+(``forget_reference.json``, outside the hash chain, so the file may be moved and the locator
+updated) and its sha256 (in the receipt). Later requests re-read it there to check that it stays
+forgotten; once the owner deletes the file, later receipts record that request as unavailable
+instead of re-scoring it (docs/ledger.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, read_rows
+from unlearnlm.data.records import content_sha256
+from unlearnlm.errors import UserError
+from unlearnlm.ledger.receipt import build_receipt, receipt_markdown
+from unlearnlm.ledger.store import (
+    FORMAT,
+    GENESIS,
+    MODEL,
+    RECEIPT_JSON,
+    RECEIPT_MD,
+    REFERENCE,
+    Ledger,
+    LedgerMismatch,
+    commit,
+    locked,
+    open_ledger,
+    read_json,
+    remove_earlier_models,
+    self_sha256,
+    verify,
+    write_json,
+)
+
+Log = Callable[[str], None]
+STAGED = "request"  # inside the pending directory: the request directory being made, model and receipt
+
+
+def _reference(value: str | Path) -> str:
+    """How the ledger finds a data set again: an absolute path, or the Hub split as written."""
+    if not isinstance(value, (str, Path)):
+        raise UserError("the ledger refers to its data by path or Hub split: write the rows to a file first")
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else str(value)
+
+
+def _data_entry(value: str | Path | None, rows: int) -> dict | None:
+    if value is None:
+        return None
+    reference = _reference(value)
+    return {"reference": reference, "sha256": content_sha256(reference), "rows": rows}
+
+
+def _checked(entry: dict, role: str) -> str:
+    """A data set recorded at init, refused if its content changed since (the drift would mean nothing)."""
+    try:
+        found = content_sha256(entry["reference"])
+    except (OSError, UserError):
+        found = None
+    if found != entry["sha256"]:
+        raise UserError(f"{entry['reference']}: the ledger's {role} set is missing or changed since `ledger init` "
+                        f"(sha256 {found} instead of {entry['sha256']})")
+    return entry["reference"]
+
+
+def init_ledger(model: str | Path, retain: str | Path, unseen: str | Path, out: str | Path, *,
+                utility: str | Path | None = None, keep_models: bool = False, text_key: str = DEFAULT_TEXT_KEY,
+                batch_size: int = 16, max_new_tokens: int = 256) -> dict:
+    """Start a ledger at ``out`` for ``model`` (only read, referenced by path and weight hashes), with
+    the retain set R, unseen documents U (the MIA's nonmembers) and optionally a general set G
+    (utility). The original model's retain and utility scores are recorded: later requests' drift
+    is measured against them. Returns the genesis record (``ledger.json``)."""
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.hub import resolve_model
+    from unlearnlm.paths import check_output_dir
+
+    source = resolve_model(model)
+    retain_rows = read_rows(retain, "retain", text_key)
+    unseen_documents = load_mia_documents(unseen, "nonmembers", text_key)
+    general = load_general_set(utility) if utility is not None else None
+    out = check_output_dir(out, False, inputs=[source.path, retain, unseen, utility])
+    if source.is_adapter:
+        raise UserError(f"{source.spec}: a ledger starts from a whole model (merge the adapter first)")
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "text_key": text_key}
+    scores = _original_scores(source.path, retain_rows, general, settings)
+    genesis = {
+        "format": FORMAT,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "original": source.record(),
+        "retain": _data_entry(retain, len(retain_rows)),
+        "unseen": _data_entry(unseen, len(unseen_documents)),
+        "general": _data_entry(utility, len(general) if general else 0),
+        "keep_models": keep_models,
+        "evaluation": settings,
+        "original_scores": scores,
+    }
+    with locked(out):
+        if (out / GENESIS).exists():
+            raise UserError(f"{out}: a ledger was created there meanwhile")
+        write_json(genesis, out / GENESIS)
+    return genesis
+
+
+def _eval_settings(settings: dict):
+    from unlearnlm.evaluation.evaluator import EvalSettings
+
+    return EvalSettings(batch_size=settings["batch_size"], max_new_tokens=settings["max_new_tokens"])
+
+
+def _original_scores(model_dir: Path, retain_rows: Rows, general, settings: dict) -> dict:
+    from unlearnlm.evaluation.evaluator import EvalData, load_model, run_evaluation
+    from unlearnlm.evaluation.scoring import headline
+
+    model, tokenizer = load_model(model_dir)
+    results = run_evaluation(model, tokenizer, EvalData([], retain_rows.for_evaluation(), general=general),
+                             _eval_settings(settings))
+    return _retain_side(results, headline(results))
+
+
+def _retain_side(results: dict, scores: dict) -> dict:
+    from unlearnlm.audit.run import labelled_terms
+
+    return {"retain_score": scores["retain_mean"], "utility": scores["utility"],
+            "retain_terms": {label: value for label, value in labelled_terms(results).items()
+                             if label.startswith("retain")}}
+
+
+def forget_scores(model, tokenizer, rows: Sequence, settings: dict) -> dict:
+    """A forget set's raw score (mean of its per-task scores: higher = more remembered) and its
+    forget terms (1 - score, as the official aggregate counts them), from greedy generations of its
+    rows alone, so that a request is scored the same way right after it and in every later receipt."""
+    from unlearnlm.audit.run import labelled_terms
+    from unlearnlm.evaluation.evaluator import EvalData, generation_rows
+    from unlearnlm.evaluation.scoring import headline, official_results
+
+    results = official_results(generation_rows(model, tokenizer, EvalData(list(rows), []), _eval_settings(settings)))
+    return {"forget_score": headline(results)["forget_mean"], "forget_terms": labelled_terms(results)}
+
+
+def _earlier_forget_set(ledger: Ledger, number: int, text_key: str) -> tuple[Rows | None, str | None]:
+    """Request ``number``'s forget rows, or why they cannot be re-scored."""
+    recorded = ledger.receipt(number)["forget"]["sha256"]
+    try:
+        reference = read_json(ledger.request_dir(number) / REFERENCE)["forget"]
+        rows = read_rows(reference, "forget", text_key)
+    except (LedgerMismatch, UserError, OSError, KeyError) as err:
+        return None, f"its forget set cannot be read ({' '.join(str(err).split())})"
+    if rows.sha256 != recorded:
+        return None, f"the file at its reference now has sha256 {rows.sha256}, not the request's"
+    return rows, None
+
+
+def _pending(ledger: Ledger, key: dict, log: Log) -> Path:
+    """The work directory of this request: kept from an interrupted ``add`` of the same request (to
+    resume it), else fresh."""
+    pending = ledger.pending_dir
+    if pending.exists():
+        try:
+            same = read_json(pending / "request.json") == key
+        except LedgerMismatch:
+            same = False
+        if not same:
+            log(f"discarding the unfinished work of another request in {pending}")
+            shutil.rmtree(pending)
+    pending.mkdir(exist_ok=True)
+    write_json(key, pending / "request.json")
+    return pending
+
+
+def _unlearn(ledger: Ledger, pending: Path, reference: str, config, overrides: Sequence[str],
+             show_progress: bool) -> dict:
+    """Unlearn into the staged request directory's ``model/``, continuing an interrupted run of the same request."""
+    from unlearnlm.api import unlearn
+    from unlearnlm.paths import partial_dir_for
+    from unlearnlm.runstate import recover_checkpoint
+
+    out = pending / STAGED / MODEL
+    if (out / "run.json").is_file():
+        return read_json(out / "run.json")
+    partial = partial_dir_for(out.resolve())
+    resume = partial.exists() and recover_checkpoint(partial / "state")
+    return unlearn(ledger.current_model(), reference, _checked(ledger.genesis["retain"], "retain"), out, config,
+                   overrides=overrides, text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
+                   overwrite=partial.exists() and not resume, show_progress=show_progress, redact=True)
+
+
+def _documents(rows: Rows) -> list[str]:
+    from unlearnlm.evaluation.inputs import documents_from_rows
+
+    return list(rows.documents) or documents_from_rows(rows.records)
+
+
+def _evaluate(ledger: Ledger, model_dir: Path, forget_rows: Rows, earlier: dict[int, tuple], log: Log) -> dict:
+    """Every score a receipt holds, from one load of the new model."""
+    from unlearnlm.audit.run import AuditSettings, extraction_audit, labelled_terms, worst_case
+    from unlearnlm.evaluation.evaluator import EvalData, load_model, run_evaluation
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.evaluation.scoring import headline
+
+    genesis, settings = ledger.genesis, ledger.genesis["evaluation"]
+    text_key = settings["text_key"]
+    members = _documents(forget_rows) or None
+    data = EvalData(forget_rows.for_evaluation(),
+                    read_rows(_checked(genesis["retain"], "retain"), "retain", text_key).for_evaluation(),
+                    members, load_mia_documents(_checked(genesis["unseen"], "unseen"), "nonmembers", text_key)
+                    if members else None,
+                    load_general_set(_checked(genesis["general"], "general")) if genesis["general"] else None)
+    model, tokenizer = load_model(model_dir)
+    results = run_evaluation(model, tokenizer, data, _eval_settings(settings))
+    log("scored the new model; auditing it with the extraction attacks")
+    audit_settings = AuditSettings(batch_size=settings["batch_size"], max_new_tokens=settings["max_new_tokens"])
+    attacks = extraction_audit(model, tokenizer, data, results, audit_settings, log)
+    scores = headline(results)
+    evaluated = {
+        "own": forget_scores(model, tokenizer, data.forget, settings),
+        "headline": {key: scores[key] for key in ("final", "task_aggregate", "mia_score", "mia_auc", "utility")},
+        "terms": labelled_terms(results),
+        "retain_side": _retain_side(results, scores),
+        "audit": {"settings": audit_settings.to_dict(), "attacks": attacks, "worst_case": worst_case(attacks)},
+        "earlier": {},
+    }
+    for number, (rows, reason) in earlier.items():
+        evaluated["earlier"][number] = forget_scores(model, tokenizer, rows.for_evaluation(), settings) \
+            if rows is not None else {"unavailable": reason}
+    return evaluated
+
+
+def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None = None, *,
+                overrides: Sequence[str] = (), redact: bool = True, show_progress: bool = True,
+                log: Log = lambda message: None) -> dict:
+    """Unlearn ``forget`` from the ledger's current model, make the result current and write the
+    request's receipt; returns the receipt as written. A second ``add`` while one runs is refused; an ``add``
+    killed midway leaves the ledger as it was, and the same ``add`` again continues its work."""
+    ledger = open_ledger(ledger_dir)
+    text_key = ledger.genesis["evaluation"]["text_key"]
+    reference = _reference(forget)
+    forget_rows = read_rows(reference, "forget", text_key)
+    with locked(ledger.root):
+        remove_earlier_models(ledger)  # finishes a commit that a kill interrupted
+        verify(ledger.root)  # the next receipt vouches for the weights it starts from
+        number = ledger.count() + 1
+        key = {"request": number, "forget_sha256": forget_rows.sha256, "config": config, "overrides": list(overrides),
+               "previous_receipt_sha256": ledger.last_receipt_sha256()}
+        pending = _pending(ledger, key, log)
+        log(f"request {number}: unlearning {len(forget_rows)} rows from {ledger.current_model()}")
+        run = _unlearn(ledger, pending, reference, config, overrides, show_progress)
+        earlier = {i: _earlier_forget_set(ledger, i, text_key) for i in range(1, number)}
+        evaluated = _evaluate(ledger, pending / STAGED / MODEL, forget_rows, earlier, log)
+        receipt = build_receipt(ledger, number, key, forget_rows, run, evaluated, redact)
+        staged = pending / STAGED
+        (staged / RECEIPT_MD).write_text(receipt_markdown(receipt), encoding="utf-8")
+        receipt["receipt_md_sha256"] = content_sha256(staged / RECEIPT_MD)
+        receipt["self_sha256"] = self_sha256(receipt)
+        write_json({"forget": reference}, staged / REFERENCE)
+        write_json(receipt, staged / RECEIPT_JSON)
+        commit(ledger, staged, number)
+        shutil.rmtree(pending)
+    return ledger.receipt(number)

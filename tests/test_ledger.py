@@ -1,0 +1,212 @@
+"""The deletion ledger: receipts chained by sha256, ``verify`` failing on the first mismatch, the
+lock, and a kill during ``add``."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from safetensors.torch import load_file, save_file
+
+ADD_SETTINGS = ["--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]
+
+
+def split_by_document(rows: list[dict], parts: int) -> list[list[dict]]:
+    documents = sorted({row["id"][:-3] for row in rows})
+    return [[row for row in rows if documents.index(row["id"][:-3]) % parts == part] for part in range(parts)]
+
+
+@pytest.fixture(scope="module")
+def ledger_inputs(tmp_path_factory, micro_data_dir, lume_rows) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("ledger_inputs")
+    files = {}
+    for index, rows in enumerate(split_by_document(lume_rows["forget"], 2), start=1):
+        files[f"forget{index}"] = directory / f"forget{index}.jsonl"
+        files[f"forget{index}"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files["unseen"] = directory / "unseen.jsonl"
+    files["unseen"].write_text("".join(json.dumps({"text": text}) + "\n" for text in (
+        "Mara Velt repaired clocks in a harbour town and kept a logbook of every tide.",
+        "The orchard cooperative of Lenhill sold pears to three counties before the war.")))
+    files["retain"] = micro_data_dir / "retain.jsonl"
+    return files
+
+
+def init_args(model: Path, inputs: dict[str, Path], out: Path) -> list:
+    return ["ledger", "init", "--model", model, "--retain", inputs["retain"], "--unseen", inputs["unseen"],
+            "--out", out, "--max-new-tokens", "8", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def two_requests(tmp_path_factory, micro_model_dir, ledger_inputs) -> Path:
+    """A ledger with two requests, made through the command line once; tests work on copies."""
+    ledger = tmp_path_factory.mktemp("ledger") / "L"
+    assert run_cli(*init_args(micro_model_dir, ledger_inputs, ledger)) == 0
+    for name in ("forget1", "forget2"):
+        assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs[name], *ADD_SETTINGS) == 0
+    return ledger
+
+
+@pytest.fixture
+def ledger(two_requests, tmp_path) -> Path:
+    copy = tmp_path / "L"
+    shutil.copytree(two_requests, copy)
+    return copy
+
+
+def receipt(ledger: Path, number: int) -> dict:
+    return json.loads((ledger / "requests" / f"{number:04d}" / "receipt.json").read_text())
+
+
+def verify_failure(ledger: Path, capsys) -> str:
+    capsys.readouterr()
+    assert run_cli("ledger", "verify", ledger) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_verify_passes_on_an_untouched_ledger_and_the_receipts_chain(ledger, micro_model_dir, ledger_inputs, capsys):
+    from unlearnlm.data.records import content_sha256
+    from unlearnlm.hub import weights_sha256
+
+    capsys.readouterr()
+    assert run_cli("ledger", "verify", ledger) == 0
+    assert capsys.readouterr().out.startswith("ok: 2 requests")
+    first, second = receipt(ledger, 1), receipt(ledger, 2)
+    assert first["previous_receipt_sha256"] == content_sha256(ledger / "ledger.json")
+    assert second["previous_receipt_sha256"] == content_sha256(ledger / "requests" / "0001" / "receipt.json")
+    # The weights before the first request are the original's, untouched; each request starts where the last ended.
+    assert first["weights_sha256"]["before"] == weights_sha256(micro_model_dir)
+    assert second["weights_sha256"]["before"] == first["weights_sha256"]["after"] != first["weights_sha256"]["before"]
+    assert second["weights_sha256"]["after"] == weights_sha256(ledger / "requests" / "0002" / "model")
+    # Only the current model is stored; the forget sets are referenced, never copied, and redacted.
+    assert not (ledger / "requests" / "0001" / "model").exists()
+    assert first["forget"]["sha256"] == content_sha256(ledger_inputs["forget1"])
+    assert first["forget"]["rows"] == len(ledger_inputs["forget1"].read_text().splitlines())
+    stored = "".join(path.read_text(errors="ignore") for path in ledger.rglob("*.json*"))
+    first_answer = json.loads(ledger_inputs["forget1"].read_text().splitlines()[0])["output"]
+    assert first_answer not in stored
+
+
+def test_a_later_receipt_rescores_every_earlier_request_and_records_drift_and_the_light_audit(ledger):
+    second = receipt(ledger, 2)
+    [earlier] = second["earlier_requests"]
+    assert earlier["request"] == 1 and earlier["forget_sha256"] == receipt(ledger, 1)["forget"]["sha256"]
+    assert 0 <= earlier["forget_score"] <= 1
+    assert earlier["right_after_own_request"] == receipt(ledger, 1)["scores"]["own"]
+    then, now = earlier["right_after_own_request"]["forget_terms"], earlier["forget_terms"]
+    assert earlier["largest_term_change"] == pytest.approx(max(abs(now[label] - then[label]) for label in now))
+    drift = second["drift"]["retain_score"]
+    assert drift["change"] == pytest.approx(drift["now"] - drift["original"])
+    attacks = {attack["attack"] for attack in second["audit"]["attacks"]}
+    assert {"none", "sampled", "prompt-cut", "context", "extraction-any"} <= attacks
+
+
+def test_an_earlier_forget_set_its_owner_deleted_is_listed_as_unavailable(ledger, ledger_inputs, tmp_path):
+    import unlearnlm.ledger
+
+    moved = tmp_path / "forget1.jsonl"
+    shutil.copy(ledger_inputs["forget1"], moved)
+    (ledger / "requests" / "0001" / "forget_reference.json").write_text(json.dumps({"forget": str(tmp_path / "gone")}))
+    third = unlearnlm.ledger.add(ledger, moved, "demo", overrides=["optim.max_steps=1", "max_length=32"])
+    assert unlearnlm.ledger.show(ledger)[-1] == third
+    unavailable, available = third["earlier_requests"]
+    assert "unavailable" in unavailable and "forget_score" not in unavailable
+    assert "forget_score" in available
+    assert unlearnlm.ledger.verify(ledger)["requests"] == 3  # the locator is outside the chain
+
+
+@pytest.mark.parametrize("number", [1, 2])  # the last receipt has no later one chained to it
+def test_verify_fails_on_an_edited_receipt(number, ledger, capsys):
+    path = ledger / "requests" / f"{number:04d}" / "receipt.json"
+    edited = json.loads(path.read_text())
+    edited["forget"]["rows"] += 1
+    path.write_text(json.dumps(edited, indent=2) + "\n")
+    assert f"{number:04d}/receipt.json" in verify_failure(ledger, capsys)
+
+
+def test_verify_fails_on_a_removed_request(ledger, capsys):
+    shutil.rmtree(ledger / "requests" / "0001")
+    assert "request 1 is missing" in verify_failure(ledger, capsys)
+
+
+def test_verify_fails_when_the_last_request_is_removed(ledger, capsys):
+    shutil.rmtree(ledger / "requests" / "0002")
+    assert "0001/model" in verify_failure(ledger, capsys)  # the model it made was removed when request 2 came
+
+
+def test_verify_fails_on_replaced_current_weights(ledger, capsys):
+    weights = ledger / "requests" / "0002" / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert "model.safetensors" in verify_failure(ledger, capsys)
+
+
+def test_a_second_writer_is_refused_while_the_lock_is_held(ledger, ledger_inputs, capsys):
+    # flock conflicts between two open files even within one process: this stands for another process.
+    descriptor = os.open(ledger / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs["forget1"], *ADD_SETTINGS) == 2
+        assert "another process" in capsys.readouterr().err
+    finally:
+        os.close(descriptor)
+    assert not (ledger / "requests" / "0003").exists()
+
+
+def test_show_lists_every_request(ledger, capsys):
+    capsys.readouterr()
+    assert run_cli("ledger", "show", ledger) == 0
+    out = capsys.readouterr().out
+    assert receipt(ledger, 1)["forget"]["sha256"][:12] in out and receipt(ledger, 2)["forget"]["sha256"][:12] in out
+
+
+@pytest.mark.parametrize("case", ["no model", "not a ledger", "missing forget"])
+def test_bad_input_is_one_line_exit_2(case, ledger, ledger_inputs, tmp_path, capsys):
+    args = {"no model": init_args(tmp_path / "absent", ledger_inputs, tmp_path / "new"),
+            "not a ledger": ["ledger", "add", tmp_path, "--forget", ledger_inputs["forget1"]],
+            "missing forget": ["ledger", "add", ledger, "--forget", tmp_path / "absent.jsonl"]}[case]
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_kill_during_add_leaves_a_ledger_that_verifies_and_the_same_add_finishes(ledger, ledger_inputs, tmp_path):
+    """SIGKILL while the unlearning writes its first checkpoint; the same ``add`` again resumes."""
+    pause = tmp_path / "paused"
+    env = {**os.environ, "UNLEARNLM_TEST_PAUSE_AT": "written:1", "UNLEARNLM_TEST_PAUSE_FILE": str(pause),
+           "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "unlearnlm", "ledger", "add", str(ledger), "--forget", str(ledger_inputs["forget1"]),
+            "--config", "demo", "--set", "optim.max_steps=2", "--set", "max_length=32", "--set", "schedule.chunk_size=2"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not pause.exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (ledger / ".pending").exists()
+    assert run_cli("ledger", "verify", ledger) == 0
+    assert sorted(path.name for path in (ledger / "requests").iterdir()) == ["0001", "0002"]
+    env.pop("UNLEARNLM_TEST_PAUSE_AT")
+    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert run_cli("ledger", "verify", ledger) == 0
+    assert receipt(ledger, 3)["weights_sha256"]["before"] == receipt(ledger, 2)["weights_sha256"]["after"]
+    assert not (ledger / ".pending").exists() and not (ledger / "requests" / "0002" / "model").exists()
