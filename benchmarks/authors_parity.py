@@ -202,7 +202,7 @@ def our_config(args: argparse.Namespace, micro_batches: int = 1):
 
 
 def run_ours(args: argparse.Namespace, out: Path, micro_batches: int = 1) -> None:
-    from unlearnlm.engine import unlearn
+    from unlearnlm.recipe import unlearn
 
     config = our_config(args, micro_batches)
     rows = args.model / "benchmark"

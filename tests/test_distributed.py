@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
 from unlearnlm.data.records import load_records
-from unlearnlm.engine import unlearn
 from unlearnlm.errors import UserError
+from unlearnlm.recipe import unlearn
 from unlearnlm.runstate import load_checkpoint, process_rng_state, save_checkpoint, trainable_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"

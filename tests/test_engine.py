@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
-from unlearnlm.engine import Engine, unlearn
+from unlearnlm.engine import Engine
 from unlearnlm.errors import UserError
 from unlearnlm.model import apply_trainable, count_parameters, trainable_parameter_names
+from unlearnlm.recipe import unlearn
 
 FAST = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chunk=2", "optim.lr=1e-3",
         "optim.batch_size=2", "max_length=48"]

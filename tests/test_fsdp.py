@@ -28,7 +28,7 @@ from conftest import assert_same_update
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
-from unlearnlm.engine import unlearn
+from unlearnlm.recipe import unlearn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FSDP_CONFIG = SRC / "unlearnlm" / "resources" / "accelerate" / "fsdp.yaml"
@@ -124,7 +124,7 @@ def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one
 def test_fsdp_version_1_is_refused(monkeypatch):
     from accelerate.utils import DistributedType
 
-    from unlearnlm.engine import build_accelerator
+    from unlearnlm.distributed import build_accelerator
     from unlearnlm.errors import UserError
 
     class FakeAccelerator:
@@ -134,7 +134,7 @@ def test_fsdp_version_1_is_refused(monkeypatch):
         def __init__(self, **_):
             pass
 
-    monkeypatch.setattr("unlearnlm.engine.Accelerator", FakeAccelerator)
+    monkeypatch.setattr("unlearnlm.distributed.Accelerator", FakeAccelerator)
     with pytest.raises(UserError, match="fsdp_version: 2"):
         build_accelerator()
 

@@ -19,7 +19,8 @@ LAYERS = [
     {"model"},
     {"evaluation"},  # scores a model: may read data and load models, never trains one
     {"runstate"},
-    {"engine"},
+    {"engine"},  # the training loop
+    {"recipe"},  # unlearn(): setup, train, record, save, cleanup
     {"audit", "bench.target", "bench.report", "api"},  # api: the Python API (unlearn, evaluate) that the CLI calls
     {"bench", "demo", "ledger"},  # ledger: requests over time, on the API and the audit
     {"cli", "__main__"},

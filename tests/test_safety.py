@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from unlearnlm.cli import main
 from unlearnlm.config import load_config
-from unlearnlm.engine import unlearn
+from unlearnlm.recipe import unlearn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

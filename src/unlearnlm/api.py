@@ -55,8 +55,8 @@ def unlearn(
     to publish the saved directory to (``private`` when created). Returns the contents of ``run.json``
     (with ``pushed``, the commit URL, when published).
     """
-    from unlearnlm.engine import unlearn as run_unlearning
     from unlearnlm.modelcard import check_push_target, publish
+    from unlearnlm.recipe import unlearn as run_unlearning
 
     if push_to_hub is not None:
         check_push_target(push_to_hub)

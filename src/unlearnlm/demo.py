@@ -35,9 +35,9 @@ def run_demo(out: Path, size: str = "mini", seed: int = 0, config: str = "demo",
     from unlearnlm.bench.target import ORACLE_DIR, cached_target, read_models
     from unlearnlm.config import load_config
     from unlearnlm.data.records import load_documents, load_records
-    from unlearnlm.engine import unlearn
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.report import results_table, terms_table, write_report
+    from unlearnlm.recipe import unlearn
 
     console = Console()
     prepare_demo_dir(out)

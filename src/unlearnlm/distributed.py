@@ -1,5 +1,5 @@
-"""The process group of a distributed run: joining and leaving it, and evaluation shared between
-its processes with the results of one process.
+"""The process group of a distributed run: joining and leaving it, the accelerator over it, and
+evaluation shared between its processes with the results of one process.
 
 Work is dealt out by whole batches, never re-batched: each process runs every ``world``-th of the
 very batches one process would run, so every row is padded, and therefore computed, as it would be
@@ -21,9 +21,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from unlearnlm.errors import UserError
 
 T = TypeVar("T")
 
@@ -101,3 +107,24 @@ def gather_in_order(results: list[T | None]) -> list[T]:
     dist.all_gather_object(parts, {index: value for index, value in enumerate(results) if value is not None})
     merged = {index: value for part in parts for index, value in part.items()}  # type: ignore[union-attr]
     return [merged[index] for index in range(len(results))]
+
+
+def build_accelerator(**options) -> Accelerator:
+    """One process, data parallel (DDP) or sharded (FSDP2) over the processes that torchrun /
+    accelerate launch started; ``options`` are more ``Accelerator`` arguments (the trackers).
+
+    FSDP1 and DeepSpeed are refused: the checkpoints, the best state and the saved model gather the
+    trainable weights with FSDP2's DTensor API, which they do not use.
+    """
+    # The main process alone writes checkpoints and the final model (under FSDP it first rebuilds the
+    # whole model) while the others wait at a barrier: allow more than NCCL's default 10 minutes.
+    waiting = InitProcessGroupKwargs(timeout=timedelta(hours=1))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting], **options)
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                        "(see resources/accelerate/fsdp.yaml)")
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"{kind.value} is not supported; for models that do not fit one GPU use FSDP2 "
+                        "(accelerate config resources/accelerate/fsdp.yaml), see docs/scale.md")
+    return accelerator

@@ -2,7 +2,7 @@
 
 One model, one optimizer and one scheduler live for the whole run; chunks are phases of the data
 schedule, not new trainers. The optimizer state can be reset per chunk (as the SUGD authors did)
-without rebuilding anything.
+without rebuilding anything. ``recipe.py`` builds the engine from the inputs and writes its result.
 """
 
 from __future__ import annotations
@@ -11,29 +11,24 @@ import enum
 import json
 import math
 import random
-import resource
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput
 from unlearnlm.data.records import Record, whole_document
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
-from unlearnlm.distributed import in_lockstep
-from unlearnlm.errors import UserError
+from unlearnlm.distributed import build_accelerator, in_lockstep
 from unlearnlm.evaluation.metrics import METRICS
-from unlearnlm.hub import LoadedModel, ModelSource
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft
@@ -47,7 +42,7 @@ from unlearnlm.runstate import (
     save_trainable,
     trainable_state,
 )
-from unlearnlm.tracking import accelerator_options, check_tracker, finish_trackers, hyperparameters, scalars
+from unlearnlm.tracking import hyperparameters, scalars
 
 
 class Stop(enum.Enum):
@@ -68,14 +63,6 @@ class RunSummary:
     stopped_reason: str = "completed"  # ``stop`` in words, with its details
     best: Optional[dict] = None
     validations: list[dict] = field(default_factory=list)
-
-
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process and, on a GPU, peak allocated device memory."""
-    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        peaks["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return peaks
 
 
 def optimizer_steps(n_items: int, global_batch: int, grad_accum: int) -> int:
@@ -493,254 +480,6 @@ def _brief(stats: dict) -> str:
                     if name.endswith("loss") and name != "loss")
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     disable=not enabled, transient=False)
-
-
-# --- the public entry point -------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """What the steps of ``unlearn`` hand on to each other."""
-
-    source: ModelSource | None  # the model read from disk or the Hub; None for one given loaded
-    loaded: LoadedModel | None
-    forget_rows: Rows
-    retain_rows: Rows
-    out_dir: Path
-    work_dir: Path
-    config: UnlearnConfig
-    engine: Engine
-    tokenizer: object
-    redact: bool = False
-
-
-def unlearn(
-    model_path: str | Path | ModelSource | LoadedModel,
-    forget_path: RowsInput,
-    retain_path: RowsInput,
-    out_dir: str | Path,
-    config: UnlearnConfig,
-    resume: bool = False,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    text_key: str = DEFAULT_TEXT_KEY,
-    redact: bool = False,
-) -> dict:
-    """Unlearn ``forget`` from the model at ``model_path`` (a directory, an adapter, a Hub id, or a
-    model already loaded) and write the result to ``out_dir``. The rows are SemEval rows or raw
-    documents (``text_key``), as paths, Hub splits or in memory (see ``data.raw.read_rows``).
-
-    A model on disk is only read; a loaded one is trained in place. The saved model gets a model card
-    (``modelcard.py``; ``redact`` leaves out data file names and paths). Returns the ``run.json`` contents.
-    """
-    run = setup(model_path, forget_path, retain_path, Path(out_dir), config, resume, overwrite, show_progress,
-                text_key, redact)
-    summary = run.engine.run(resume=resume)
-    finish_trackers(run.engine.accelerator)
-    record = run_record(run, summary)
-    save(run, record)
-    cleanup(run)
-    return record
-
-
-def setup(model_path: str | Path | ModelSource | LoadedModel, forget_path: RowsInput, retain_path: RowsInput,
-          out_dir: Path, config: UnlearnConfig, resume: bool, overwrite: bool, show_progress: bool,
-          text_key: str = DEFAULT_TEXT_KEY, redact: bool = False) -> Run:
-    """Read and check every input, load the model and make it trainable, then prepare the output.
-
-    Nothing is written before every input has been read and checked.
-    """
-    from unlearnlm.data.raw import read_rows
-    from unlearnlm.hub import resolve_model
-    from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, model_depth
-    from unlearnlm.runstate import check_output, prepare_output
-
-    loaded = model_path if isinstance(model_path, LoadedModel) else None
-    source = None if loaded else resolve_model(model_path)
-    if source is not None and source.is_adapter and config.save == "adapter":
-        raise UserError(f"{source.spec} is an adapter: its unlearned version can only be saved merged (save=merged)")
-    forget_rows = read_rows(forget_path, "forget", text_key)
-    retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
-    forget, retain = forget_rows.for_training(), retain_rows.for_training()
-    validation_data = load_validation_data(config, text_key) if config.validation.enabled else None
-    check_tracker(config.tracking)
-    accelerator = build_accelerator(**accelerator_options(config.tracking, out_dir))
-    if loaded and accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("under FSDP the model is read from disk: give its directory or Hub id, not a loaded model")
-    plan = config.validation
-    inputs = [*((source.path, source.tokenizer_dir) if source else ()),
-              *(Path(p) for p in (forget_path, retain_path) if isinstance(p, (str, Path))),
-              *(Path(p) for p in (plan.forget, plan.retain, plan.members, plan.nonmembers, plan.general) if p)]
-    on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
-    if source is not None:
-        check_layer_choice(source, config.layers)
-        depth, method = model_depth(source), get_method(config.method)
-        if depth is not None:  # the layers a method reads, checked before any weights load
-            method.layers(method.build_settings(config.method_args), depth)
-    model, tokenizer = (loaded.model, loaded.tokenizer) if loaded else load_model_and_tokenizer(source, config.dtype)
-    set_seed(config.seed)  # LoRA initialisation draws random numbers
-    model = apply_trainable(model, config.lora, config.layers)
-    validator = build_validator(config, tokenizer, validation_data) if validation_data else None
-    # Only now, with every input read and checked, is anything written.
-    work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
-    engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
-    return Run(source, loaded, forget_rows, retain_rows, out_dir, work_dir, config, engine, tokenizer, redact)
-
-
-def run_record(run: Run, summary: RunSummary) -> dict:
-    """The ``run.json`` record: what ran, on what, with which libraries, and how it ended."""
-    engine, model, forget_rows, retain_rows = run.engine, run.source or run.loaded, run.forget_rows, run.retain_rows
-    trainable, total = engine.parameter_counts()
-    engine.accelerator.wait_for_everyone()
-    return {
-        "config": run.config.to_dict(),
-        "model": model.spec,
-        "model_source": model.record(),
-        "data": {"forget": forget_rows.source, "forget_sha256": forget_rows.sha256, "forget_rows": len(forget_rows),
-                 "retain": retain_rows.source, "retain_sha256": retain_rows.sha256, "retain_rows": len(retain_rows),
-                 "raw_documents": forget_rows.is_raw},
-        "seed": run.config.seed,
-        "versions": library_versions(),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "steps": summary.steps,
-        "phases": len(engine.phases),
-        "world_size": engine.accelerator.num_processes,
-        "distributed_type": engine.accelerator.distributed_type.value,
-        "sharded_weights": engine.sharded,
-        "wall_seconds": round(summary.seconds, 3),
-        "validation_seconds": round(summary.validation_seconds, 3),
-        "stopped_reason": summary.stopped_reason,
-        "best": summary.best,
-        **peak_memory_mb(),
-    }
-
-
-def save(run: Run, record: dict) -> None:
-    """The unlearned model, its model card and ``run.json``, written by the main process into the work
-    directory (the main process's ``record`` gains the saved weights' hashes).
-
-    Under FSDP no process holds the whole model: every process takes part in gathering the trainable
-    weights, and the main one rebuilds the model from the input model and them (the frozen weights
-    never changed).
-    """
-    from unlearnlm.hub import pin_adapter_base, weights_sha256
-    from unlearnlm.model import save_model
-    from unlearnlm.modelcard import write_model_card
-
-    engine, config, work_dir = run.engine, run.config, run.work_dir
-    main = engine.accelerator.is_main_process
-    trained = trainable_state(engine.unwrapped, keep=main) if engine.sharded else {}
-    if main:
-        final = rebuild_model(run.source, config, trained) if engine.sharded else engine.unwrapped
-        save_model(final, run.tokenizer, work_dir, config.save)
-        if config.save == "adapter" and run.source is not None:
-            pin_adapter_base(work_dir, run.source)
-        record["output_weights_sha256"] = weights_sha256(work_dir)
-        write_model_card(work_dir, record, run.redact)
-        (work_dir / "run.json").write_text(json.dumps(record, indent=2))
-
-
-def cleanup(run: Run) -> None:
-    """Drop the resume state and move the work directory to its place; then every process goes on."""
-    from unlearnlm.runstate import finalize_output
-
-    if run.engine.accelerator.is_main_process:
-        for name in ("state", "best"):
-            if (run.work_dir / name).exists():
-                shutil.rmtree(run.work_dir / name)
-        finalize_output(run.work_dir, run.out_dir)
-    run.engine.accelerator.wait_for_everyone()
-
-
-def build_accelerator(**options) -> Accelerator:
-    """One process, data parallel (DDP) or sharded (FSDP2) over the processes that torchrun /
-    accelerate launch started; ``options`` are more ``Accelerator`` arguments (the trackers).
-
-    FSDP1 and DeepSpeed are refused: the checkpoints, the best state and the saved model gather the
-    trainable weights with FSDP2's DTensor API, which they do not use.
-    """
-    # The main process alone writes checkpoints and the final model (under FSDP it first rebuilds the
-    # whole model) while the others wait at a barrier: allow more than NCCL's default 10 minutes.
-    waiting = InitProcessGroupKwargs(timeout=timedelta(hours=1))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[waiting], **options)
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                        "(see resources/accelerate/fsdp.yaml)")
-    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise UserError(f"{kind.value} is not supported; for models that do not fit one GPU use FSDP2 "
-                        "(accelerate config resources/accelerate/fsdp.yaml), see docs/scale.md")
-    return accelerator
-
-
-def rebuild_model(model_path: str | Path | ModelSource, config: UnlearnConfig,
-                  trainable: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The input model, on the CPU, with the trainable weights of a run put in."""
-    from unlearnlm.model import apply_trainable, load_model_and_tokenizer
-    from unlearnlm.runstate import load_trainable_state
-
-    model, _ = load_model_and_tokenizer(model_path, config.dtype)
-    model = apply_trainable(model, config.lora, config.layers)
-    load_trainable_state(model, trainable)
-    return model
-
-
-def on_main_process(accelerator: Accelerator, function: Callable, *args):
-    """Run ``function`` on the main process only and give its result, or its UserError, to every process.
-
-    For changes to the output directory, which processes sharing a filesystem must not race on.
-    """
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = function(*args)
-        except UserError as err:
-            error = str(err)
-    result, error = broadcast_object_list([result, error])
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
-def library_versions() -> dict[str, str]:
-    # From the installed metadata: importing peft only for its version costs seconds per run.
-    from importlib.metadata import version
-
-    import unlearnlm
-
-    return {"unlearnlm": unlearnlm.__version__, "torch": torch.__version__,
-            **{name: version(name) for name in ("transformers", "peft", "accelerate")}}
-
-
-def load_validation_data(config: UnlearnConfig, text_key: str = DEFAULT_TEXT_KEY):
-    """The held-out sets of checkpoint selection, read and checked before any model loads."""
-    from unlearnlm.data.raw import read_rows
-    from unlearnlm.evaluation.evaluator import EvalData
-    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
-
-    plan = config.validation
-    return EvalData(read_rows(plan.forget, "forget", text_key).for_evaluation(),
-                    read_rows(plan.retain, "retain", text_key).for_evaluation(),
-                    load_mia_documents(plan.members, "members", text_key) if plan.members else None,
-                    load_mia_documents(plan.nonmembers, "nonmembers", text_key) if plan.nonmembers else None,
-                    load_general_set(plan.general) if plan.general else None)
-
-
-def build_validator(config: UnlearnConfig, tokenizer, data) -> Callable[[torch.nn.Module], dict]:
-    """Checkpoint selection: the SemEval scores of held-out sets (``load_validation_data``), in the
-    evaluator's fast mode; their token cache tokenizes them once for every validation."""
-    from unlearnlm.evaluation.evaluator import quick_scores
-
-    plan = config.validation
-
-    def validate(model: torch.nn.Module) -> dict:
-        return quick_scores(model, tokenizer, data.forget, data.retain, data.members, data.nonmembers, data.general,
-                            batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens, cache=data.cache)
-
-    return validate

@@ -53,7 +53,7 @@ def _attacks_record(attacks: Mapping[str, Mapping], redact: bool) -> list[dict]:
 def build_receipt(audit: Mapping, inputs: Mapping[str, str | Path | None], redact: bool = True) -> dict:
     """The receipt dict. ``inputs``: paths of ``model``, ``forget``, ``retain`` and, when given,
     ``original``, ``oracle``, ``mia_members``, ``mia_nonmembers``, ``general``."""
-    from unlearnlm.engine import library_versions
+    from unlearnlm.recipe import library_versions
 
     forget_rows = audit["models"]["audited"]["attacks"]["none"]["rows"]
     models = {role: {"path": str(inputs[key]), "weights_sha256": weights_sha256(inputs[key])}
