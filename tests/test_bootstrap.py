@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from unlearnlm.evaluation.bootstrap import _final, _strata, bootstrap_inputs, final_interval
-from unlearnlm.evaluation.scoring import official_results
+from unlearnlm.evaluation.bootstrap import EvaluationDocuments, bootstrap_inputs, final_interval, final_of, pairwise_auc
+from unlearnlm.evaluation.scoring import official_results, roc_auc
 
 
 def fake_results(seed: int) -> dict:
@@ -35,9 +35,7 @@ def fake_results(seed: int) -> dict:
 def test_drawing_every_document_once_gives_the_official_final() -> None:
     results = fake_results(0)
     inputs = bootstrap_inputs(results)
-    rows_draw = _strata([((split, task), document) for document, split, task, _, _ in inputs["rows"]])
-    utility_draw = _strata([("general", document) for document, _ in inputs["utility"]])
-    final = _final(inputs, rows_draw, range(6), range(6), utility_draw)
+    final = final_of(inputs, EvaluationDocuments.of(inputs).whole())
     assert final == pytest.approx(results["aggregate-score"], abs=1e-12)
 
 
@@ -59,3 +57,13 @@ def test_constant_scores_have_a_zero_width_interval() -> None:
     low, high = final_interval([bootstrap_inputs(results)], replicates=200)
     # task aggregate 1, AUC 0.5 (all ties) so MIA score 1, utility 1.
     assert low == high == pytest.approx(1.0)
+
+
+def test_pairwise_auc_is_the_roc_auc() -> None:
+    rng = random.Random(3)
+    for members, nonmembers in ((5, 7), (1, 1), (12, 12)):
+        # Rounded to one decimal, so that ties within and across the two sides are common.
+        member_scores = [round(rng.uniform(0, 2), 1) for _ in range(members)]
+        nonmember_scores = [round(rng.uniform(0.5, 2.5), 1) for _ in range(nonmembers)]
+        assert pairwise_auc(member_scores, nonmember_scores) == pytest.approx(roc_auc(member_scores, nonmember_scores),
+                                                                              abs=1e-12)
