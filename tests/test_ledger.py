@@ -106,6 +106,7 @@ def test_a_later_receipt_rescores_every_earlier_request_and_records_drift_and_th
     assert earlier["right_after_own_request"] == receipt(ledger, 1)["scores"]["own"]
     then, now = earlier["right_after_own_request"]["forget_terms"], earlier["forget_terms"]
     assert earlier["largest_term_change"] == pytest.approx(max(abs(now[label] - then[label]) for label in now))
+    assert earlier["came_back"] == pytest.approx(max(then[label] - now[label] for label in now))
     drift = second["drift"]["retain_score"]
     assert drift["change"] == pytest.approx(drift["now"] - drift["original"])
     attacks = {attack["attack"] for attack in second["audit"]["attacks"]}

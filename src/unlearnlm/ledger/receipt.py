@@ -35,9 +35,14 @@ def _forget_entry(rows: Rows, redact: bool) -> dict:
     return entry
 
 
-def _term_change(now: Mapping[str, float], then: Mapping[str, float]) -> float | None:
-    shared = set(now) & set(then)
-    return max(abs(now[label] - then[label]) for label in shared) if shared else None
+def _term_changes(now: Mapping[str, float], then: Mapping[str, float]) -> dict:
+    """The largest change of a forget term either way, and the largest fall (a forget term is 1 -
+    score, so a fall is what came back; negative when every term rose: more forgotten)."""
+    shared = sorted(set(now) & set(then))
+    if not shared:
+        return {"largest_term_change": None, "came_back": None}
+    return {"largest_term_change": max(abs(now[label] - then[label]) for label in shared),
+            "came_back": max(then[label] - now[label] for label in shared)}
 
 
 def _earlier(ledger, evaluated: Mapping) -> list[dict]:
@@ -48,7 +53,7 @@ def _earlier(ledger, evaluated: Mapping) -> list[dict]:
         if "forget_terms" in scores:
             own = receipt["scores"]["own"]
             entry["right_after_own_request"] = own
-            entry["largest_term_change"] = _term_change(scores["forget_terms"], own["forget_terms"])
+            entry.update(_term_changes(scores["forget_terms"], own["forget_terms"]))
         entries.append(entry)
     return entries
 
@@ -121,11 +126,12 @@ def receipt_markdown(receipt: Mapping) -> str:
                                                       ("final", "task_aggregate", "mia_score", "utility"))]]), "",
         "## Earlier requests on the new model", "",
         markdown_table(["request", "forget sha256", "forget score now", "right after its request",
-                        "largest forget-term change"],
+                        "largest forget-term change", "came back (largest term fall)"],
                        [[entry["request"], entry["forget_sha256"][:16],
                          fmt(entry.get("forget_score")) if "unavailable" not in entry else entry["unavailable"],
                          fmt(entry.get("right_after_own_request", {}).get("forget_score")),
-                         fmt(entry.get("largest_term_change"))] for entry in receipt["earlier_requests"]])
+                         fmt(entry.get("largest_term_change")), fmt(entry.get("came_back"))]
+                        for entry in receipt["earlier_requests"]])
         if receipt["earlier_requests"] else "None: this is the first request.", "",
         "## Drift from the original model", "",
         markdown_table(["score", "original", "now", "change"],
@@ -142,12 +148,11 @@ def receipt_markdown(receipt: Mapping) -> str:
 
 def show_rows(receipts: list[Mapping]) -> tuple[list[str], list[list[str]]]:
     """The columns and rows of ``ledger show``: one row per request."""
-    headers = ["request", "created (UTC)", "forget sha256", "rows", "forget score", "worst earlier change",
+    headers = ["request", "created (UTC)", "forget sha256", "rows", "forget score", "most came back (earlier)",
                "retain drift", "utility", "verdict", "model"]
     rows = []
     for number, receipt in enumerate(receipts, start=1):
-        changes = [entry["largest_term_change"] for entry in receipt["earlier_requests"]
-                   if entry.get("largest_term_change") is not None]
+        changes = [entry["came_back"] for entry in receipt["earlier_requests"] if entry.get("came_back") is not None]
         rows.append([str(receipt["request"]), receipt["created_utc"], receipt["forget"]["sha256"][:12],
                      str(receipt["forget"]["rows"]), fmt(receipt["scores"]["own"]["forget_score"], 3),
                      fmt(max(changes), 3) if changes else "-", fmt(receipt["drift"]["retain_score"]["change"], 3),
