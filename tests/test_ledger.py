@@ -175,15 +175,16 @@ def test_show_lists_every_request(ledger, capsys):
     assert receipt(ledger, 1)["forget"]["sha256"][:12] in out and receipt(ledger, 2)["forget"]["sha256"][:12] in out
 
 
-@pytest.mark.parametrize("case", ["no model", "not a ledger", "missing forget"])
+@pytest.mark.parametrize("case", ["no model", "not a ledger", "missing forget", "unknown setting"])
 def test_bad_input_is_one_line_exit_2(case, ledger, ledger_inputs, tmp_path, capsys):
     args = {"no model": init_args(tmp_path / "absent", ledger_inputs, tmp_path / "new"),
             "not a ledger": ["ledger", "add", tmp_path, "--forget", ledger_inputs["forget1"]],
-            "missing forget": ["ledger", "add", ledger, "--forget", tmp_path / "absent.jsonl"]}[case]
+            "missing forget": ["ledger", "add", ledger, "--forget", tmp_path / "absent.jsonl"],
+            "unknown setting": ["ledger", "add", ledger, "--forget", ledger_inputs["forget1"], "--set", "no_such_key=1"]}[case]
     capsys.readouterr()
     assert run_cli(*args) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists() and not (ledger / ".pending").exists()
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, read_rows
 from unlearnlm.data.records import content_sha256
@@ -38,6 +39,9 @@ from unlearnlm.ledger.store import (
     verify,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from unlearnlm.config import UnlearnConfig
 
 Log = Callable[[str], None]
 STAGED = "request"  # inside the pending directory: the request directory being made, model and receipt
@@ -174,8 +178,7 @@ def _pending(ledger: Ledger, key: dict, log: Log) -> Path:
     return pending
 
 
-def _unlearn(ledger: Ledger, pending: Path, reference: str, config, overrides: Sequence[str],
-             show_progress: bool) -> dict:
+def _unlearn(ledger: Ledger, pending: Path, reference: str, config: UnlearnConfig, show_progress: bool) -> dict:
     """Unlearn into the staged request directory's ``model/``, continuing an interrupted run of the same request."""
     from unlearnlm.api import unlearn
     from unlearnlm.paths import partial_dir_for
@@ -187,7 +190,7 @@ def _unlearn(ledger: Ledger, pending: Path, reference: str, config, overrides: S
     partial = partial_dir_for(out.resolve())
     resume = partial.exists() and recover_checkpoint(partial / "state")
     return unlearn(ledger.current_model(), reference, _checked(ledger.genesis["retain"], "retain"), out, config,
-                   overrides=overrides, text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
+                   text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
                    overwrite=partial.exists() and not resume, show_progress=show_progress, redact=True)
 
 
@@ -238,8 +241,11 @@ def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None =
     """Unlearn ``forget`` from the ledger's current model, make the result current and write the
     request's receipt; returns the receipt as written. A second ``add`` while one runs is refused; an ``add``
     killed midway leaves the ledger as it was, and the same ``add`` again continues its work."""
+    from unlearnlm.config import load_config
+
     ledger = open_ledger(ledger_dir)
     text_key = ledger.genesis["evaluation"]["text_key"]
+    resolved = load_config(config, list(overrides))  # a bad setting fails before anything is locked or read
     reference = _reference(forget)
     forget_rows = read_rows(reference, "forget", text_key)
     with locked(ledger.root):
@@ -250,7 +256,7 @@ def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None =
                "previous_receipt_sha256": ledger.last_receipt_sha256()}
         pending = _pending(ledger, key, log)
         log(f"request {number}: unlearning {len(forget_rows)} rows from {ledger.current_model()}")
-        run = _unlearn(ledger, pending, reference, config, overrides, show_progress)
+        run = _unlearn(ledger, pending, reference, resolved, show_progress)
         earlier = {i: _earlier_forget_set(ledger, i, text_key) for i in range(1, number)}
         evaluated = _evaluate(ledger, pending / STAGED / MODEL, forget_rows, earlier, log)
         receipt = build_receipt(ledger, number, key, forget_rows, run, evaluated, redact)
