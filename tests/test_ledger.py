@@ -155,6 +155,17 @@ def test_verify_fails_on_replaced_current_weights(ledger, capsys):
     assert "model.safetensors" in verify_failure(ledger, capsys)
 
 
+def test_kept_models_stay_and_verify_checks_them(micro_model_dir, ledger_inputs, tmp_path, capsys):
+    ledger = tmp_path / "L"
+    assert run_cli(*init_args(micro_model_dir, ledger_inputs, ledger), "--keep-models") == 0
+    for name in ("forget1", "forget2"):
+        assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs[name], *ADD_SETTINGS) == 0
+    kept = ledger / "requests" / "0001" / "model"
+    assert kept.is_dir() and run_cli("ledger", "verify", ledger) == 0
+    (kept / "model.safetensors").write_bytes((ledger / "requests" / "0002" / "model" / "model.safetensors").read_bytes())
+    assert "0001/model/model.safetensors" in verify_failure(ledger, capsys)
+
+
 def test_a_second_writer_is_refused_while_the_lock_is_held(ledger, ledger_inputs, capsys):
     # flock conflicts between two open files even within one process: this stands for another process.
     descriptor = os.open(ledger / ".lock", os.O_RDWR | os.O_CREAT)
