@@ -86,6 +86,8 @@ def trajectories(receipts: list[dict]) -> list[list[float]]:
 def plot(paths: list[list[float]], oracle: list[float], path: Path) -> None:
     import matplotlib
 
+    from unlearnlm.audit.receipt import finish_forget_plot
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -96,13 +98,7 @@ def plot(paths: list[list[float]], oracle: list[float], path: Path) -> None:
         axes.plot(range(index + 1, count + 1), values, marker="o", color=color, label=f"request {index + 1}")
         axes.axhline(oracle[index], color=color, linestyle=":", linewidth=1)
     axes.set_xticks(range(1, count + 1), [f"after {k}" for k in range(1, count + 1)])
-    axes.set_ylabel("forget score (higher = remembered)")
-    axes.set_ylim(0, 1.05)
-    axes.set_title("Each request's forget score over the sequence (dotted: the oracle's)")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    finish_forget_plot(figure, axes, "Each request's forget score over the sequence (dotted: the oracle's)", path)
 
 
 def goals_markdown(results: dict) -> str:

@@ -170,9 +170,16 @@ def plot_forget_scores(receipt: Mapping, path: Path) -> None:
     axes.scatter(positions, [a["forget_score_without_attack"] for a in attacks], marker="_", s=400, color="black",
                  label="audited, without attack", zorder=3)
     axes.set_xticks(positions, [f"{a['attack']}\n({a['scored_on']})" for a in attacks], rotation=45, ha="right", fontsize=8)
+    finish_forget_plot(figure, axes, "Forget score under each attack", path)
+
+
+def finish_forget_plot(figure, axes, title: str, path: Path) -> None:
+    """The forget-score axis (0 to 1, higher = remembered), the title and legend; then the file."""
+    import matplotlib.pyplot as plt
+
     axes.set_ylabel("forget score (higher = remembered)")
     axes.set_ylim(0, 1.05)
-    axes.set_title("Forget score under each attack")
+    axes.set_title(title)
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
