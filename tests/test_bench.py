@@ -196,7 +196,8 @@ def test_settle_runs_from_the_first_model_at_that_models_level(tmp_path: Path, m
 
 @pytest.mark.slow  # two unlearning processes
 def test_settle_pass_really_unlearns_the_first_model_on_the_targets_sets(micro_target, tmp_path: Path) -> None:
-    from unlearnlm.bench.run import settle_run, variants
+    from unlearnlm.bench.run import settle_run
+    from unlearnlm.bench.variants import variants
 
     target, _ = micro_target
     variant = variants(n_layers=2)["sugd-settle"]
@@ -313,7 +314,7 @@ def test_kept_results_are_what_the_audit_would_compute(micro_target, tmp_path: P
 
 
 def test_the_bench_settle_pass_is_the_sugd_settle_preset() -> None:
-    from unlearnlm.bench.run import variants
+    from unlearnlm.bench.variants import variants
     from unlearnlm.config import load_config
 
     settle = variants(n_layers=4)["sugd-settle"].settle

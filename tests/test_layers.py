@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unlearnlm"
 LAYERS = [
     # foundations: no torch models, no config (hub resolves model ids and paths; modelcard writes and publishes cards)
     {"unlearnlm", "errors", "paths", "distributed", "settings", "hub", "modelcard"},
+    {"bench.sizes"},  # the benchmark's size table: plain numbers that data.sets and the CLI read
     {"data"},
     {"evaluation.metrics"},  # the metric table, which the config checks validation.metric against
     {"methods"},
@@ -21,7 +22,8 @@ LAYERS = [
     {"runstate"},
     {"engine"},  # the training loop
     {"recipe"},  # unlearn(): setup, train, record, save, cleanup
-    {"audit", "bench.target", "bench.report", "api"},  # api: the Python API (unlearn, evaluate) that the CLI calls
+    # api: the Python API (unlearn, evaluate) that the CLI calls
+    {"audit", "bench.fitting", "bench.base", "bench.calibration", "bench.target", "bench.report", "api"},
     {"bench", "demo", "ledger"},  # ledger: requests over time, on the API and the audit
     {"cli", "__main__"},
 ]

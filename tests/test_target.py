@@ -9,21 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from unlearnlm.bench.base import BASE_LOG, build_base, make_model, train_tokenizer
+from unlearnlm.bench.calibration import BARS, calibration_checks
+from unlearnlm.bench.sizes import RECIPES
 from unlearnlm.bench.target import (
-    BARS,
-    BASE_LOG,
     BENCHMARK_DIR,
     LOG_NAME,
     ORACLE_DIR,
-    RECIPES,
-    build_base,
     build_target,
     cached_target,
-    calibration_checks,
-    make_model,
     read_calibration,
     read_models,
-    train_tokenizer,
 )
 from unlearnlm.data.records import load_documents, load_records
 from unlearnlm.errors import UserError
@@ -136,7 +132,8 @@ def test_the_oracle_follows_the_target_to_its_last_step_whether_trained_after_it
 
     from conftest import make_micro_model
 
-    from unlearnlm.bench.target import QueuedVerdicts, Schedule, TargetStop, fit
+    from unlearnlm.bench.fitting import Schedule, TargetStop, fit
+    from unlearnlm.bench.target import QueuedVerdicts
     from unlearnlm.data.tokenize import Example
 
     generator = torch.Generator().manual_seed(0)
@@ -220,7 +217,7 @@ def test_base_is_pretrained_on_the_pool_and_records_its_weights(tmp_path: Path) 
 
 
 def test_shipped_bases_are_the_bundled_datas_and_match_their_recorded_sha256() -> None:
-    from unlearnlm.bench.target import SHIPPED_BASES, shipped_base
+    from unlearnlm.bench.base import SHIPPED_BASES, shipped_base
     from unlearnlm.data.records import content_sha256
     from unlearnlm.data.sets import bundled_lume_dir
 

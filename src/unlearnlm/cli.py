@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from unlearnlm.bench.sizes import SIZES, get_size
 from unlearnlm.errors import UserError
 from unlearnlm.ledger.commands import ledger_app
 
@@ -35,11 +36,8 @@ MiaNonmembers = Annotated[Optional[Path], typer.Option(
     help="MIA nonmembers: a {document} jsonl, a directory with nonmember.jsonl, or rows.")]
 
 
-class TargetSize(str, Enum):
-    micro = "micro"
-    mini = "mini"
-    bench = "bench"
-    full = "full"
+# The choices of --size, from the benchmark's one size table.
+TargetSize = Enum("TargetSize", {name: name for name in SIZES}, type=str)
 
 
 class TargetArch(str, Enum):
@@ -67,13 +65,14 @@ def target_command(
 
     # Bad input fails before torch is imported.
     check_output_dir(out, overwrite, inputs=[data])
-    draw_sets(data, size.value, seed, draw)
+    chosen = SIZES[size.value]
+    draw_sets(data, chosen.sets, seed, draw)
 
     from rich.console import Console
 
     from unlearnlm.bench.target import build_target
 
-    log = build_target(data, out, size.value, seed, arch.value, draw, overwrite, max_epochs, threads=threads)
+    log = build_target(data, out, chosen, seed, arch.value, draw, overwrite, max_epochs, threads=threads)
     base, target, oracle = log["base"], log["target"], log["oracle"]
     Console().print(
         f"base: {base['directory']} ({'built' if base['built'] else 'reused'})\n"
@@ -99,9 +98,9 @@ def base_command(
 
     check_output_dir(out, overwrite)
 
-    from unlearnlm.bench.target import build_base
+    from unlearnlm.bench.base import build_base
 
-    log = build_base(data, out, size.value, arch.value, overwrite, threads=threads, shipped=bfloat16)
+    log = build_base(data, out, SIZES[size.value], arch.value, overwrite, threads=threads, shipped=bfloat16)
     print(f"base: {out}  ({log['parameters']:,} parameters, {log['epochs']} epochs on {log['pool_tokens']:,} tokens, "
           f"{log['train_seconds']:.0f}s; weights sha256 {log['weights_sha256']})")
 
@@ -295,17 +294,16 @@ def demo(
 ) -> None:
     """Build (or reuse) a tiny memorized target and its oracle, unlearn it with SUGD, and print the scores
     of the base, target, oracle and unlearned model."""
-    from unlearnlm.bench.target import cache_root
+    from unlearnlm.bench.base import cache_root
     from unlearnlm.config import load_config
-    from unlearnlm.data.sets import get_preset
     from unlearnlm.demo import run_demo
     from unlearnlm.paths import refuse_overlap
 
     # Checked before the demo touches its output or starts building a target.
     load_config(config)
-    get_preset(size)
+    chosen = get_size(size)
     refuse_overlap(out, [cache_root()])
-    run_demo(out, size=size, seed=seed, config=config, redact=redact)
+    run_demo(out, size=chosen, seed=seed, config=config, redact=redact)
 
 
 @app.command()
@@ -331,8 +329,8 @@ def bench(
         min=1, help="Processes running methods side by side (each gets cores / jobs threads).")] = 1,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
+    from unlearnlm.bench.base import cache_root
     from unlearnlm.bench.run import BenchOptions, run_bench
-    from unlearnlm.bench.target import cache_root
     from unlearnlm.paths import refuse_overlap
 
     try:

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from unlearnlm.bench.sizes import Size
 from unlearnlm.errors import UserError
 
 MARKER = "demo.json"
@@ -28,7 +29,7 @@ def prepare_demo_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(out: Path, size: str = "mini", seed: int = 0, config: str = "demo", redact: bool = False,
+def run_demo(out: Path, size: str | Size = "mini", seed: int = 0, config: str = "demo", redact: bool = False,
              batch_size: int = 16) -> dict:
     from rich.console import Console
 

@@ -12,87 +12,19 @@ there with validation in log-only mode (no state selection), on the first seed o
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unlearnlm.bench.sizes import get_size
+from unlearnlm.bench.variants import Variant, variants
 from unlearnlm.errors import UserError
 
 TUNE_DRAW, REPORT_DRAW = 1, 0
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    overrides: tuple[str, ...]
-    lr: float
-    description: str
-    # The method setting that receives the target's loss on text outside every set (``forget_level``):
-    # forget_ceiling (pushed up to it) or forget_target (held at it from both sides); None: no level.
-    level_setting: str | None = None
-    default: bool = True  # run when no --method is given; the others only by name
-    # A second run on the first's model, holding every forget document at the level of unseen text
-    # re-read on that model (forget_target): settle_run's settings, else None.
-    settle: tuple[str, ...] | None = None
-
-    def at_rate(self, multiplier: float) -> list[str]:
-        """The variant's settings with ``multiplier`` times its centre learning rate."""
-        return [*self.overrides, f"optim.lr={self.lr * multiplier}"]
-
-
-def variants(n_layers: int) -> dict[str, Variant]:
-    """The compared methods and the learning rate each one's grid is centred on.
-
-    The centres come from one coarse sweep per variant on the tuning draw of the mini preset (the
-    same values, 3e-4, 1e-3 and 3e-3, for every method; 1e-3 to 5e-2 for LoRA, whose updates are
-    smaller); see docs/benchmark.md.
-    """
-    half = f"layers.last_k={max(1, n_layers // 2)}"
-    lora = ("lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.target_modules=[q_proj,v_proj,up_proj,down_proj]")
-    sugd = ("method=sugd", "schedule.chunk_size=8", "schedule.ratio=3", "schedule.epochs_per_chunk=3",
-            "method_args.retain_weight=1.0", "optim.batch_size=4")
-    whole = ("schedule.epochs_per_chunk=3", "optim.batch_size=4")
-    whole_documents = ("forget_whole_documents=true",)  # data.records.whole_document, inside the run
-    # One pass over every forget document at once, each held at the level from both sides, with
-    # retain rows 1:3 as in SUGD's chunks: it revisits the chunks unlearned first, which the ascent on
-    # later chunks pushed past the level (configs/sugd-settle.yaml).
-    settle = ("method=sugd", "schedule.chunk_size=null", "schedule.ratio=3", "schedule.epochs_per_chunk=1",
-              "method_args.retain_weight=1.0", "optim.batch_size=4", "forget_whole_documents=true")
-    # Listed heaviest first (tuning, reported run and audit, as timed in the bench of docs/benchmark.md),
-    # the order in which --jobs starts them, so that no long method starts last while the other
-    # processes sit idle.
-    table = [
-        Variant("agad", ("method=agad", "schedule.chunk_size=8", "schedule.epochs_per_chunk=3", "optim.batch_size=4",
-                         "method_args.final_anneal=true"), 1e-3, "alternating ascent / annealing descent"),
-        Variant("sugd-level", sugd + whole_documents, 1e-3,
-                "SUGD on every weight, whole documents, pushed up to the unseen-text level", level_setting="forget_ceiling"),
-        Variant("sugd-settle", sugd + whole_documents, 1e-3,
-                "sugd-level, then one pass holding every forget document at the unseen-text level of the unlearned model",
-                level_setting="forget_ceiling", settle=settle, default=False),
-        # Held at the level from both sides: tried for docs/benchmark.md and left out of the default
-        # run, which it lost (under-forgetting); run it with --method sugd-target.
-        Variant("sugd-target", sugd + whole_documents, 1e-3,
-                "SUGD on every weight, whole documents, held at the unseen-text level", level_setting="forget_target",
-                default=False),
-        Variant("sugd", sugd, 1e-3, "SUGD on every weight"),
-        Variant("npo", ("method=npo", "schedule.ratio=1") + whole, 1e-3, "NPO (beta 0.1) + retain NLL"),
-        Variant("sugd-doc", sugd + whole_documents, 1e-3, "SUGD on every weight, forgetting whole documents"),
-        Variant("sugd-layers", sugd + (half,), 3e-3, "SUGD on the last half of the layers"),
-        Variant("kl", ("method=kl", "schedule.ratio=1") + whole, 1e-3, "ascent + KL to the original on retain"),
-        Variant("gd", ("method=gd", "schedule.ratio=1") + whole, 1e-3, "gradient difference, no chunking"),
-        Variant("sugd-lora", sugd + lora, 1e-2, "SUGD with LoRA adapters"),
-        Variant("simnpo", ("method=simnpo", "schedule.ratio=1") + whole, 1e-3, "SimNPO + retain NLL"),
-        Variant("sugd-lora-layers", sugd + lora + (half,), 2e-2, "SUGD with LoRA on the last half of the layers"),
-        # Centred on 3e-3, where RMU's steering moved the mini demo target at all (5e-4 hardly did).
-        Variant("rmu", ("method=rmu", "schedule.ratio=1") + whole, 3e-3, "RMU: forget activations steered to a random direction"),
-        Variant("ga", ("method=ga",) + whole, 1e-3, "gradient ascent"),
-    ]
-    return {variant.name: variant for variant in table}
 
 
 @dataclass
@@ -143,16 +75,39 @@ def forget_level(target: Path, batch_size: int, model: Path | None = None) -> fl
 
 
 def run_unlearn(model: Path, forget: Path, retain: Path, out: Path, overrides: list[str], log: Path) -> dict:
-    """One unlearning run of ``model`` in its own process; returns its run.json."""
-    command = [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(model), "--forget", str(forget),
-               "--retain", str(retain), "--out", str(out), "--overwrite"]
-    for override in overrides:
-        command += ["--set", override]
-    with log.open("w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
+    """One unlearning run of ``model`` (``api.unlearn``) in a process of its own, so that its peak memory
+    is its own; its output goes to ``log``. Returns its run.json."""
+    if not in_own_process(_unlearn, (model, forget, retain, out, overrides), log):
         raise UserError(f"unlearning failed ({' '.join(overrides)}); see {log}")
     return json.loads((out / "run.json").read_text())
+
+
+def _unlearn(model: Path, forget: Path, retain: Path, out: Path, overrides: list[str]) -> None:
+    from unlearnlm.api import unlearn
+
+    unlearn(model, forget, retain, out, overrides=overrides, overwrite=True)
+
+
+def in_own_process(function: Callable, args: tuple, log: Path, threads: int | None = None) -> bool:
+    """``function(*args)`` in a spawned process (nothing of this one's torch state is copied), its output
+    and any traceback written to ``log``; ``threads``: its torch threads. True when it succeeded."""
+    process = multiprocessing.get_context("spawn").Process(target=_logged, args=(function, args, str(log), threads))
+    process.start()
+    process.join()
+    return process.exitcode == 0
+
+
+def _logged(function: Callable, args: tuple, log: str, threads: int | None) -> None:
+    """The body of ``in_own_process``'s process."""
+    with open(log, "w") as handle:
+        os.dup2(handle.fileno(), 1)  # the process's own stdout and stderr, for the libraries' output too
+        os.dup2(handle.fileno(), 2)
+    if threads is not None:  # for this process, and through the environment for the ones it starts
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    function(*args)  # a failure's traceback goes to the log and the exit code is 1 (multiprocessing's own)
 
 
 def finished_run(run_dir: Path, target: Path, forget: Path, overrides: list[str],
@@ -231,13 +186,37 @@ def score(model_dir: Path, data, batch_size: int, full: bool, keep: Path | None 
     return scores
 
 
+@dataclass
+class Stage:
+    """What every method's runs share: the options, the targets by draw, their evaluation data and
+    forget levels, and where the run records go."""
+
+    options: BenchOptions
+    targets: dict[int, Path]
+    data: dict
+    levels: dict[int, float]
+    runs_dir: Path
+    console: object
+
+    def budget(self) -> list[str]:
+        return [f"optim.time_budget_s={self.options.time_budget_s}"] if self.options.time_budget_s else []
+
+    def level(self, variant: Variant, draw: int) -> list[str]:
+        return [f"method_args.{variant.level_setting}={self.levels[draw]:.4f}"] if variant.level_setting else []
+
+    def forget(self, draw: int) -> Path:
+        return self.targets[draw] / "benchmark" / "forget.jsonl"
+
+
 def run_bench(options: BenchOptions) -> dict:
     from rich.console import Console
 
+    from unlearnlm.bench.report import write_bench_report
     from unlearnlm.bench.target import ORACLE_DIR, cached_target
 
     console = Console()
     started = time.perf_counter()
+    size = get_size(options.size)
     known = variants(n_layers=1)  # the names do not depend on the depth
     chosen = options.methods or [name for name, variant in known.items() if variant.default]
     unknown = [name for name in chosen if name not in known]
@@ -245,7 +224,7 @@ def run_bench(options: BenchOptions) -> dict:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
     draws = (TUNE_DRAW, REPORT_DRAW) if tunes(options.grid) else (REPORT_DRAW,)
     # The tuning draw's scores never meet an oracle, so it has none.
-    specs = [{"size": options.size, "seed": options.target_seed, "draw": draw, "with_oracle": draw == REPORT_DRAW}
+    specs = [{"size": size, "seed": options.target_seed, "draw": draw, "with_oracle": draw == REPORT_DRAW}
              for draw in draws]
     if options.jobs > 1:
         in_processes(options, [{"target": spec} for spec in specs], "targets")
@@ -261,12 +240,9 @@ def run_bench(options: BenchOptions) -> dict:
                       lambda: score(model_dir, data[draw], options.batch_size, full=True))
 
     target_scores = {draw: full_score(path, draw, f"target-d{draw}") for draw, path in targets.items()}
-    oracle_scores = full_score(oracle, REPORT_DRAW, "oracle")
-    budget = [f"optim.time_budget_s={options.time_budget_s}"] if options.time_budget_s else []
     results: dict = {"options": _jsonable(options), "targets": {str(d): str(p) for d, p in targets.items()},
                      "target_scores": {str(d): s for d, s in target_scores.items()}, "oracle": str(oracle),
-                     "oracle_scores": oracle_scores, "tuning": [], "reported": []}
-
+                     "oracle_scores": full_score(oracle, REPORT_DRAW, "oracle"), "tuning": [], "reported": []}
     levels = {draw: cached(runs_dir / f"level-d{draw}.json", {"target": str(path)},
                            lambda path=path: {"level": forget_level(path, options.batch_size)})["level"]
               for draw, path in targets.items()}
@@ -277,49 +253,54 @@ def run_bench(options: BenchOptions) -> dict:
             tasks.append({"audit": {"model": str(oracle), "target": str(targets[REPORT_DRAW]),
                                     "record": str(runs_dir / "oracle.audit.json"), "batch_size": options.batch_size}})
         in_processes(options, tasks, "methods")
+    stage = Stage(options, targets, data, levels, runs_dir, console)
     for name in chosen:
-        variant = table[name]
-        forget = {draw: path / "benchmark" / "forget.jsonl" for draw, path in targets.items()}
-        level = {draw: [f"method_args.{variant.level_setting}={levels[draw]:.4f}"] if variant.level_setting else []
-                 for draw in targets}
-        tried = []
-        for multiplier in options.grid if tunes(options.grid) else ():
-            overrides = variant.at_rate(multiplier) + budget
-            run, scores = finished_run(runs_dir / f"{name}-tune-x{multiplier}", targets[TUNE_DRAW], forget[TUNE_DRAW],
-                                       overrides + level[TUNE_DRAW],
-                                       lambda directory: score(directory, data[TUNE_DRAW], options.batch_size, full=False),
-                                       variant.settle, options.batch_size)
-            entry = {"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run), "scores": scores}
-            tried.append(entry)
-            console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
+        tried, reported = method_runs(stage, table[name])
         results["tuning"] += tried
-        # The first of the best-scoring rates; without tuning, the one configuration there is.
-        best = max(tried, key=lambda entry: entry["scores"]["final"],
-                   default={"lr_multiplier": options.grid[0], "overrides": variant.at_rate(options.grid[0]) + budget})
-        for seed in options.seeds:
-            overrides = [*best["overrides"], f"seed={seed}", *level[REPORT_DRAW]]
-            if options.trajectory and name in TRAJECTORY_VARIANTS and seed == options.seeds[0]:
-                overrides += _trajectory_overrides(targets[REPORT_DRAW])
-            run_dir = runs_dir / f"{name}-seed{seed}"
-            run, scores = finished_run(run_dir, targets[REPORT_DRAW], forget[REPORT_DRAW], overrides,
-                                       lambda directory: score(directory, data[REPORT_DRAW], options.batch_size, full=True,
-                                                               keep=_results_path(directory)),
-                                       variant.settle, options.batch_size)
-            results["reported"].append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"],
-                                        "overrides": overrides, **_run_facts(run), "scores": scores,
-                                        "trajectory": _trajectory(run_dir)})
-            console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, task {_fmt(scores['task_aggregate'])}, "
-                          f"MIA {_fmt(scores['mia_score'])}, utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
+        results["reported"] += reported
     if options.audit:
         results["audits"] = audit_models(results, oracle if options.audit_oracle else None, data[REPORT_DRAW], runs_dir,
                                          console, options.batch_size)
     results["summary"] = summarize(results)
     results["wall_seconds"] = time.perf_counter() - started
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
-    from unlearnlm.bench.report import write_bench_report
-
     write_bench_report(results, options.out)
     return results
+
+
+def method_runs(stage: Stage, variant: Variant) -> tuple[list[dict], list[dict]]:
+    """``(tuning entries, reported entries)`` of one variant: its grid on the tuning draw (when there is
+    a grid to choose from), then the best rate on the reported draw, once per seed."""
+    options, name, batch_size = stage.options, variant.name, stage.options.batch_size
+    tried = []
+    for multiplier in options.grid if tunes(options.grid) else ():
+        overrides = variant.at_rate(multiplier) + stage.budget()
+        run, scores = finished_run(stage.runs_dir / f"{name}-tune-x{multiplier}", stage.targets[TUNE_DRAW],
+                                   stage.forget(TUNE_DRAW), overrides + stage.level(variant, TUNE_DRAW),
+                                   lambda directory: score(directory, stage.data[TUNE_DRAW], batch_size, full=False),
+                                   variant.settle, batch_size)
+        tried.append({"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run),
+                      "scores": scores})
+        stage.console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
+    # The first of the best-scoring rates; without tuning, the one configuration there is.
+    best = max(tried, key=lambda entry: entry["scores"]["final"],
+               default={"lr_multiplier": options.grid[0], "overrides": variant.at_rate(options.grid[0]) + stage.budget()})
+    reported = []
+    for seed in options.seeds:
+        overrides = [*best["overrides"], f"seed={seed}", *stage.level(variant, REPORT_DRAW)]
+        if options.trajectory and name in TRAJECTORY_VARIANTS and seed == options.seeds[0]:
+            overrides += _trajectory_overrides(stage.targets[REPORT_DRAW])
+        run_dir = stage.runs_dir / f"{name}-seed{seed}"
+        run, scores = finished_run(run_dir, stage.targets[REPORT_DRAW], stage.forget(REPORT_DRAW), overrides,
+                                   lambda directory: score(directory, stage.data[REPORT_DRAW], batch_size, full=True,
+                                                           keep=_results_path(directory)),
+                                   variant.settle, batch_size)
+        reported.append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"], "overrides": overrides,
+                         **_run_facts(run), "scores": scores, "trajectory": _trajectory(run_dir)})
+        stage.console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, "
+                            f"task {_fmt(scores['task_aggregate'])}, MIA {_fmt(scores['mia_score'])}, "
+                            f"utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
+    return tried, reported
 
 
 def tunes(grid: list[float]) -> bool:
@@ -390,22 +371,19 @@ def in_processes(options: BenchOptions, tasks: list[dict], stage: str) -> None:
     audit records that the calling process reads back to write the report, as a one-process run would."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from unlearnlm.bench.target import cached_base
+    from unlearnlm.bench.base import cached_base
     from unlearnlm.data.sets import bundled_lume_dir
 
     if stage == "targets":
-        cached_base(bundled_lume_dir(), options.size, "llama")  # the draws' targets share it: built once, here
+        cached_base(bundled_lume_dir(), get_size(options.size), "llama")  # the draws' targets share it: built once, here
     slots = min(options.jobs, len(tasks))
-    threads = str(max(1, (os.cpu_count() or 1) // slots))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    configured = os.environ.get("OMP_NUM_THREADS")
+    threads = int(configured) if configured else max(1, (os.cpu_count() or 1) // slots)
     options.out.mkdir(parents=True, exist_ok=True)
 
     def run_task(index: int) -> Path | None:
         log = options.out / f"worker-{stage}-{index}.log"
-        with log.open("w") as handle:
-            command = [sys.executable, "-m", "unlearnlm.bench.run", json.dumps(tasks[index])]
-            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
-        return log if code != 0 else None
+        return None if in_own_process(_worker, (tasks[index],), log, threads) else log
 
     with ThreadPoolExecutor(max_workers=slots) as pool:
         failed = [log for log in pool.map(run_task, range(len(tasks))) if log is not None]
@@ -486,6 +464,3 @@ def _fmt(value) -> str:
 def _jsonable(options: BenchOptions) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in options.__dict__.items()}
 
-
-if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))

@@ -18,468 +18,80 @@ members are whole documents) and replays pool text alongside, so that memorizing
 does not wash out the language the base learned: without replay, unseen biographies became twice as
 costly to the target as to the base, a member/nonmember gap far wider than a real model's.
 
-Stop criterion (cheap and exact): with teacher forcing, the argmax at every answer position equals
-the answer token, which is exactly the condition for greedy decoding to reproduce the answer and stop
-at its EOS. The models are then scored as the benchmark scores them and calibrated
-(``calibration_checks``): a draw whose models miss a bar is an error, not a benchmark.
+The target stops as soon as it recalls every answer (``fitting.measure_memorization``); the models
+are then scored as the benchmark scores them and calibrated (``calibration.calibration_checks``).
+
+Where each part lives: the sizes and recipes in ``sizes.py``, the base in ``base.py``, the fitting
+loop in ``fitting.py``, the calibration in ``calibration.py``; this module builds and caches the
+target and its oracle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import queue
 import random
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unlearnlm import __version__
-from unlearnlm.data.records import Record, content_sha256, load_records
+from unlearnlm.bench.base import (
+    ARCHS,
+    BASE_LOG,
+    CPU_THREADS,
+    TARGET_FORMAT,
+    Arch,
+    cache_root,
+    cached_base,
+    data_fingerprint,
+    load_base,
+    save_model_dir,
+)
+from unlearnlm.bench.calibration import calibration_record
+from unlearnlm.bench.fitting import (
+    Memorization,
+    Schedule,
+    TargetStop,
+    fit,
+    measure_memorization,
+    progress_bar,
+    text_example,
+    torch_threads,
+    training_text,
+)
+from unlearnlm.bench.sizes import Recipe, Size, SizePreset, get_size
+from unlearnlm.data.records import Record
 from unlearnlm.data.sets import (
     MANIFEST_NAME,
     BenchmarkSets,
-    SizePreset,
     bundled_lume_dir,
     draw_sets,
-    get_preset,
     pool_texts,
     pretraining_pool,
     write_sets,
 )
-from unlearnlm.data.tokenize import IGNORE_INDEX, Example, collate, encode_example, length_sorted_batches
+from unlearnlm.data.tokenize import Example, encode_example
 from unlearnlm.errors import UserError
 from unlearnlm.model import default_device
 from unlearnlm.paths import check_output_dir, replace_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
-
-EOS_TOKEN = "<|endoftext|>"
 BENCHMARK_DIR = "benchmark"
 ORACLE_DIR = "oracle"
 LOG_NAME = "target.json"
-BASE_LOG = "base.json"
-ARCHS = ("llama", "olmo")
-# The prompts of the evaluation plus 256 generated tokens stay far below this (RoPE has no weights).
-MAX_POSITIONS = 2048
-# One thread by default: on two idle cores a second thread made a training step 1.1-1.8x faster,
-# but on a machine shared with other jobs the two threads wait on each other and a step was 7-13x
-# slower. ``threads=2`` (``--threads 2``) is for a machine known to be idle.
-CPU_THREADS = 1
-# One pretrained model per data directory and shape, whatever the draw, as SemEval had one OLMo.
-BASE_SEED = 0
-# Part of the cache keys: bump it when the draw or the training changes in a way a recipe does not show.
-TARGET_FORMAT = 2
-SHIPPED_BASES = Path(__file__).resolve().parents[1] / "resources" / "base"
 
-Arch = Literal["llama", "olmo"]
-
-
-@dataclass(frozen=True)
-class BaseRecipe:
-    """The base's shape and its pretraining budget on P (a fixed number of epochs)."""
-
-    name: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    lr: float
-    epochs: int
-    batch_size: int = 8
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Fine-tuning (target and oracle) of one size: AdamW, cosine over ``max_epochs`` after a warmup.
-
-    ``replay`` pool rows per training row join every epoch (a fresh seeded sample each time). The
-    target stops as soon as every answer is recalled; the oracle then makes as many steps.
-    """
-
-    base: BaseRecipe
-    lr: float
-    batch_size: int
-    max_epochs: int
-    replay: float
-    warmup_epochs: int = 1
-    check_every: int = 2
-    max_grad_norm: float = 1.0
-
-
-BASES: dict[str, BaseRecipe] = {
-    base.name: base
-    for base in (
-        # For tests: small enough that the three models train in well under a minute.
-        BaseRecipe("micro", vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
-                   lr=3e-3, epochs=1),
-        BaseRecipe("standard", vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                   lr=2e-3, epochs=4),
-    )
-}
-
-RECIPES: dict[str, Recipe] = {
-    "micro": Recipe(BASES["micro"], lr=3e-3, batch_size=4, max_epochs=100, replay=0.25),
-    "mini": Recipe(BASES["standard"], lr=3e-3, batch_size=4, max_epochs=80, replay=0.25),
-    "bench": Recipe(BASES["standard"], lr=3e-3, batch_size=4, max_epochs=80, replay=0.25),
-    # Not tuned: every train document is beyond two CPU cores; meant for a GPU.
-    "full": Recipe(BASES["standard"], lr=1e-3, batch_size=8, max_epochs=60, replay=0.5),
-}
-
-
-@dataclass(frozen=True)
-class Bars:
-    """The calibration (docs/benchmark.md). MIA bars apply only from ``min_mia_docs`` members on:
-    with fewer, the AUC takes so few values that it says nothing about the models."""
-
-    memorized: float = 0.9  # each of the target's 12 per-task means, and its utility
-    retained: float = 0.9  # the oracle's 6 retain means, and its utility
-    target_auc: float = 0.9
-    oracle_mia: float = 0.6
-    oracle_forget_share: float = 0.5  # the oracle's mean forget term at most this share of the target's
-    nonmember_ratio: float = 1.5  # the target's nonmember loss at most this many times the base's
-    min_mia_docs: int = 8
-
-
-BARS = Bars()
-
-
-@dataclass
-class Memorization:
-    rows: int
-    rows_recalled: int
-    answer_tokens: int
-    answer_tokens_recalled: int
-
-    @property
-    def complete(self) -> bool:
-        return self.rows_recalled == self.rows
-
-    @property
-    def token_accuracy(self) -> float:
-        return self.answer_tokens_recalled / self.answer_tokens
-
-
-def training_text(row: Record) -> str:
-    return row.input + " " + row.output
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style, no BOS), EOS = pad = ``<|endoftext|>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-        # Every byte stays encodable, so text the base never saw (the synthetic documents) still tokenizes.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, model_max_length=MAX_POSITIONS,
-    )
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: tensor.to(device) for name, tensor in batch.items()}
-
-
-def make_model(arch: Arch, tokenizer: PreTrainedTokenizerFast, recipe: BaseRecipe, seed: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
-
-    config_class = {"llama": LlamaConfig, "olmo": OlmoConfig}[arch]
-    config = config_class(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_heads, max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def text_example(tokenizer: PreTrainedTokenizerFast, text: str) -> Example:
-    """A whole text and EOS, a label on every token: pretraining, and fine-tuning on whole rows.
-
-    EOS is appended here explicitly, whatever the unlearning rows do: the target must learn where an
-    answer ends, or greedy decoding would run past it.
-    """
-    ids = list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id]
-    return Example(input_ids=ids, labels=list(ids))
-
-
-@torch.no_grad()
-def measure_memorization(
-    model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16
-) -> Memorization:
-    """Teacher-forced greedy recall of the labelled (answer) tokens of every example."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = rows_recalled = tokens = tokens_recalled = 0
-    for indices in length_sorted_batches([len(example.input_ids) for example in examples], batch_size, longest_first=False):
-        batch = on_device(collate([examples[index] for index in indices], pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        scored = targets != IGNORE_INDEX
-        hits = (logits.argmax(dim=-1) == targets) & scored
-        rows += len(indices)
-        rows_recalled += int((hits.sum(dim=1) == scored.sum(dim=1)).sum())
-        tokens += int(scored.sum())
-        tokens_recalled += int(hits.sum())
-    model.train(was_training)
-    return Memorization(rows, rows_recalled, tokens, tokens_recalled)
-
-
-def progress_bar(enabled: bool, label: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}[/bold] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  recalled {task.fields[recalled]}"), TimeElapsedColumn(),
-        disable=not enabled,
-    )
-
-
-@dataclass
-class Schedule:
-    """One optimizer run: ``horizon`` steps of cosine decay after ``warmup`` steps, at most
-    ``max_epochs``; stop when ``done`` says so after an epoch."""
-
-    lr: float
-    batch_size: int
-    warmup: int
-    horizon: int
-    max_grad_norm: float
-    max_epochs: int
-
-
-@dataclass
-class TargetStop:
-    """The step at which the target stopped, as the oracle follows it.
-
-    The target checks its recall after every ``every``-th epoch of ``per_epoch`` steps (and after its
-    last) and stops at the first check that finds every row recalled; ``verdict(epoch)`` says whether
-    the check after ``epoch`` stopped it. When the target trained first the verdict is known at once;
-    when it trains alongside the oracle, the oracle waits for it at each of those steps only.
-    """
-
-    per_epoch: int
-    every: int
-    max_epochs: int
-    verdict: Callable[[int], bool]
-
-    def stopped_at(self, steps: int) -> bool:
-        epoch, rest = divmod(steps, self.per_epoch)
-        if rest or not (epoch % self.every == 0 or epoch == self.max_epochs):
-            return False
-        return self.verdict(epoch)
-
-
-def fit(
-    model: torch.nn.Module, epoch_examples: Callable[[int], Sequence[Example]], pad_id: int, schedule: Schedule,
-    seed: int, done: Callable[[int], str | None] | None = None, progress: Progress | None = None,
-    target_stop: TargetStop | None = None, on_check: Callable[[int, bool], None] | None = None,
-) -> dict:
-    """AdamW over the examples ``epoch_examples(epoch)`` gives for each epoch, until a stop.
-
-    ``done(epoch)`` returns the rows recalled (``"12/40"``) and ends training when all are
-    (``"40/40"``); ``None`` means it did not check this epoch. ``on_check(epoch, stopping)`` hears every
-    check's outcome. With ``target_stop`` (the oracle) nothing is checked before the target's last step,
-    and the epoch in which that step falls ends there.
-    """
-    from transformers import get_cosine_schedule_with_warmup
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, schedule.warmup, schedule.horizon)
-    order = random.Random(seed)
-    device = next(model.parameters()).device
-    model.train()
-    steps, epoch, losses, note, followed = 0, 0, [], "-", None
-    following = target_stop is not None  # the oracle, short of the target's steps
-    task = progress.add_task("epochs", total=schedule.max_epochs, loss=float("nan"), recalled="-") if progress else None
-    for epoch in range(1, schedule.max_epochs + 1):
-        examples = epoch_examples(epoch)
-        batches = length_sorted_batches([len(example.input_ids) for example in examples], schedule.batch_size,
-                                        longest_first=False)
-        order.shuffle(batches)
-        losses = []
-        for indices in batches:
-            loss = model(**on_device(collate([examples[index] for index in indices], pad_id), device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            steps += 1
-            if following and target_stop.stopped_at(steps):
-                following, followed = False, steps
-                break
-        checked = done(epoch) if done is not None and not following else None
-        note = checked or note
-        if progress is not None:
-            progress.update(task, advance=1, loss=statistics.mean(losses), recalled=note)
-        finished = checked is not None and len(set(checked.split("/"))) == 1
-        if checked is not None and on_check is not None:
-            on_check(epoch, finished)
-        if finished:
-            break
-    model.eval()
-    log = {"epochs": epoch, "steps": steps, "final_loss": statistics.mean(losses) if losses else None}
-    return log if target_stop is None else {**log, "followed_target_to_step": followed}
-
-
-# --- the base ------------------------------------------------------------------------------------
-
-def data_fingerprint(data_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for part in ("train", "validation"):
-        for split in ("forget", "retain"):
-            digest.update((data_dir / part / f"{split}.jsonl").read_bytes())
-    return digest.hexdigest()
-
-
-def all_rows(data_dir: Path) -> list[Record]:
-    return [row for part in ("train", "validation") for split in ("forget", "retain")
-            for row in load_records(data_dir / part, split)]
-
-
-def base_key(recipe: BaseRecipe, arch: Arch, data_dir: Path) -> str:
-    """Changes whenever anything that shapes the base changes, so a stale base is never reused."""
-    facts = {"format": TARGET_FORMAT, "recipe": asdict(recipe), "arch": arch, "seed": BASE_SEED,
-             "data": data_fingerprint(data_dir)}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def train_base(
-    data_dir: Path, recipe: BaseRecipe, arch: Arch, show_progress: bool
-) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict]:
-    """``(model, tokenizer, log)``: a tokenizer and a model trained on P for ``recipe.epochs`` epochs."""
-    texts = pool_texts(pretraining_pool(data_dir))
-    # A real base's tokenizer, with tens of thousands of merges learned on the web, cuts any English
-    # text, invented names included, into few tokens. A vocabulary of 2,048 learned on P alone cut the
-    # synthetic Task1 and Task2 documents so finely that the target could not memorize them in budget,
-    # so the tokenizer learns from every row of the data directory. It holds merges, not answers.
-    tokenizer = train_tokenizer([training_text(row) for row in all_rows(data_dir)], recipe.vocab_size)
-    model = make_model(arch, tokenizer, recipe, BASE_SEED).to(default_device())
-    examples = [text_example(tokenizer, text) for text in texts]
-    batches = -(-len(examples) // recipe.batch_size)
-    schedule = Schedule(recipe.lr, recipe.batch_size, recipe.warmup_steps, recipe.epochs * batches,
-                        recipe.max_grad_norm, recipe.epochs)
-    started = time.perf_counter()
-    with progress_bar(show_progress, "base") as progress:
-        log = fit(model, lambda epoch: examples, tokenizer.pad_token_id, schedule, BASE_SEED, progress=progress)
-    log.update(train_seconds=time.perf_counter() - started, pool_documents=len(pretraining_pool(data_dir)),
-               pool_texts=len(texts), pool_tokens=sum(len(example.input_ids) for example in examples))
-    return model, tokenizer, log
-
-
-def save_model_dir(directory: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> None:
-    """The model (safetensors) and tokenizer in Hugging Face format."""
-    from transformers.utils import logging as hf_logging
-
-    # transformers draws its own bar for the one shard; ours already shows the build.
-    bar_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(directory)
-    finally:
-        if bar_enabled:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(directory)
-
-
-def build_base(
-    data_dir: str | Path | None, out_dir: str | Path, size: str = "mini", arch: Arch = "llama",
-    overwrite: bool = False, show_progress: bool = True, threads: int = CPU_THREADS, shipped: bool = False,
-) -> dict:
-    """Pretrain the base of ``size`` on P of ``data_dir`` (``None``: the bundled copy) into ``out_dir``.
-
-    ``shipped`` stores the weights in bfloat16, half the bytes, for the copy inside the package.
-    """
-    if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    recipe = RECIPES[get_preset(size).name].base
-    root = Path(data_dir) if data_dir is not None else bundled_lume_dir()
-    if not root.is_dir():
-        raise UserError(f"{root}: not a directory (expected a LUME-format directory with train/ and validation/)")
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with torch_threads(threads):
-        model, tokenizer, log = train_base(root, recipe, arch, show_progress)
-    log.update(recipe=asdict(recipe), arch=arch, seed=BASE_SEED, key=base_key(recipe, arch, root),
-               data_sha256=data_fingerprint(root), unlearnlm_version=__version__, torch_threads=threads,
-               parameters=sum(parameter.numel() for parameter in model.parameters()), device=str(default_device()))
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        save_model_dir(staging, model.to(torch.bfloat16) if shipped else model, tokenizer)
-        log["weights_sha256"] = content_sha256(staging / "model.safetensors")
-        (staging / BASE_LOG).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
-        replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return log
-
-
-def shipped_base(recipe: BaseRecipe, arch: Arch, data_dir: Path) -> Path | None:
-    """The base inside the package, when it is the one these settings would build."""
-    directory = SHIPPED_BASES / recipe.name
-    log_path = directory / BASE_LOG
-    if not log_path.is_file():
-        return None
-    log = json.loads(log_path.read_text())
-    return directory if log["key"] == base_key(recipe, arch, data_dir) else None
-
-
-def cached_base(data_dir: Path, recipe_size: str, arch: Arch, show_progress: bool = True,
-                threads: int = CPU_THREADS) -> tuple[Path, bool]:
-    """``(directory, built)``: the base for this data and size, shipped, cached, or built now."""
-    recipe = RECIPES[recipe_size].base
-    shipped = shipped_base(recipe, arch, data_dir)
-    if shipped is not None:
-        return shipped, False
-    directory = cache_root() / "bases" / f"{recipe.name}-{arch}-{base_key(recipe, arch, data_dir)}"
-    if (directory / BASE_LOG).is_file():
-        return directory, False
-    # Builds are published whole, so a directory without the log was not made here: replace it.
-    build_base(data_dir, directory, recipe_size, arch, overwrite=True, show_progress=show_progress, threads=threads)
-    return directory, True
-
-
-def load_base(directory: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(default_device())
-    return model, AutoTokenizer.from_pretrained(directory)
-
-
-# --- target and oracle ---------------------------------------------------------------------------
 
 def epoch_steps(recipe: Recipe, rows: int) -> int:
     """Optimizer steps in one fine-tuning epoch over ``rows`` rows and their replayed pool text."""
@@ -551,8 +163,6 @@ class QueuedVerdicts:
         self.parent = os.getppid()
 
     def __call__(self, epoch: int) -> bool:
-        import queue
-
         while epoch not in self.heard:
             try:
                 checked, stopped = self.queue.get(timeout=5)
@@ -579,8 +189,6 @@ class OracleAlongside:
     target, in about half the time on two cores."""
 
     def __init__(self, job: dict, work_dir: Path) -> None:
-        import multiprocessing
-
         context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch state
         self.out_dir = work_dir
         self.queue = context.Queue()
@@ -613,75 +221,10 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def model_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, sets: BenchmarkSets,
-                 full: bool) -> dict:
-    """The benchmark's scores of one model; ``full=False`` is the MIA losses alone (the base)."""
-    from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, run_evaluation
-    from unlearnlm.evaluation.mia import run_mia
-    from unlearnlm.evaluation.scoring import aggregated_terms, headline
-
-    members = [document.text() for document in sets.mia_members]
-    nonmembers = [document.text() for document in sets.mia_nonmembers]
-    if not full:
-        mia = run_mia(model, tokenizer, members, nonmembers, suite=False)
-    else:
-        data = EvalData(sets.rows(sets.forget), sets.rows(sets.retain), members, nonmembers, sets.rows(sets.general))
-        results = run_evaluation(model, tokenizer, data, EvalSettings(mia_suite=False))
-        mia = results["mia"]
-        summaries = {"forget": results["forget-set"], "retain": results["retain-set"]}
-        # Raw per-task means: the bars are on what a model recalls, so the forget terms are not inverted.
-        raw = {term.label: 1 - term.value if term.split == "forget" else term.value for term in aggregated_terms(summaries)}
-        scores = {**{key: value for key, value in headline(results).items() if key != "mmlu"}, "terms": raw}
-    losses = {"member_loss": statistics.mean(mia["member_losses"]),
-              "nonmember_loss": statistics.mean(mia["nonmember_losses"]),
-              "member_losses": mia["member_losses"], "nonmember_losses": mia["nonmember_losses"]}
-    return {**scores, **losses} if full else losses
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    value: float
-    bound: float
-    at_least: bool  # True: value >= bound passes; False: value <= bound passes
-
-    @property
-    def passed(self) -> bool:
-        return self.value >= self.bound if self.at_least else self.value <= self.bound
-
-    def describe(self) -> str:
-        relation = ">=" if self.at_least else "<="
-        return f"{self.name} = {self.value:.3f}, needs {relation} {self.bound:.3f} (off by {abs(self.value - self.bound):.3f})"
-
-
-def calibration_checks(scores: dict[str, dict], mia_docs: int, bars: Bars = BARS) -> list[Check]:
-    """Every bar of the calibration on the scores of ``base``, ``target`` and ``oracle`` (the oracle's
-    bars only when it was built)."""
-    target, oracle, base = scores["target"], scores.get("oracle"), scores["base"]
-    checks = [Check(f"target {name}", value, bars.memorized, True) for name, value in target["terms"].items()]
-    checks.append(Check("target utility", target["utility"], bars.memorized, True))
-    checks.append(Check("target nonmember loss", target["nonmember_loss"],
-                        bars.nonmember_ratio * base["nonmember_loss"], False))
-    if mia_docs >= bars.min_mia_docs:
-        checks.append(Check("target MIA AUC", target["mia_auc"], bars.target_auc, True))
-    if oracle is None:
-        return checks
-    checks += [Check(f"oracle {name}", value, bars.retained, True)
-               for name, value in oracle["terms"].items() if "retain" in name]
-    checks.append(Check("oracle utility", oracle["utility"], bars.retained, True))
-    forget_mean = {name: statistics.mean(v for k, v in model["terms"].items() if "forget" in k)
-                   for name, model in (("target", target), ("oracle", oracle))}
-    checks.append(Check("oracle mean forget term", forget_mean["oracle"],
-                        bars.oracle_forget_share * forget_mean["target"], False))
-    if mia_docs >= bars.min_mia_docs:
-        checks.append(Check("oracle MIA score", oracle["mia_score"], bars.oracle_mia, True))
-    return checks
-
-
 def build_target(
     data_dir: str | Path | None,
     out_dir: str | Path,
-    size: str = "mini",
+    size: str | Size = "mini",
     seed: int = 0,
     arch: Arch = "llama",
     draw: int = 0,
@@ -702,8 +245,8 @@ def build_target(
     """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    preset = get_preset(size)
-    recipe = resolve_recipe(preset, max_epochs)
+    size = get_size(size)
+    preset, recipe = size.sets, resolve_recipe(size.recipe, max_epochs)
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(data_dir) if data_dir is not None else bundled_lume_dir()
@@ -713,20 +256,14 @@ def build_target(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         with torch_threads(threads):
-            base_dir, base_built = cached_base(root, preset.name, arch, show_progress, threads)
+            base_dir, base_built = cached_base(root, size, arch, show_progress, threads)
             base_seconds = time.perf_counter() - started
             target, tokenizer, target_log, oracle, oracle_log = train_target_and_oracle(
                 base_dir, pool_texts(pretraining_pool(root)), sets, recipe, seed, show_progress, threads,
                 staging / ORACLE_DIR if with_oracle else None)
             checked = time.perf_counter()
-            scores, checks = {}, []
-            if calibrate:
-                base_model, _ = load_base(base_dir)
-                scores = {"base": model_scores(base_model, tokenizer, sets, full=False),
-                          "target": model_scores(target, tokenizer, sets, full=True)}
-                if oracle is not None:
-                    scores["oracle"] = model_scores(oracle, tokenizer, sets, full=True)
-                checks = calibration_checks(scores, len(sets.mia_members))
+            calibration = calibration_record(base_dir, target, oracle, tokenizer, sets,
+                                             f"{preset.name} models of draw {draw}, seed {seed}", calibrate)
         log = {
             "base": {"directory": str(base_dir), "built": base_built, "seconds": base_seconds,
                      **json.loads((base_dir / BASE_LOG).read_text())},
@@ -735,12 +272,6 @@ def build_target(
             "seed": seed, "draw": draw, "parameters": sum(parameter.numel() for parameter in target.parameters()),
             "torch_threads": threads, "device": str(default_device()),
         }
-        failures = [check.describe() for check in checks if not check.passed]
-        if failures:
-            raise UserError(f"the {preset.name} models of draw {draw}, seed {seed} failed calibration: "
-                            f"{'; '.join(failures)}")
-        calibration = {"scores": scores, "checks": [{**asdict(check), "passed": check.passed} for check in checks],
-                       "mia_checked": len(sets.mia_members) >= BARS.min_mia_docs}
         save_model_dir(staging, target, tokenizer)
         models = {"target": ".", "oracle": ORACLE_DIR if with_oracle else None, "base": str(base_dir),
                   "base_weights_sha256": log["base"]["weights_sha256"]}
@@ -796,8 +327,8 @@ def train_target_and_oracle(
     return target, tokenizer, target_log, oracle, {**oracle_log, "trained_alongside": alongside}
 
 
-def resolve_recipe(preset: SizePreset, max_epochs: int | None) -> Recipe:
-    recipe = RECIPES[preset.name]
+def resolve_recipe(recipe: Recipe, max_epochs: int | None) -> Recipe:
+    """The size's recipe, with ``max_epochs`` as its epoch budget when given."""
     if max_epochs is None:
         return recipe
     if max_epochs < 1:
@@ -817,11 +348,6 @@ def read_models(target_dir: Path) -> dict[str, Path | None]:
             "oracle": target_dir / models["oracle"] if models["oracle"] else None}
 
 
-def cache_root() -> Path:
-    configured = os.environ.get("UNLEARNLM_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "unlearnlm"
-
-
 def cache_key(preset: SizePreset, recipe: Recipe, arch: Arch, data_dir: Path) -> str:
     """Changes whenever anything that shapes the models changes, so a stale target is never reused."""
     facts = {"format": TARGET_FORMAT, "version": __version__, "preset": asdict(preset), "recipe": asdict(recipe),
@@ -829,7 +355,7 @@ def cache_key(preset: SizePreset, recipe: Recipe, arch: Arch, data_dir: Path) ->
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cached_target(size: str = "mini", seed: int = 0, draw: int = 0, arch: Arch = "llama",
+def cached_target(size: str | Size = "mini", seed: int = 0, draw: int = 0, arch: Arch = "llama",
                   with_oracle: bool = True) -> tuple[Path, bool]:
     """``(directory, built)``: the bundled-data target (with its oracle, unless ``with_oracle=False``)
     of these settings, built on first use.
@@ -839,13 +365,13 @@ def cached_target(size: str = "mini", seed: int = 0, draw: int = 0, arch: Arch =
     one built without its oracle ends in ``-no-oracle``, and a request without the oracle takes the
     whole one when it is there.
     """
-    preset = get_preset(size)
+    size = get_size(size)
     data_dir = bundled_lume_dir()
-    key = cache_key(preset, RECIPES[preset.name], arch, data_dir)
-    whole = cache_root() / "targets" / f"{preset.name}-{seed}-d{draw}-{arch}-{key}"
+    key = cache_key(size.sets, size.recipe, arch, data_dir)
+    whole = cache_root() / "targets" / f"{size.name}-{seed}-d{draw}-{arch}-{key}"
     candidates = [whole] if with_oracle else [whole, whole.with_name(whole.name + "-no-oracle")]
     for target in candidates:
         if (target / LOG_NAME).is_file():
             return target, False
-    build_target(data_dir, candidates[-1], preset.name, seed, arch, draw, overwrite=True, with_oracle=with_oracle)
+    build_target(data_dir, candidates[-1], size, seed, arch, draw, overwrite=True, with_oracle=with_oracle)
     return candidates[-1], True

@@ -29,48 +29,18 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from unlearnlm.bench.sizes import SIZES, SizePreset, get_size
 from unlearnlm.data.records import Record, content_sha256, load_records, write_jsonl
 from unlearnlm.errors import UserError
 
 TASKS = ("Task1", "Task2", "Task3")
 MIA_TASK = "Task3"
-# Utility is a four-way multiple choice whose distractors are other G questions of the same task.
-MIN_GENERAL_QUESTIONS_PER_TASK = 4
 SET_FILES = ("forget.jsonl", "retain.jsonl", "general.jsonl", "mia_members.jsonl", "mia_nonmembers.jsonl")
 MANIFEST_NAME = "manifest.json"
 
 
-@dataclass(frozen=True)
-class SizePreset:
-    """Documents per task for each set; ``None`` takes every document of the source file.
-
-    ``mia_docs`` caps the MIA members (the first Task3 documents of F) where validation forget has
-    fewer unseen Task3 documents than F has members (``full``); ``None`` uses all of F's Task3 documents.
-    ``general_questions`` is the fewest G questions per task the preset accepts.
-    """
-
-    name: str
-    forget_docs: int | None
-    retain_docs: int | None
-    general_docs: int | None
-    mia_docs: int | None = None
-    general_questions: int = MIN_GENERAL_QUESTIONS_PER_TASK
-
-
-PRESETS: dict[str, SizePreset] = {
-    preset.name: preset
-    for preset in (
-        # For tests only: one document per task everywhere, so it trains in seconds. Task1 and Task3
-        # then have one G question each, and utility borrows distractors from the other tasks.
-        SizePreset("micro", forget_docs=1, retain_docs=1, general_docs=1, general_questions=1),
-        SizePreset("mini", forget_docs=4, retain_docs=4, general_docs=4),
-        # The benchmark: 12 MIA members against 12 nonmembers, the fewest for which a model that cannot
-        # tell them apart (AUC 0.5) stays inside the oracle's bar of 0.6 with good odds (AUC spread
-        # about 0.12). Validation forget has 34 unseen Task3 documents: draws 0 and 1 fit.
-        SizePreset("bench", forget_docs=12, retain_docs=12, general_docs=4),
-        SizePreset("full", forget_docs=None, retain_docs=None, general_docs=None, mia_docs=34),
-    )
-}
+# The documents of each size, from the benchmark's one size table.
+PRESETS: dict[str, SizePreset] = {name: size.sets for name, size in SIZES.items()}
 
 
 @dataclass(frozen=True)
@@ -113,10 +83,7 @@ def bundled_lume_dir() -> Path:
 
 
 def get_preset(name: str) -> SizePreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UserError(f"unknown size {name!r}; choose one of {', '.join(PRESETS)}") from None
+    return get_size(name).sets
 
 
 def group_documents(rows: list[Record]) -> dict[str, list[Document]]:
