@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unlearnlm"
 
 LAYERS = [
     # foundations: no torch models, no config (hub resolves model ids and paths; modelcard writes and publishes cards)
-    {"unlearnlm", "errors", "paths", "distributed", "settings", "hub", "modelcard"},
+    {"unlearnlm", "errors", "paths", "distributed", "settings", "hub", "modelcard", "kernels"},
     {"bench.sizes"},  # the benchmark's size table: plain numbers that data.sets and the CLI read
     {"data"},
     {"evaluation.metrics"},  # the metric table, which the config checks validation.metric against

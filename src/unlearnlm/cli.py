@@ -11,6 +11,7 @@ import typer
 
 from unlearnlm.bench.sizes import SIZES, get_size
 from unlearnlm.errors import UserError
+from unlearnlm.kernels import pin_kernels
 from unlearnlm.ledger.commands import ledger_app
 
 app = typer.Typer(
@@ -435,6 +436,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     usage box; a launched process group is closed by every process before it exits."""
     from typer.exceptions import TyperException
 
+    pin_kernels()  # before any command imports torch: the same weights on every machine (unlearnlm.kernels)
     code = 0
     try:
         code = app(args=argv, prog_name="unlearnlm", standalone_mode=False) or 0

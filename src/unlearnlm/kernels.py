@@ -1,0 +1,42 @@
+"""Pinned CPU kernels: the same weights, bit for bit, on x86 machines that differ in instruction set.
+
+torch picks its own vectorized kernels (elementwise ops, reductions, softmax, the optimizer's updates)
+for the widest instruction set the CPU has, and MKL, which does its matrix products, picks its code
+path by CPU as well; kernels of different widths add in different orders, so the last bits of a
+training step differ, and thousands of steps carry them into different models (docs/benchmark.md).
+Pinning both to AVX2, which every machine of the project's kind has, makes the choice the same
+everywhere: ``ATEN_CPU_CAPABILITY`` for torch and MKL's conditional numerical reproducibility
+(``MKL_CBWR``, strict). Measured by ``benchmarks/pinned_kernels.py``: unpinned, a micro fine-tuning
+gives other weights with torch's kernels at AVX2 than at AVX-512; pinned, the same weights whatever
+the environment asks for, at about the native speed (torch's AVX2 kernels are as fast as its AVX-512
+ones at this model size).
+
+Both are read when the libraries first choose a kernel, so ``pin_kernels`` must run before torch does
+any work: the commands that build or compare models (``target``, ``base``, ``bench``, ``demo``) call it
+first thing, and the processes they start inherit it. ``UNLEARNLM_KERNELS=native`` leaves the
+environment as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+SWITCH = "UNLEARNLM_KERNELS"  # "native": no pins
+
+
+def pin_kernels() -> bool:
+    """Set ``PINS`` in this process's environment (and so its children's) unless ``UNLEARNLM_KERNELS`` is
+    ``native``; whether it did. A process whose torch already chose its kernels keeps them: the logs
+    record ``kernels()``, so that such a run shows."""
+    if os.environ.get(SWITCH, "pinned") == "native":
+        return False
+    os.environ.update(PINS)
+    return True
+
+
+def kernels() -> str:
+    """The instruction set of torch's CPU kernels in this process (``AVX2``, ``AVX512``, ``DEFAULT``)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
