@@ -43,3 +43,12 @@ def test_pinned_runs_agree_whatever_the_environment_asks(micro_model_dir, micro_
     weights = {name: digest(tmp_path / str(index)) for index, name in enumerate(runs)}
     assert weights["plain"] == weights["widest"]
     assert weights["plain, native"] != weights["plain"]
+
+
+def test_a_process_running_torch_keeps_its_kernels(monkeypatch):
+    from unlearnlm.kernels import pin_kernels
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("UNLEARNLM_KERNELS", raising=False)
+    assert "torch" in sys.modules and not pin_kernels()
+    assert "ATEN_CPU_CAPABILITY" not in os.environ

@@ -11,25 +11,26 @@ gives other weights with torch's kernels at AVX2 than at AVX-512; pinned, the sa
 the environment asks for, at about the native speed (torch's AVX2 kernels are as fast as its AVX-512
 ones at this model size).
 
-Both are read when the libraries first choose a kernel, so ``pin_kernels`` must run before torch does
-any work: the commands that build or compare models (``target``, ``base``, ``bench``, ``demo``) call it
-first thing, and the processes they start inherit it. ``UNLEARNLM_KERNELS=native`` leaves the
-environment as it is.
+Both are read when the libraries first choose a kernel, so the command line (``cli.main``) pins them
+before any command imports torch, and the processes a command starts inherit them. The Python API
+runs with whatever kernels its process has; ``UNLEARNLM_KERNELS=native`` leaves the environment as
+it is.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
 SWITCH = "UNLEARNLM_KERNELS"  # "native": no pins
 
 
 def pin_kernels() -> bool:
-    """Set ``PINS`` in this process's environment (and so its children's) unless ``UNLEARNLM_KERNELS`` is
-    ``native``; whether it did. A process whose torch already chose its kernels keeps them: the logs
-    record ``kernels()``, so that such a run shows."""
-    if os.environ.get(SWITCH, "pinned") == "native":
+    """Set ``PINS`` in this process's environment, and so its children's; whether it did. It does not
+    when ``UNLEARNLM_KERNELS`` is ``native``, nor once torch is loaded (the command line called in a
+    process that already runs torch): that process keeps its kernels, and its children the same ones."""
+    if os.environ.get(SWITCH, "pinned") == "native" or "torch" in sys.modules:
         return False
     os.environ.update(PINS)
     return True
