@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 LUME = Path(__file__).resolve().parents[1] / "src" / "unlearnlm" / "resources" / "lume"
+# The command line pins torch's and MKL's kernels (unlearnlm.kernels) in the processes it starts; this
+# session's own torch runs unpinned, so its launched commands do too, and compare with it bit for bit.
+# tests/test_kernels.py asks for the pin.
+os.environ["UNLEARNLM_KERNELS"] = "native"
 
 
 def read_rows(path: Path, limit: int) -> list[dict]:
