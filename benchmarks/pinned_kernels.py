@@ -56,7 +56,9 @@ def train(epochs: int, out: Path) -> dict:
         torch.use_deterministic_algorithms(True)
     from safetensors.torch import save_file
 
-    from unlearnlm.bench.target import RECIPES, fine_tune, fine_tune_schedules, torch_threads
+    from unlearnlm.bench.fitting import torch_threads
+    from unlearnlm.bench.sizes import RECIPES
+    from unlearnlm.bench.target import fine_tune, fine_tune_schedules
     from unlearnlm.data.sets import draw_sets, pool_texts, pretraining_pool
 
     recipe = RECIPES["micro"]
