@@ -381,8 +381,6 @@ def audit_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""
-    from unlearnlm.data.records import load_records
-    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
     from unlearnlm.hub import resolve_model
     from unlearnlm.paths import check_output_dir
 
@@ -391,34 +389,18 @@ def audit_command(
     inputs = {"model": model, "forget": forget, "retain": retain, "original": original, "oracle": oracle,
               "mia_members": mia_members, "mia_nonmembers": mia_nonmembers, "general": utility}
     check_output_dir(out, overwrite, inputs=list(inputs.values()))
-    if (mia_members is None) != (mia_nonmembers is None):
-        raise UserError("--mia-members and --mia-nonmembers go together")
-    if not relearn_lr > 0:
-        raise UserError(f"--relearn-lr must be positive (got {relearn_lr})")
-    forget_rows, retain_rows = load_records(forget, "forget"), load_records(retain, "retain")
-    members = load_mia_documents(mia_members, "members") if mia_members else None
-    nonmembers = load_mia_documents(mia_nonmembers, "nonmembers") if mia_nonmembers else None
-    general = load_general_set(utility) if utility else None
-
-    from dataclasses import replace
+    data = _audit_data(forget, retain, mia_members, mia_nonmembers, utility)
+    settings = _audit_settings(data, seed, relearn_steps, relearn_lr, samples, quantizer, batch_size,
+                               sampling_batch_size, max_new_tokens)
 
     from rich.console import Console
 
-    from unlearnlm.audit.attacks import RelearnBudget, SamplingBudget, resolve_quantizer, split_documents
     from unlearnlm.audit.receipt import RECEIPT_MD, build_receipt, write_receipt
-    from unlearnlm.audit.run import AuditSettings, run_audit
-    from unlearnlm.evaluation.evaluator import EvalData
-    from unlearnlm.model import default_device
+    from unlearnlm.audit.run import run_audit
     from unlearnlm.runstate import finalize_output, prepare_output
 
-    settings = AuditSettings(seed=seed, relearn=replace(RelearnBudget(), steps=relearn_steps, lr_full=relearn_lr),
-                             sampling=replace(SamplingBudget(), samples=samples), batch_size=batch_size,
-                             sampling_batch_size=sampling_batch_size, max_new_tokens=max_new_tokens, quantizer=quantizer)
-    split_documents(forget_rows, seed)  # fewer than 2 documents fails here, before any model loads
-    resolve_quantizer(quantizer, default_device())  # so does a quantizer that cannot run here
     console = Console(stderr=True)
-    audit = run_audit(model, EvalData(forget_rows, retain_rows, members, nonmembers, general), original, oracle,
-                      settings, log=console.print)
+    audit = run_audit(model, data, original, oracle, settings, log=console.print)
     work = prepare_output(out, [path for path in inputs.values() if path is not None], False, overwrite)
     receipt = build_receipt(audit, inputs, redact)
     write_receipt(receipt, work)
@@ -426,6 +408,38 @@ def audit_command(
     worst = receipt["worst_case"]
     console.print(f"final {worst['plain']['final']}, robust final {worst['final']} "
                   f"(worst case over {len(receipt['attacks'])} attacks) -> {out / RECEIPT_MD}")
+
+
+def _audit_settings(data, seed: int, relearn_steps: int, relearn_lr: float, samples: int, quantizer: str,
+                    batch_size: int, sampling_batch_size: int | None, max_new_tokens: int):
+    """The audit's settings from its flags, checked before any model loads."""
+    from dataclasses import replace
+
+    from unlearnlm.audit.attacks import RelearnBudget, SamplingBudget, resolve_quantizer, split_documents
+    from unlearnlm.audit.run import AuditSettings
+    from unlearnlm.model import default_device
+
+    if not relearn_lr > 0:
+        raise UserError(f"--relearn-lr must be positive (got {relearn_lr})")
+    split_documents(data.forget, seed)  # fewer than 2 documents fails here
+    resolve_quantizer(quantizer, default_device())  # so does a quantizer that cannot run here
+    return AuditSettings(seed=seed, relearn=replace(RelearnBudget(), steps=relearn_steps, lr_full=relearn_lr),
+                         sampling=replace(SamplingBudget(), samples=samples), batch_size=batch_size,
+                         sampling_batch_size=sampling_batch_size, max_new_tokens=max_new_tokens, quantizer=quantizer)
+
+
+def _audit_data(forget: Path, retain: Path, members: Path | None, nonmembers: Path | None, general: Path | None):
+    """The audit's rows and documents (``EvalData``), read and checked before any model loads."""
+    from unlearnlm.data.records import load_records
+    from unlearnlm.evaluation.evaluator import EvalData
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+
+    if (members is None) != (nonmembers is None):
+        raise UserError("--mia-members and --mia-nonmembers go together")
+    return EvalData(load_records(forget, "forget"), load_records(retain, "retain"),
+                    load_mia_documents(members, "members") if members else None,
+                    load_mia_documents(nonmembers, "nonmembers") if nonmembers else None,
+                    load_general_set(general) if general else None)
 
 
 app.add_typer(ledger_app, name="ledger")

@@ -119,6 +119,93 @@ def _held_out(base: Mapping, held_out_ids: set[str]) -> dict:
 
 
 Recorder = Callable[[str, str, str, dict, Mapping, float], None]
+Candidates = dict[str, list[dict]]  # scored forget rows, by the variant of the attack that gave them
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One row of the audit's table of attacks.
+
+    ``family``: extraction (new prompts or decoding on the loaded weights), quantization or relearning
+    (new weights, from a fresh load of the model). ``scored_on``: F, every forget row, or V, the held-out
+    half of the forget documents (the relearning on T). ``budget(settings)``: what it may spend, as the
+    receipt shows it. What it runs: an extraction attack's ``candidates`` (the loaded model, its
+    tokenizer, the data, the settings) give its variants' rows; a weight attack's ``attacked`` (the
+    model's path, the rows it trains on, the settings) gives the attacked model, its tokenizer and the
+    budget facts only known once it is built; ``trains_on``: the rows a relearning trains on (T: the
+    other half of the forget documents, R: the retain set); ``bits``: a quantization's, run when
+    ``settings.bits`` holds it.
+    """
+
+    name: str
+    family: str
+    scored_on: str
+    budget: Callable[[AuditSettings], dict]
+    candidates: Callable[..., Candidates] | None = None
+    attacked: Callable[..., tuple] | None = None
+    trains_on: str | None = None
+    bits: int | None = None
+
+
+def _eval_settings(settings: AuditSettings) -> EvalSettings:
+    return EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+
+
+def _sampled(model, tokenizer, data: EvalData, settings: AuditSettings) -> Candidates:
+    return {"samples": sampled_best_rows(model, tokenizer, data.forget, settings.sampling, settings.seed,
+                                         settings.sampling_rows_per_batch, settings.max_new_tokens, TokenCache())}
+
+
+def _prompt_cut(model, tokenizer, data: EvalData, settings: AuditSettings) -> Candidates:
+    return {f"last {fraction:.0%} of the prompt": generation_rows(
+        model, tokenizer, EvalData(shortened(data.forget, fraction), []), _eval_settings(settings))
+        for fraction in settings.prompt_fractions}
+
+
+def _context(model, tokenizer, data: EvalData, settings: AuditSettings) -> Candidates:
+    return {"with context": generation_rows(model, tokenizer, EvalData(with_document_context(data.forget), []),
+                                            _eval_settings(settings))}
+
+
+def _quantized(bits: int) -> Callable[..., tuple]:
+    def attacked(path: str | Path, rows: Sequence[Record], settings: AuditSettings) -> tuple:
+        quantizer = resolve_quantizer(settings.quantizer, default_device())
+        model, tokenizer = quantized_model(path, bits, settings.dtype, quantizer)
+        return model, tokenizer, {"bits": bits, "library": quantizer, "scheme": QUANTIZATION_SCHEMES[quantizer, bits],
+                                  "quantized": "decoder linear layers"}
+
+    return attacked
+
+
+def _relearned(mode: str) -> Callable[..., tuple]:
+    def attacked(path: str | Path, rows: Sequence[Record], settings: AuditSettings) -> tuple:
+        model, tokenizer = load_model(path, settings.dtype)
+        model = relearn(model, tokenizer, rows, mode, settings.relearn, settings.seed)
+        return model, tokenizer, settings.relearn.describe(mode, model)
+
+    return attacked
+
+
+def _words(fractions: Sequence[float]) -> str:
+    return "the whole prompt and its last " + ", ".join(f"{f:.0%}" for f in fractions) + " of words"
+
+
+GREEDY = {"decoding": "greedy"}
+ON_T, ON_RETAIN = {"data": "T (half of the forget documents)"}, {"data": "the retain set"}
+# In the order the receipt lists them; extraction-any (no ``candidates``) takes every candidate of the
+# extraction attacks before it.
+ATTACKS: tuple[Attack, ...] = (
+    Attack("sampled", "extraction", "F", lambda s: {**s.sampling.describe(), "also": "the greedy answer"}, _sampled),
+    Attack("prompt-cut", "extraction", "F", lambda s: {"prompts": _words(s.prompt_fractions), **GREEDY}, _prompt_cut),
+    Attack("context", "extraction", "F", lambda s: {
+        "prompts": "each question alone and after its document's earlier text (the completion prompt)", **GREEDY},
+        _context),
+    Attack("extraction-any", "extraction", "F", lambda s: {"candidates": "every candidate of the three attacks above"}),
+    *(Attack(f"quant-{bits}bit", "quantization", "F", lambda s: {}, attacked=_quantized(bits), bits=bits) for bits in (8, 4)),
+    Attack("relearn-lora", "relearning", "V", lambda s: ON_T, attacked=_relearned("lora"), trains_on="T"),
+    Attack("relearn-full", "relearning", "V", lambda s: ON_T, attacked=_relearned("full"), trains_on="T"),
+    Attack("benign-retain", "relearning", "F", lambda s: ON_RETAIN, attacked=_relearned("full"), trains_on="R"),
+)
 
 
 def extraction_attacks(model, tokenizer, data: EvalData, base: Mapping, settings: AuditSettings,
@@ -131,33 +218,17 @@ def extraction_attacks(model, tokenizer, data: EvalData, base: Mapping, settings
     un-attacked greedy answer included (Patil et al. count an attack a success when any candidate
     holds the answer); each variant's own score is kept beside it.
     """
-    eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
     greedy = [row for row in base["generations"] if row["split"] == "forget"]
-    since = time.perf_counter()
-    sampled = sampled_best_rows(model, tokenizer, data.forget, settings.sampling, settings.seed,
-                                settings.sampling_rows_per_batch, settings.max_new_tokens, TokenCache())
-    variants = {"sampled": {"samples": sampled}}
-    record("sampled", "extraction", "F", {**settings.sampling.describe(), "also": "the greedy answer"},
-           _with_forget_rows(base, best_rows([greedy, sampled])), since)
-    since = time.perf_counter()
-    variants["prompt-cut"] = {f"last {fraction:.0%} of the prompt": generation_rows(
-        model, tokenizer, EvalData(shortened(data.forget, fraction), []), eval_settings)
-        for fraction in settings.prompt_fractions}
-    record("prompt-cut", "extraction", "F",
-           {"prompts": "the whole prompt and its last " + ", ".join(f"{f:.0%}" for f in settings.prompt_fractions)
-            + " of words", "decoding": "greedy"},
-           _with_forget_rows(base, best_rows([greedy, *variants["prompt-cut"].values()])), since)
-    since = time.perf_counter()
-    variants["context"] = {"with context": generation_rows(
-        model, tokenizer, EvalData(with_document_context(data.forget), []), eval_settings)}
-    record("context", "extraction", "F",
-           {"prompts": "each question alone and after its document's earlier text (the completion prompt)",
-            "decoding": "greedy"},
-           _with_forget_rows(base, best_rows([greedy, *variants["context"].values()])), since)
-    since = time.perf_counter()
-    every = [greedy, *(rows for candidates in variants.values() for rows in candidates.values())]
-    record("extraction-any", "extraction", "F", {"candidates": "every candidate of the three attacks above"},
-           _with_forget_rows(base, best_rows(every)), since)
+    variants: dict[str, Candidates] = {}
+    for attack in (attack for attack in ATTACKS if attack.family == "extraction"):
+        since = time.perf_counter()
+        if attack.candidates is not None:
+            variants[attack.name] = attack.candidates(model, tokenizer, data, settings)
+            rows = [greedy, *variants[attack.name].values()]
+        else:
+            rows = [greedy, *(rows for candidates in variants.values() for rows in candidates.values())]
+        record(attack.name, attack.family, attack.scored_on, attack.budget(settings),
+               _with_forget_rows(base, best_rows(rows)), since)
     return {name: {label: headline(_with_forget_rows(base, rows))["forget_mean"] for label, rows in candidates.items()}
             for name, candidates in variants.items()}
 
@@ -188,15 +259,14 @@ def extraction_audit(model, tokenizer, data: EvalData, base: Mapping, settings: 
 
 def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], held_out: Sequence[Record],
               settings: AuditSettings, log: Log = lambda message: None, base: Mapping | None = None) -> dict[str, dict]:
-    """Every attack on the model at ``path`` (only read; each attack starts from a fresh load).
+    """Every attack of ``ATTACKS`` on the model at ``path`` (only read; each weight attack starts from a
+    fresh load).
 
     ``base``: the model's un-attacked results on ``data`` with these settings, when the caller has them
     already (the bench scores every reported model before auditing it); computed here otherwise.
     """
-    eval_settings = EvalSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
-
     def evaluate(model, tokenizer, forget: Sequence[Record]) -> dict:
-        return run_evaluation(model, tokenizer, replace(data, forget=forget), eval_settings)
+        return run_evaluation(model, tokenizer, replace(data, forget=forget), _eval_settings(settings))
 
     started = time.perf_counter()
     model, tokenizer = load_model(path, settings.dtype)
@@ -206,28 +276,16 @@ def audit_one(path: str | Path, data: EvalData, train_half: Sequence[Record], he
     del model
     record = _recorder(attacks, {"F": attacks[NO_ATTACK]["forget_score"],
                                  "V": headline(_held_out(base, {row.id for row in held_out}))["forget_mean"]}, log)
-
-    # Attacks that change the weights: a fresh copy each time.
-    quantizer = resolve_quantizer(settings.quantizer, default_device())
-    for bits in settings.bits:
+    training = {"T": train_half, "R": data.retain}
+    for attack in ATTACKS:
+        if attack.attacked is None or (attack.bits is not None and attack.bits not in settings.bits):
+            continue
         since = time.perf_counter()
-        model, tokenizer = quantized_model(path, bits, settings.dtype, quantizer)
-        record(f"quant-{bits}bit", "quantization", "F",
-               {"bits": bits, "library": quantizer, "scheme": QUANTIZATION_SCHEMES[quantizer, bits],
-                "quantized": "decoder linear layers"},
-               evaluate(model, tokenizer, data.forget), since)
-        del model
-    for name, rows, mode, scored_on, forget in (
-        ("relearn-lora", train_half, "lora", "V", held_out),
-        ("relearn-full", train_half, "full", "V", held_out),
-        ("benign-retain", data.retain, "full", "F", data.forget),
-    ):
-        since = time.perf_counter()
-        model, tokenizer = load_model(path, settings.dtype)
-        model = relearn(model, tokenizer, rows, mode, settings.relearn, settings.seed)
-        budget = {**settings.relearn.describe(mode, model), "data": "T (half of the forget documents)" if scored_on == "V"
-                  else "the retain set", "rows": len(rows)}
-        record(name, "relearning", scored_on, budget, evaluate(model, tokenizer, forget), since)
+        rows = training.get(attack.trains_on, ())
+        model, tokenizer, facts = attack.attacked(path, rows, settings)
+        budget = {**facts, **attack.budget(settings), **({"rows": len(rows)} if attack.trains_on else {})}
+        record(attack.name, attack.family, attack.scored_on, budget,
+               evaluate(model, tokenizer, held_out if attack.scored_on == "V" else data.forget), since)
         del model
     return attacks
 
