@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scale.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_scale.py"
 
 
 @pytest.fixture(scope="module")

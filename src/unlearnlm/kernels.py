@@ -6,7 +6,7 @@ path by CPU as well; kernels of different widths add in different orders, so the
 training step differ, and thousands of steps carry them into different models (docs/benchmark.md).
 Pinning both to AVX2, which every machine of the project's kind has, makes the choice the same
 everywhere: ``ATEN_CPU_CAPABILITY`` for torch and MKL's conditional numerical reproducibility
-(``MKL_CBWR``, strict). Measured by ``benchmarks/pinned_kernels.py``: unpinned, a micro fine-tuning
+(``MKL_CBWR``, strict). Measured by ``scripts/pinned_kernels.py``: unpinned, a micro fine-tuning
 gives other weights with torch's kernels at AVX2 than at AVX-512; pinned, the same weights whatever
 the environment asks for, at about the native speed (torch's AVX2 kernels are as fast as its AVX-512
 ones at this model size).

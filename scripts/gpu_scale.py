@@ -7,7 +7,7 @@ seconds per chunk, peak GPU memory and the projected time of a whole run.
 
 The prepared command for one H100 (estimated at about 5 minutes, most of it the 7B variants; not yet timed):
 
-    python benchmarks/gpu_scale.py --arch olmo-1b olmo-7b --steps 30 --json-out gpu_scale.json
+    python scripts/gpu_scale.py --arch olmo-1b olmo-7b --steps 30 --json-out gpu_scale.json
 
 On a CPU, ``--arch tiny`` runs the same path on a tiny OLMo in seconds (the test does).
 

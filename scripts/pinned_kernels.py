@@ -1,7 +1,7 @@
 """Whether the CPU kernels can be pinned so that a training run gives the same weights, bit for bit,
 whatever instruction set the CPU offers; and what pinning costs.
 
-    python benchmarks/pinned_kernels.py [--epochs 20] [--repeat 1] [--only NAME ...]
+    python scripts/pinned_kernels.py [--epochs 20] [--repeat 1] [--only NAME ...]
 
 Each configuration runs in its own process (the libraries choose their kernels when they load, from
 the environment): the micro target's fine-tuning (the shipped micro base, the micro sets of draw 0,

@@ -1,6 +1,6 @@
 """The gap an unlearning method must close for the MIA: member and nonmember losses, and the members' answer part.
 
-    python benchmarks/mia_gap.py TARGET_DIR [UNLEARNED_DIR ...]
+    python scripts/mia_gap.py TARGET_DIR [UNLEARNED_DIR ...]
 
 TARGET_DIR is a target built by `unlearnlm target` (its `benchmark/` sets are used for every model);
 pass its oracle (`TARGET_DIR/oracle`) among the others to see where exact unlearning lands.

@@ -1,6 +1,6 @@
 """Official (one prompt at a time) against batched generation: speed and parity, in one run.
 
-    python benchmarks/eval_speed.py --model runs/target/model --forget F.jsonl --retain R.jsonl \
+    python scripts/eval_speed.py --model runs/target/model --forget F.jsonl --retain R.jsonl \
         [--limit 64] [--batch-size 16] [--max-new-tokens 256] [--dtype float32|bfloat16] [--no-regroup]
 
 Prints both wall times and their ratio (and, unless --no-regroup, batched decoding's time without

@@ -1,6 +1,6 @@
 """What the reference model of KL and NPO costs in memory, next to gradient difference (no reference).
 
-    python benchmarks/reference_memory.py [--steps 3] [--json-out reference_memory.json]
+    python scripts/reference_memory.py [--steps 3] [--json-out reference_memory.json]
 
 The project never holds a second model for the reference: with LoRA the reference is the same model
 with its adapters switched off; without LoRA its values (KL: the answer tokens' full distributions;

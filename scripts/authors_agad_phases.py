@@ -5,7 +5,7 @@ imported from a checkout given on the command line, on a small target, and recor
 trains: its kind (forgetting or annealing) and the ids of its rows. Then builds unlearnlm's ``agad``
 schedule for the same sets and the same seed, and prints both sequences and whether they agree.
 
-    python benchmarks/authors_agad_phases.py --authors /path/to/llm-unlearning --model /tmp/micro
+    python scripts/authors_agad_phases.py --authors /path/to/llm-unlearning --model /tmp/micro
 
 As in ``authors_parity.py``, the authors' code is adapted at run time to this transformers only where
 an interface changed: ``tokenizer=`` is passed on as ``processing_class=``, and their gradient-ascent

@@ -6,7 +6,7 @@ Hugging Face ``Trainer`` per chunk, their interleaved dataset, their loss) and t
 then ``unlearnlm unlearn`` with the matching settings, on the same model and rows. Prints the largest
 weight difference between the two results and scores both with ``unlearnlm eval``.
 
-    python benchmarks/authors_parity.py --authors /path/to/llm-unlearning --model /tmp/micro --out /tmp/parity
+    python scripts/authors_parity.py --authors /path/to/llm-unlearning --model /tmp/micro --out /tmp/parity
 
 ``--model`` is a target built by ``unlearnlm target`` (its ``benchmark/`` rows are used). Needs the
 ``datasets`` package besides unlearnlm's dependencies. The authors wrote their code for an older
