@@ -195,3 +195,31 @@ def test_register_refuses_a_name_already_taken():
     with pytest.raises(UserError, match="'gd' is already registered"):
         register(replace(get_method("gd"), summary="another gd"))
     assert REGISTRY["gd"].summary != "another gd"
+
+
+def simnpo_by_hand(beta: float, delta: float) -> float:
+    """The loss of ``hand_batch`` by the SimNPO authors' code, -(2/beta) log sigmoid(beta (nll - delta))
+    with nll the length-normalised NLL, worked out by hand: the forget row's two answer tokens have
+    p = 3/5 and 2/4, the retain row's one token p = 1/3 (retain NLL, weight 1)."""
+    forget_nll = -(math.log(3 / 5) + math.log(2 / 4)) / 2
+    log_sigmoid = -math.log1p(math.exp(-beta * (forget_nll - delta)))
+    forget_term = -(2 / beta) * log_sigmoid
+    return (forget_term + math.log(3.0)) / 2  # the batch mean of the two rows' terms
+
+
+@pytest.mark.parametrize("beta, delta", [(2.5, 0.0), (2.5, 0.3), (0.5, 1.2)])
+def test_the_authors_delta_is_a_margin_of_beta_times_delta(beta: float, delta: float) -> None:
+    """Their delta as it is, and as gamma = beta x delta, give the loss of their formula."""
+    logits, batch = hand_batch()
+    method = get_method("simnpo")
+    loss, _ = method.loss(logits, batch, method.build_settings({"beta": beta, "delta": delta}), None)
+    assert loss.item() == pytest.approx(simnpo_by_hand(beta, delta), abs=1e-6)
+    as_gamma, _ = method.loss(logits, batch, method.build_settings({"beta": beta, "gamma": beta * delta}), None)
+    assert as_gamma.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_gamma_and_delta_together_are_refused() -> None:
+    from unlearnlm.errors import UserError
+
+    with pytest.raises(UserError, match="exclusive"):
+        get_method("simnpo").build_settings({"gamma": 0.5, "delta": 0.2})

@@ -131,3 +131,11 @@ def test_unlearn_command_runs_rmu_and_steers_the_forget_activations(micro_model_
     settings = get_method("rmu").build_settings(run["config"]["method_args"])
     before, after = (forget_distance(path, micro_data_dir, settings) for path in (micro_model_dir, out))
     assert after < 0.5 * before
+
+
+def test_the_last_decoder_layer_is_refused_since_hidden_states_hold_the_final_norms_output_there() -> None:
+    """transformers' hidden_states[n_layers] follows the final norm: not the output of decoder layer n."""
+    rmu = get_method("rmu")
+    assert rmu.layers(rmu.build_settings({"layer": 3}), 4) == (3,)
+    with pytest.raises(UserError, match="layer 4 is outside the model's hidden states 0..3"):
+        rmu.layers(rmu.build_settings({"layer": 4}), 4)

@@ -150,8 +150,11 @@ class Method:
         if self.hidden_layers is None:
             return ()
         layers = tuple(self.hidden_layers(settings, n_layers))
-        outside = [layer for layer in layers if not 0 <= layer <= n_layers]
+        # Not n_layers: transformers' last hidden_states entry follows the final norm, so it is not the
+        # output of the last decoder layer that the name promises.
+        outside = [layer for layer in layers if not 0 <= layer < n_layers]
         if outside:
             raise UserError(f"method {self.name!r}: layer {outside[0]} is outside the model's hidden states "
-                            f"0..{n_layers} (0: the embeddings, i: the output of decoder layer i)")
+                            f"0..{n_layers - 1} (0: the embeddings, i: the output of decoder layer i; the last "
+                            f"layer's output is not among them)")
         return layers
