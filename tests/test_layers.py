@@ -22,6 +22,7 @@ LAYERS = [
     {"runstate"},
     {"engine"},  # the training loop
     {"recipe"},  # unlearn(): setup, train, record, save, cleanup
+    {"auto"},  # --config auto: calibration and the held-out check around the recipe
     # api: the Python API (unlearn, evaluate) that the CLI calls
     {"audit", "bench.fitting", "bench.base", "bench.calibration", "bench.target", "bench.report", "api"},
     {"bench", "demo", "ledger"},  # ledger: requests over time, on the API and the audit

@@ -37,6 +37,7 @@ def unlearn(
     out: str | Path,
     config: str | UnlearnConfig | None = None,
     *,
+    unseen: RowsInput | None = None,
     overrides: Sequence[str] = (),
     tokenizer: Any = None,
     text_key: str = DEFAULT_TEXT_KEY,
@@ -50,10 +51,12 @@ def unlearn(
     """Unlearn ``forget`` from ``model`` and save the result, its model card and ``run.json`` in ``out``.
 
     ``config`` is a preset name, a YAML file or an ``UnlearnConfig``; ``overrides`` are ``key=value``
-    settings applied on top of a name or file. A loaded model is trained in place. ``redact`` keeps
-    data file names and model paths out of the card; ``push_to_hub`` names a repository ``ORG/NAME``
-    to publish the saved directory to (``private`` when created). Returns the contents of ``run.json``
-    (with ``pushed``, the commit URL, when published).
+    settings applied on top of a name or file. ``config="auto"`` calibrates the run on the model itself
+    and needs ``unseen``: documents of the forget set's kind the model was not fine-tuned on (raw
+    ``{text}``, MIA ``{document}`` or SemEval rows); ``run.json`` then carries a ``verdict``. A loaded
+    model is trained in place. ``redact`` keeps data file names and model paths out of the card;
+    ``push_to_hub`` names a repository ``ORG/NAME`` to publish the saved directory to (``private`` when
+    created). Returns the contents of ``run.json`` (with ``pushed``, the commit URL, when published).
     """
     from unlearnlm.modelcard import check_push_target, publish
     from unlearnlm.recipe import unlearn as run_unlearning
@@ -67,8 +70,16 @@ def unlearn(
         resolved = config
     else:
         resolved = load_config(config, list(overrides))
-    report = run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, resume=resume,
-                            overwrite=overwrite, show_progress=show_progress, text_key=text_key, redact=redact)
+    if resolved.auto.enabled != (unseen is not None):
+        raise UserError("--config auto needs --unseen U (unseen documents of the forget set's kind)" if unseen is None
+                        else "--unseen is read by --config auto only (auto.enabled=true)")
+    options = dict(resume=resume, overwrite=overwrite, show_progress=show_progress, text_key=text_key, redact=redact)
+    if unseen is not None:
+        from unlearnlm.auto.run import unlearn_auto
+
+        report = unlearn_auto(_model_input(model, tokenizer), forget, retain, unseen, out, resolved, **options)
+    else:
+        report = run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, **options)
     if push_to_hub is not None and _is_main_process():
         report["pushed"] = publish(Path(out), push_to_hub, private)
     return report

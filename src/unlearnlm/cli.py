@@ -186,7 +186,12 @@ def unlearn(
     forget: ForgetRows,
     retain: RetainRows,
     out: Annotated[Path, typer.Option(help="Output directory (written to a temporary directory, renamed at the end).")],
-    config: Annotated[Optional[str], typer.Option(help="YAML config file or preset name (see `unlearnlm presets`).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        help="YAML config file or preset name (see `unlearnlm presets`); 'auto' calibrates itself on the model "
+             "and needs --unseen.")] = None,
+    unseen: Annotated[Optional[Path], typer.Option(
+        help="With --config auto: documents of the forget set's kind the model was not fine-tuned on ({text}, "
+             "{document} or SemEval rows); part sets the level, the rest checks the result.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Method name; shorthand for --set method=NAME.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a setting, e.g. --set optim.lr=5e-5 (repeatable).")] = None,
@@ -223,7 +228,7 @@ def unlearn(
                         ("nonmembers", val_nonmembers), ("general", val_general)):
         if value is not None:
             overrides.append(f"validation.{name}={value}")
-    report = run_unlearning(model, forget, retain, out, config, overrides=overrides, tokenizer=tokenizer,
+    report = run_unlearning(model, forget, retain, out, config, unseen=unseen, overrides=overrides, tokenizer=tokenizer,
                             text_key=text_key, resume=resume, overwrite=overwrite, redact=redact,
                             push_to_hub=push_to_hub, private=private)
     if not PartialState().is_main_process:
@@ -232,10 +237,15 @@ def unlearn(
     style = "yellow" if report["stopped_reason"] != "completed" else "green"
     console.print(f"[{style}]{report['stopped_reason']}[/]: {report['steps']} steps in {report['wall_seconds']:.1f}s, "
                   f"{report['trainable_parameters']:,} trainable parameters -> {out}")
-    if report["best"]:
+    if report["best"] and "verdict" not in report:
         best, metric = report["best"], report["config"]["validation"]["metric"]
         console.print(f"kept the best validated state: {best['phase']} (step {best['step']}), "
                       f"{metric}={best[metric]:.4f}")
+    if "verdict" in report:
+        verdict = report["verdict"]
+        console.print(f"[{'green' if verdict['forgotten'] else 'yellow'}]{verdict['summary']}[/]")
+        for tip in verdict.get("advice", []):
+            console.print(f"  to try: {tip}")
     if "pushed" in report:
         console.print(f"published: {report['pushed']}")
 

@@ -105,6 +105,20 @@ class GuardSettings:
 
 
 @dataclass
+class AutoSettings:
+    """``--config auto`` (auto/, docs/methods.md "Auto"): the level and the rate read from the model,
+    a held-out check after every chunk, and these bounds of the check."""
+
+    enabled: bool = False
+    # The retain answers' loss may rise by this fraction of its distance to the level of unseen text.
+    retain_tolerance: float = bounded(0.1, above=0, below=1)
+    # F's answers may be regurgitated as much as held-out unseen text's continuations, plus this.
+    regurgitation_margin: float = bounded(0.1, at_least=0, below=1)
+    # R's answers must keep this fraction of their score before unlearning.
+    retain_kept: float = bounded(0.9, above=0)
+
+
+@dataclass
 class UnlearnConfig:
     method: str = "sugd"
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +129,7 @@ class UnlearnConfig:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    auto: AutoSettings = field(default_factory=AutoSettings)
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     max_length: Optional[int] = bounded(None, at_least=2)  # a prompt token and an answer token

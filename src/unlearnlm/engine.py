@@ -52,6 +52,24 @@ class Stop(enum.Enum):
     DIVERGED = "diverged"
     MAX_STEPS = "max_steps"
     TIME_BUDGET = "time_budget"
+    SELECTED = "selected"  # the validation scores met the selection's stopping rule
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How validation scores choose the state kept (``better(new, old)``) and end the run (``done``).
+
+    The default reads ``validation.metric``; ``--config auto`` brings its own (auto/check.py). Both
+    are called on every process with the main process's scores, so every process decides alike.
+    """
+
+    better: Callable[[dict, dict], bool]
+    done: Callable[[dict], bool] = lambda scores: False
+    stop_reason: str = "the validation's stopping rule was met"
+
+
+def metric_selection(metric: str) -> Selection:
+    return Selection(better=lambda new, old: METRICS[metric].better(new[metric], old[metric]))
 
 
 @dataclass
@@ -122,20 +140,18 @@ class Engine:
         self.tokenizer = tokenizer
         self.work_dir = work_dir
         self.validator = validator
+        self.selection = metric_selection(config.validation.metric)
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(config.seed)
         if config.forget_whole_documents:
             forget = [whole_document(row) for row in forget]
+        self.rows = {FORGET: forget, RETAIN: retain}
         self.examples = {FORGET: self._encode(forget, "f"), RETAIN: self._encode(retain, "r")}
         self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
         optimizer = self._optimizer(model)
         self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum)
                                 for p in self.phases]
-        self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps,
-                                  config.optim.optimizer_reset == "per_chunk", config.optim.lr)
-        # The scheduler is stepped by us once per optimizer update and never handed to accelerate,
-        # which would step it once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factors[min(step, len(self.factors) - 1)])
+        self.scheduler = self._scheduler(optimizer)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
         self.reference_cache: dict[str, torch.Tensor] = {}
@@ -143,6 +159,47 @@ class Engine:
         self.log_path = work_dir / "unlearn_log.jsonl"
         if self.accelerator.log_with:
             self.accelerator.init_trackers(config.tracking.project, config=hyperparameters(config.to_dict()))
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The schedule of ``optim.lr``. It is stepped by us once per optimizer update and never handed
+        to accelerate, which would step it once per process."""
+        config = self.config
+        self.factors = lr_factors(self.phases, self.steps_per_epoch, config.optim.warmup_steps,
+                                  config.optim.optimizer_reset == "per_chunk", config.optim.lr)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factors[min(step, len(self.factors) - 1)])
+
+    # --- training from the start again at another rate (auto's rate probe) -----------------------
+
+    def restart(self, lr: float) -> None:
+        """Forget the optimizer's state and the schedule's position, and train at ``lr`` from now on."""
+        self.config.optim.lr = lr
+        optimizer = self.optimizer.optimizer
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        self.scheduler = self._scheduler(optimizer)
+        set_seed(self.config.seed)
+
+    def add_phase(self, phase: Phase) -> None:
+        """One more phase after the method's schedule (call ``restart`` after it for its schedule of rates)."""
+        self.phases.append(phase)
+        self.steps_per_epoch.append(optimizer_steps(len(phase.items), self._global_batch(phase), self.config.optim.grad_accum))
+
+    def train_phase(self, phase_index: int) -> None:
+        """Train one phase of the schedule, logging nothing to the run's log (a probe, not the run)."""
+        self.model.train()
+        self._run_phase(phase_index, RunSummary(), time.perf_counter(), 0.0, log=False)
+
+    def save_origin(self) -> None:
+        """Keep the trainable weights as they are now, to come back to with ``restore_origin``."""
+        origin = trainable_state(self.unwrapped, keep=self.accelerator.is_main_process)
+        if self.accelerator.is_main_process:
+            save_trainable(origin, self.work_dir / "origin")
+        self.accelerator.wait_for_everyone()
+
+    def restore_origin(self) -> None:
+        load_trainable(self.unwrapped, self.work_dir / "origin")
+        self.accelerator.wait_for_everyone()
 
     def _encode(self, rows: list[Record], prefix: str) -> list[Example]:
         """The training rows; each keeps its key (role initial and index) for the reference cache."""
@@ -297,8 +354,9 @@ class Engine:
             if stop is Stop.DIVERGED:
                 self._load_checkpoint(state_dir)
                 break
-            if self.validator is not None:
-                self._validate(phase, summary)
+            if self.validator is not None and self._validate(phase, summary) and not stop:
+                stop = summary.stop = Stop.SELECTED
+                summary.stopped_reason = f"stopped after {phase.name}: {self.selection.stop_reason}"
             self._checkpoint(state_dir, phase_index + 1, summary, elapsed_before + time.perf_counter() - started)
             if stop:
                 break
@@ -307,7 +365,8 @@ class Engine:
             load_trainable(self.unwrapped, self.work_dir / "best")
         return summary
 
-    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float) -> Optional[Stop]:
+    def _run_phase(self, phase_index: int, summary: RunSummary, started: float, elapsed_before: float,
+                   log: bool = True) -> Optional[Stop]:
         phase, accum, limits = self.phases[phase_index], self.config.optim.grad_accum, self.config.optim
         total = self.steps_per_epoch[phase_index] * phase.epochs
         progress = _progress(self.show_progress)
@@ -322,7 +381,8 @@ class Engine:
                     row = {"phase": phase.name, "chunk": phase.chunk + 1, "epoch": epoch + 1, "step": summary.steps,
                            **stats, "lr": self.scheduler.get_last_lr()[0],
                            "seconds": round(elapsed_before + time.perf_counter() - started, 3)}
-                    self._log(row)
+                    if log:
+                        self._log(row)
                     progress.update(task, advance=1, description=f"{phase.name} e{epoch + 1} " + _brief(stats))
                     reason = self._divergence(stats)
                     if reason:
@@ -340,8 +400,10 @@ class Engine:
                         summary.stopped_reason = f"time budget of {limits.time_budget_s}s reached"
                         return summary.stop
                     every = self.config.validation.every_steps
-                    if self.validator is not None and every and summary.steps % every == 0:
-                        self._validate(phase, summary)
+                    if self.validator is not None and every and summary.steps % every == 0 and self._validate(phase, summary):
+                        summary.stop = Stop.SELECTED
+                        summary.stopped_reason = f"stopped at step {summary.steps}: {self.selection.stop_reason}"
+                        return summary.stop
         return None
 
     def _optimizer_step(self, group: list[Batch]) -> dict:
@@ -382,28 +444,28 @@ class Engine:
             return f"forget loss {stats['forget_loss']:.2f} above max_forget_loss={bound}"
         return None
 
-    def _validate(self, phase: Phase, summary: RunSummary) -> None:
+    def _validate(self, phase: Phase, summary: RunSummary) -> bool:
+        """Score the model, keep its state when it is the best so far; True when the selection says stop."""
         started = time.perf_counter()
         self.model.eval()
         # Every process runs the validator (it may share out the rows); the main process's scores decide.
-        with self._evaluation_view():
+        with self.evaluation_view():
             scores = broadcast_object_list([self.validator(self.unwrapped)])[0]
         self.model.train()
-        metric = self.config.validation.metric
         record = {"event": "validation", "phase": phase.name, "chunk": phase.chunk + 1, "step": summary.steps, **scores}
         summary.validations.append(record)
         self._log(record)
-        if self.config.validation.select and (
-                summary.best is None or METRICS[metric].better(scores[metric], summary.best[metric])):
+        if self.config.validation.select and (summary.best is None or self.selection.better(scores, summary.best)):
             summary.best = record
             best = trainable_state(self.unwrapped, keep=self.accelerator.is_main_process)
             if self.accelerator.is_main_process:
                 save_trainable(best, self.work_dir / "best")
             self.accelerator.wait_for_everyone()
         summary.validation_seconds += time.perf_counter() - started
+        return self.selection.done(scores)
 
     @contextmanager
-    def _evaluation_view(self) -> Iterator[None]:
+    def evaluation_view(self) -> Iterator[None]:
         """Under FSDP: every process evaluates every row, in step, with the root module's own weights
         (embeddings, final norm, head) gathered throughout. peft's ``generate`` calls the inner
         model's forward, which skips the root's hook that would gather them."""

@@ -20,7 +20,7 @@ from unlearnlm.hub import split_hub_spec
 CARD_FILE = "README.md"
 REDACTED = "[redacted]"
 # What a published model directory holds besides its files: never the resume state.
-NOT_PUBLISHED = ["state/*", "state.*/*", "best/*"]
+NOT_PUBLISHED = ["state/*", "state.*/*", "best/*", "origin/*"]
 
 
 def _base_line(source: Mapping, redact: bool) -> str:
@@ -56,6 +56,10 @@ def model_card(report: Mapping, redact: bool = False) -> str:
         lines.append(f"- {split.capitalize()} set: {data[f'{split}_rows']} {kind}{where}, sha256 `{data[f'{split}_sha256']}`")
     lines += [f"- Steps: {report['steps']} ({report['stopped_reason']}), seed {report['seed']}",
               f"- Library versions: {', '.join(f'{name} {version}' for name, version in report['versions'].items())}", ""]
+    verdict = report.get("verdict")
+    if verdict:
+        lines += ["## Verdict of the held-out check (--config auto)", "", verdict["summary"] + ".", "",
+                  *(f"- To try: {tip}" for tip in verdict.get("advice", [])), ""]
     best = report.get("best")
     if best:
         scores = {name: value for name, value in best.items() if isinstance(value, float)}

@@ -169,7 +169,7 @@ def save(job: Unlearning, record: dict) -> None:
 def cleanup(job: Unlearning) -> None:
     """Drop the resume state and move the work directory to its place; then every process goes on."""
     if job.engine.accelerator.is_main_process:
-        for name in ("state", "best"):
+        for name in ("state", "best", "origin"):
             if (job.work_dir / name).exists():
                 shutil.rmtree(job.work_dir / name)
         finalize_output(job.work_dir, job.out_dir)

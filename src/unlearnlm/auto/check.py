@@ -1,0 +1,150 @@
+"""The held-out check of ``--config auto``, its stopping rule and the verdict.
+
+After every chunk, two stages:
+
+1. losses, cheap: the loss attack between every forget document (all of F, whole, as the SemEval MIA
+   reads its members) and the held-out unseen documents, which set nothing; a two-sample
+   Kolmogorov-Smirnov test between the same losses, which an AUC near 0.5 can hide a failure from
+   (some documents left memorised, others pushed far past unseen text); and the retain answers'
+   loss, teacher-forced;
+2. generations, only when stage 1 passes: how much of F's answers the model still regurgitates and
+   how much of R's it keeps.
+
+The check is met when the attack's AUC lies within its bound around 0.5, the retain loss within its
+tolerance, F's answers regurgitated no more than the model completes unseen text it was never
+fine-tuned on (plus a margin), and R's answers kept. The bounds follow from the sample sizes and
+the model's own numbers before unlearning (``Bounds``); docs/methods.md says what they can and
+cannot show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+# The AUC bound's half-width is at least this (the SemEval MIA score 1 - 2|AUC - 0.5| of 0.8) and
+# otherwise two standard deviations of the AUC of two samples from one distribution.
+MIN_AUC_HALF_WIDTH = 0.1
+NULL_SPREAD = 2.0
+# The Kolmogorov-Smirnov test's level: a forget set forgotten as well as possible fails it 5% of the time.
+KS_ALPHA = 0.05
+
+
+def null_auc_sd(members: int, others: int) -> float:
+    """Standard deviation of the AUC (the Mann-Whitney U over ``members x others``) when both samples
+    come from one distribution: sqrt((n1 + n2 + 1) / (12 n1 n2)) (Hanley and McNeil 1982, no ties)."""
+    return math.sqrt((members + others + 1) / (12 * members * others))
+
+
+def auc_half_width(members: int, others: int) -> float:
+    return max(MIN_AUC_HALF_WIDTH, NULL_SPREAD * null_auc_sd(members, others))
+
+
+def loss_auc(forget_losses: Sequence[float], unseen_losses: Sequence[float]) -> float:
+    """The loss attack's AUC: the probability that a forget document has a lower loss than an unseen one
+    (ties count half), the ROC AUC of the score ``-loss`` with forget documents as members."""
+    forget, unseen = np.asarray(forget_losses, float)[:, None], np.asarray(unseen_losses, float)[None, :]
+    return float(((forget < unseen).sum() + 0.5 * (forget == unseen).sum()) / (forget.size * unseen.size))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What the held-out check compares against, fixed before any weight moves."""
+
+    auc_low: float
+    auc_high: float
+    retain_loss: float  # the retain answers' loss may rise up to this
+    regurgitated: float  # F's answers may be regurgitated up to this
+    retain_kept: float  # of R's answers' score before unlearning
+
+
+def make_bounds(n_forget: int, n_check: int, retain_loss_before: float, level: float, unseen_regurgitated: float,
+                retain_tolerance: float, regurgitation_margin: float, retain_kept: float) -> Bounds:
+    """The retain loss may rise by ``retain_tolerance`` of its distance to the level (a retain answer
+    that moved that far towards unseen text is being forgotten too); F's answers may be regurgitated
+    as much as the model completes the held-out unseen documents, plus ``regurgitation_margin``."""
+    half = auc_half_width(n_forget, n_check)
+    return Bounds(0.5 - half, 0.5 + half, retain_loss_before + retain_tolerance * max(0.0, level - retain_loss_before),
+                  min(1.0, unseen_regurgitated + regurgitation_margin), retain_kept)
+
+
+def loss_figures(forget_losses: Sequence[float], unseen_losses: Sequence[float], retain_loss: float,
+                 level: float) -> dict:
+    """Stage 1's figures from the documents' mean losses per token."""
+    auc = loss_auc(forget_losses, unseen_losses)
+    test = ks_2samp(forget_losses, unseen_losses)
+    return {"forget_loss": float(np.mean(forget_losses)), "unseen_loss": float(np.mean(unseen_losses)),
+            "mia_auc": auc, "mia_score": 1 - 2 * abs(auc - 0.5), "ks_distance": float(test.statistic),
+            "ks_p": float(test.pvalue), "retain_loss": float(retain_loss), "level": level}
+
+
+def answer_figures(forget_scores: Sequence[float], retain_scores: Sequence[float], retain_before: float) -> dict:
+    """Stage 2's figures from the row scores (ROUGE-L recall, exact match) of F's and R's answers."""
+    kept = float(np.mean(retain_scores)) / retain_before if retain_before > 0 else 1.0
+    return {"forget_regurgitated": float(np.mean(forget_scores)), "retain_kept": min(1.0, kept)}
+
+
+def loss_stage_met(figures: Mapping, bounds: Bounds) -> bool:
+    return (bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high and figures["ks_p"] >= KS_ALPHA
+            and figures["retain_loss"] <= bounds.retain_loss)
+
+
+def met(figures: Mapping, bounds: Bounds) -> bool:
+    """The stopping rule: F cannot be told from held-out unseen text, and R is kept."""
+    return (loss_stage_met(figures, bounds) and "forget_regurgitated" in figures
+            and figures["forget_regurgitated"] <= bounds.regurgitated and figures["retain_kept"] >= bounds.retain_kept)
+
+
+def rank(figures: Mapping, bounds: Bounds) -> tuple:
+    """The order of states for keeping the best: met first, then retain within its tolerance, then the
+    loss stage passed, then the attack nearer chance, then the losses' distributions nearer."""
+    return (met(figures, bounds), figures["retain_loss"] <= bounds.retain_loss, loss_stage_met(figures, bounds),
+            round(figures["mia_score"], 6), figures["ks_p"])
+
+
+def verdict(figures: Mapping, bounds: Bounds, extra: Mapping | None = None) -> dict:
+    """``run.json``'s ``verdict``: whether the check was met on the state kept, its figures, the bounds
+    they were read against, a sentence saying so and, when not met, what to try."""
+    record = {"forgotten": met(figures, bounds), **{key: round(value, 4) if isinstance(value, float) else value
+                                                     for key, value in figures.items()},
+              "bounds": {key: round(value, 4) for key, value in asdict(bounds).items()}, **(extra or {})}
+    record["summary"] = summary(record)
+    if not record["forgotten"]:
+        record["advice"] = advice(figures, bounds)
+    return record
+
+
+def summary(record: Mapping) -> str:
+    bounds = record["bounds"]
+    half = (bounds["auc_high"] - bounds["auc_low"]) / 2
+    text = (f"{'forgotten' if record['forgotten'] else 'not forgotten'}: forget documents at {record['forget_loss']:.2f} "
+            f"nats/token against held-out unseen text at {record['unseen_loss']:.2f} (MIA AUC {record['mia_auc']:.2f}, "
+            f"bound 0.5 ± {half:.2f}; Kolmogorov-Smirnov p {record['ks_p']:.2f}, bound {KS_ALPHA})")
+    if "forget_regurgitated" in record:
+        text += (f"; forget answers regurgitated {record['forget_regurgitated']:.0%} (bound {bounds['regurgitated']:.0%}); "
+                 f"retain answers kept {record['retain_kept']:.0%} (bound {bounds['retain_kept']:.0%})")
+    return text
+
+
+def advice(figures: Mapping, bounds: Bounds) -> list[str]:
+    """What to try, from which part of the check failed."""
+    tips = []
+    if figures["ks_p"] < KS_ALPHA and bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high:
+        tips.append("some forget documents are still recognised while others were pushed past unseen text: "
+                    "smaller chunks (--set schedule.chunk_size=N) spread the ascent more evenly")
+    if figures["mia_auc"] > bounds.auc_high:
+        tips.append("the forget documents still read as seen: give more epochs per chunk (--set schedule.epochs_per_chunk=N) "
+                    "or train more weights (full weights rather than LoRA, more layers)")
+    if figures["mia_auc"] < bounds.auc_low:
+        tips.append("the forget documents were pushed past unseen text: fewer epochs per chunk, or smaller chunks")
+    if figures["retain_loss"] > bounds.retain_loss or figures.get("retain_kept", 1.0) < bounds.retain_kept:
+        tips.append("the retain set was damaged: more retain rows per forget row (--set schedule.ratio=N) or a larger retain set")
+    if figures.get("forget_regurgitated", 0.0) > bounds.regurgitated:
+        tips.append("forget answers are still regurgitated: more epochs per chunk")
+    if bounds.auc_high - bounds.auc_low > 2 * MIN_AUC_HALF_WIDTH + 1e-9:
+        tips.append("the AUC bound is wide because U is small: more unseen documents make the check sharper")
+    return tips

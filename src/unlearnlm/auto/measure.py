@@ -1,0 +1,94 @@
+"""What the held-out check and the rate probe read from a model: document losses, answer losses and
+greedy answers, on every process as the engine's validation does (each scores its share of the rows)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from unlearnlm.data.raw import Rows
+from unlearnlm.data.records import Record
+from unlearnlm.data.tokenize import Example, encode_example
+from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, generation_rows
+from unlearnlm.evaluation.inputs import documents_from_rows
+from unlearnlm.evaluation.likelihood import TokenCache, token_statistics
+from unlearnlm.evaluation.mia import document_statistics
+
+# The retain rows the check generates answers for and scores the loss of: a seeded sample bounds the
+# cost of a check on a large retain set (a proportion's standard error at 64 rows is at most 0.06).
+RETAIN_SAMPLE = 64
+
+
+@dataclass
+class CheckData:
+    """Every text the check reads, tokenized once for the whole run."""
+
+    forget_documents: list[str]  # all of F, whole
+    level_documents: list[str]  # the part of U that sets the level
+    check_documents: list[str]  # the held-out part of U
+    forget_rows: list[Record]  # F's answers, as the evaluation asks them
+    retain_rows: list[Record]  # a sample of R's answers, as the evaluation asks them
+    retain_training: list[Record]  # the same rows as unlearning trains on them (for their loss)
+    unseen_rows: list[Record]  # the held-out unseen documents, cut to leave answers as long as F's
+    cache: TokenCache = field(default_factory=TokenCache)
+
+
+def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check_documents: Sequence[str],
+               seed: int) -> CheckData:
+    forget_documents = list(forget.documents) or documents_from_rows(forget.records)
+    if not forget_documents:  # SemEval rows without sentence completions: their rows joined
+        forget_documents = [row.input + " " + row.output for row in forget.records]
+    picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
+    retain_eval, retain_train = retain.for_evaluation(), retain.for_training()
+    per_row = len(retain_eval) // max(1, len(retain_train))  # a raw document gives one evaluation row per cut
+    return CheckData(forget_documents, list(level_documents), list(check_documents), forget.for_evaluation(),
+                     [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)],
+                     [retain_train[index] for index in picked],
+                     unseen_rows(check_documents, forget.for_evaluation()))
+
+
+def unseen_rows(documents: Sequence[str], forget_rows: Sequence[Record]) -> list[Record]:
+    """Each held-out unseen document as a completion whose answer has as many words as F's median
+    answer: how much a model reproduces of text it never learned, asked as F is asked."""
+    length = max(1, int(np.median([len(row.output.split()) for row in forget_rows])))
+    rows = []
+    for index, text in enumerate(documents):
+        words = text.split()
+        cut = max(1, len(words) - length)
+        rows.append(Record(id=f"unseen{index}sc1", input=" ".join(words[:cut]), output=" ".join(words[cut:]), task="unseen"))
+    return rows
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def document_losses(model, tokenizer, documents: Sequence[str], cache: TokenCache, batch_size: int) -> list[float]:
+    """Each document's mean loss per token, as the loss attack and ``unlearnlm level`` read it."""
+    return [item.mean_loss for item in document_statistics(model, tokenizer, documents, batch_size, False, cache=cache)]
+
+
+def answer_losses(model, tokenizer, rows: Sequence[Record], batch_size: int, max_length: int | None = None,
+                  append_eos: bool = False) -> list[float]:
+    """Each row's mean loss per answer token, as unlearning computes it."""
+    examples: list[Example] = [encode_example(tokenizer, row.input, row.output, max_length, append_eos=append_eos)
+                               for row in rows]
+    return [item.mean_loss for item in token_statistics(model, examples, _pad_id(tokenizer), batch_size)]
+
+
+def answer_scores(model, tokenizer, rows: Sequence[Record], cache: TokenCache, batch_size: int) -> list[float]:
+    """Each row's score (ROUGE-L recall or exact match) of its greedy answer, generated up to the
+    longest reference answer's length (a longer generation cannot raise a recall)."""
+    if not rows:
+        return []
+    longest = max(len(ids) for ids in cache.encode(tokenizer, [row.output for row in rows], add_special_tokens=False))
+    settings = EvalSettings(batch_size=batch_size, max_new_tokens=max(1, longest), mia_suite=False)
+    scored = generation_rows(model, tokenizer, EvalData(list(rows), [], cache=cache), settings)
+    return [row["score"] for row in scored]
+
+
+def mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else 0.0

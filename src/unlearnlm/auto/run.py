@@ -1,0 +1,201 @@
+"""``unlearn --unseen U --config auto``: the whole procedure, from M, F, R and U alone.
+
+1. Read U, refuse it if it shares text with F or R, split it (``unseen``).
+2. On the original model: the level (mean loss per token on U's level part), the retain answers'
+   loss and score, and how much of the held-out unseen documents the model regurgitates; these fix
+   the check's bounds (``check.make_bounds``).
+3. The rate probe on the first chunk (``rate``), each probe from the original weights.
+4. The run at that rate, each forget row held at the level from both sides (``forget_target``), with
+   the held-out check after every chunk: the level is read again from U's level part (the model's
+   loss on unseen text drifts as it changes, and a forgotten document should read like unseen text
+   now, not before), the run stops when the check is met, and the best state by the check is kept.
+   After the chunks, one settling pass over all of F at once with retain rows (as ``sugd-settle``)
+   brings back to the level the documents of early chunks, which later chunks' training moved.
+5. The check on the state kept, stages 1 and 2, gives ``run.json``'s verdict.
+
+Nothing else is read: no evaluation set, no oracle, no grid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from unlearnlm.auto import check as held_out
+from unlearnlm.auto.measure import CheckData, answer_losses, answer_scores, check_data, document_losses, mean
+from unlearnlm.auto.rate import Probe, RateChoice, choose_rate
+from unlearnlm.auto.unseen import read_unseen, refuse_overlap, split_unseen
+from unlearnlm.config import UnlearnConfig
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows
+from unlearnlm.data.schedule import FORGET, RETAIN, CyclicSampler, Phase, interleave
+from unlearnlm.engine import Engine, Selection
+from unlearnlm.errors import UserError
+from unlearnlm.recipe import build_record, cleanup, save, setup
+from unlearnlm.tracking import finish_trackers
+
+CALIBRATION_FILE = "auto.json"  # in the work directory: a resumed run does not probe again
+BATCH_SIZE = 16
+
+
+class Calibration:
+    """The check's data and bounds on one engine, and the functions the engine calls."""
+
+    def __init__(self, engine: Engine, tokenizer, data: CheckData):
+        self.engine, self.tokenizer, self.data = engine, tokenizer, data
+        self.bounds: held_out.Bounds | None = None
+        self.before: dict = {}
+
+    # --- what the check reads ------------------------------------------------------------------
+
+    def _model(self):
+        return self.engine.unwrapped
+
+    def level(self, model) -> float:
+        return mean(document_losses(model, self.tokenizer, self.data.level_documents, self.data.cache, BATCH_SIZE))
+
+    def retain_loss(self, model) -> float:
+        config = self.engine.config
+        return mean(answer_losses(model, self.tokenizer, self.data.retain_training, BATCH_SIZE, config.max_length,
+                                  config.append_eos))
+
+    def measure_before(self) -> dict:
+        """The original model's numbers, which fix the bounds."""
+        settings, model = self.engine.config.auto, self._model()
+        with self.engine.evaluation_view():
+            level, retain_loss = self.level(model), self.retain_loss(model)
+            retain_score = mean(answer_scores(model, self.tokenizer, self.data.retain_rows, self.data.cache, BATCH_SIZE))
+            unseen_regurgitated = mean(answer_scores(model, self.tokenizer, self.data.unseen_rows, self.data.cache, BATCH_SIZE))
+        self.before = {"level": level, "retain_loss": retain_loss, "retain_score": retain_score,
+                       "unseen_regurgitated": unseen_regurgitated}
+        self.bounds = held_out.make_bounds(len(self.data.forget_documents), len(self.data.check_documents), retain_loss,
+                                           level, unseen_regurgitated, settings.retain_tolerance,
+                                           settings.regurgitation_margin, settings.retain_kept)
+        return self.before
+
+    def check(self, model, answers: bool = False) -> dict:
+        """The held-out check; stage 2 (generations) when stage 1 passes or ``answers``. It also moves
+        the forget ceiling to the level read now, on every process alike (the losses are gathered)."""
+        data = self.data
+        level = self.level(model)
+        figures = held_out.loss_figures(document_losses(model, self.tokenizer, data.forget_documents, data.cache, BATCH_SIZE),
+                                        document_losses(model, self.tokenizer, data.check_documents, data.cache, BATCH_SIZE),
+                                        self.retain_loss(model), level)
+        if answers or held_out.loss_stage_met(figures, self.bounds):
+            figures.update(held_out.answer_figures(
+                answer_scores(model, self.tokenizer, data.forget_rows, data.cache, BATCH_SIZE),
+                answer_scores(model, self.tokenizer, data.retain_rows, data.cache, BATCH_SIZE),
+                self.before["retain_score"]))
+        hold(self.engine, level)
+        return figures
+
+    # --- the probe -------------------------------------------------------------------------------
+
+    def probe(self, lr: float) -> Probe:
+        """Train the first chunk at ``lr`` from the original weights and read it; the weights, the
+        optimizer and the ceiling are put back afterwards."""
+        engine = self.engine
+        started = time.perf_counter()
+        engine.settings.forget_target, engine.settings.forget_ceiling = None, self.before["level"]
+        engine.restart(lr)
+        engine.train_phase(0)
+        chunk = [engine.rows[FORGET][item.index] for item in engine.phases[0].items if item.role == FORGET]
+        with engine.evaluation_view():
+            config = engine.config
+            forget_loss = mean(answer_losses(self._model(), self.tokenizer, chunk, BATCH_SIZE, config.max_length,
+                                             config.append_eos))
+            retain_loss = self.retain_loss(self._model())
+        engine.restore_origin()
+        return Probe(lr, forget_loss, retain_loss, time.perf_counter() - started)
+
+    def choose_rate(self) -> RateChoice:
+        return choose_rate(self.probe, self.before["level"], self.bounds.retain_loss)
+
+    def selection(self) -> Selection:
+        bounds = self.bounds
+        return Selection(better=lambda new, old: held_out.rank(new, bounds) > held_out.rank(old, bounds),
+                         done=lambda scores: held_out.met(scores, bounds),
+                         stop_reason="the held-out check was met")
+
+
+def hold(engine: Engine, level: float) -> None:
+    """Hold every forget row at ``level`` from both sides: pushed up to it, pulled back past it. The
+    one-sided ceiling let the demo target's last chunk overshoot unseen text (members at 5.1 to 7.6
+    nats against nonmembers near 4), which the loss attack reads as plainly as memorised text."""
+    engine.settings.forget_ceiling, engine.settings.forget_target = None, level
+
+
+def settle_phase(engine: Engine) -> Phase:
+    """One epoch over every forget row, interleaved with retain rows at the schedule's ratio."""
+    ratio, n_forget = engine.config.schedule.ratio, len(engine.rows[FORGET])
+    retain = CyclicSampler(len(engine.rows[RETAIN])).take(n_forget * ratio) if ratio else []
+    return Phase("settle", len(engine.phases), interleave(list(range(n_forget)), retain, ratio), epochs=1)
+
+
+def read_inputs(forget: RowsInput, retain: RowsInput, unseen: RowsInput, text_key: str) -> list[str]:
+    """U, checked against F and R before any model loads."""
+    documents = read_unseen(unseen, text_key)
+    refuse_overlap(documents, read_rows(forget, "forget", text_key), read_rows(retain, "retain", text_key))
+    return documents
+
+
+def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput, out: str | Path,
+                 config: UnlearnConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = True,
+                 text_key: str = DEFAULT_TEXT_KEY, redact: bool = False) -> dict:
+    """Calibrate, unlearn and judge; returns ``run.json`` with its ``verdict``."""
+    if config.validation.enabled:
+        raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
+    documents = read_inputs(forget, retain, unseen, text_key)
+    split = split_unseen(documents, config.seed)
+    job = setup(model, forget, retain, Path(out), config, resume, overwrite, show_progress, text_key, redact)
+    engine = job.engine
+    if not hasattr(engine.settings, "forget_target"):
+        raise UserError(f"--config auto holds forget rows at a level: method {config.method!r} has no forget_target "
+                        "(use sugd or gd)")
+    calibration = Calibration(engine, job.tokenizer,
+                              check_data(job.forget_rows, job.retain_rows, split.level, split.check, config.seed))
+    calibration.measure_before()
+    engine.save_origin()
+    saved = job.work_dir / CALIBRATION_FILE
+    if resume and saved.is_file():
+        lr = json.loads(saved.read_text())["lr"]
+        choice = None
+    else:
+        choice = calibration.choose_rate()
+        lr = choice.lr
+        if engine.accelerator.is_main_process:
+            saved.write_text(json.dumps({"lr": lr}))
+    engine.add_phase(settle_phase(engine))
+    engine.restart(lr)
+    hold(engine, resumed_level(job.work_dir) or calibration.before["level"])
+    engine.validator, engine.selection = calibration.check, calibration.selection()
+    summary = engine.run(resume=resume)
+    with engine.evaluation_view():
+        final = calibration.check(engine.unwrapped, answers=True)
+    finish_trackers(engine.accelerator)
+    record = build_record(job, summary)
+    record["auto"] = auto_record(calibration, split, choice, lr)
+    record["verdict"] = held_out.verdict(final, calibration.bounds, {"lr": lr, "chunks_run": len(summary.validations),
+                                                                     "chunks": len(engine.phases)})
+    save(job, record)
+    cleanup(job)
+    return record
+
+
+def resumed_level(work_dir: Path) -> float | None:
+    """The level the last check before an interruption read, which the ceiling had when it stopped."""
+    position = work_dir / "state" / "position.json"
+    validations = json.loads(position.read_text()).get("validations", []) if position.is_file() else []
+    return validations[-1]["level"] if validations else None
+
+
+def auto_record(calibration: Calibration, split, choice: RateChoice | None, lr: float) -> dict:
+    """How the run calibrated itself: U's split, the original model's numbers and the probes."""
+    probes = [{"lr": probe.lr, "forget_loss": round(probe.forget_loss, 4), "retain_loss": round(probe.retain_loss, 4),
+               "seconds": round(probe.seconds, 2)} for probe in (choice.probes if choice else ())]
+    return {"unseen_level_documents": len(split.level), "unseen_check_documents": len(split.check),
+            "forget_documents": len(calibration.data.forget_documents),
+            "before": {key: round(value, 4) for key, value in calibration.before.items()},
+            "lr": lr, "probes": probes, "probe_seconds": round(sum(probe["seconds"] for probe in probes), 2),
+            "rate_reached_level": choice.reached if choice else None,
+            "rate_kept_retain": choice.retain_ok if choice else None}

@@ -1,0 +1,264 @@
+"""``--config auto``: the rate probe, the stopping rule, U's checks, the verdict and what the run reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from unlearnlm.auto import check as held_out
+from unlearnlm.auto.rate import Probe, choose_rate
+from unlearnlm.auto.unseen import split_unseen
+from unlearnlm.data.overlap import shared_text
+
+BOUNDS = held_out.Bounds(auc_low=0.3, auc_high=0.7, retain_loss=0.5, regurgitated=0.3, retain_kept=0.9)
+
+
+def unseen_documents(target: Path, count: int) -> list[str]:
+    """Pool biographies outside every set of the target, as the bench's level documents are."""
+    from unlearnlm.data.sets import MIA_TASK, pretraining_pool
+
+    manifest = json.loads((target / "benchmark" / "manifest.json").read_text())
+    in_sets = {doc for entry in manifest["files"].values() for doc in entry["documents"]}
+    outside = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK and doc.id not in in_sets]
+    return random.Random("test-unseen").sample(outside, count)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --- the rate probe ----------------------------------------------------------------------------------
+
+
+def test_the_probe_finds_the_octave_where_the_chunk_reaches_the_level_in_four_probes():
+    """A chunk whose loss rises by 1 nat per doubling of the rate, from 0 at 2^-14: it reaches the level
+    of 3.5 nats at 2^-10.5. By hand: 2^-11 gives 3, short of it; 2^-10 gives 4, past it; the loss is
+    linear in log2(rate), so the crossing lies half way, at 2^-10.5, and the retain loss (1e-3 per unit
+    of rate) stays far inside its bound."""
+    calls = []
+
+    def probe(lr: float) -> Probe:
+        calls.append(lr)
+        return Probe(lr, max(0.0, math.log2(lr) + 14), 1e-3 * lr)
+
+    choice = choose_rate(probe, level=3.5, retain_bound=0.1)
+    assert 2.0 ** -11 < choice.lr <= 2.0 ** -10
+    assert choice.lr == pytest.approx(2.0 ** -10.5, rel=1e-9)
+    assert choice.reached and choice.retain_ok
+    assert len(calls) == 4  # bisection over the 15 octaves from 2^-20 to 2^-6
+
+
+def test_the_probe_steps_down_when_the_rate_that_reaches_the_level_damages_the_retain_set():
+    """The retain loss doubles with the rate (0.1 at 2^-10): with a bound of 0.06 the rate that reaches
+    the level (2^-10.5, between 2^-11 and 2^-10) is refused and 2^-11 (retain loss 0.05) is kept."""
+    def probe(lr: float) -> Probe:
+        return Probe(lr, max(0.0, math.log2(lr) + 14), 0.1 * lr / 2.0 ** -10)
+
+    choice = choose_rate(probe, level=3.5, retain_bound=0.06)
+    assert choice.lr == 2.0 ** -11
+    assert choice.retain_ok and not choice.reached
+
+
+def test_the_real_probe_picks_a_rate_between_one_that_leaves_the_first_chunk_below_the_level_and_one_that_reaches_it(
+        auto_run):
+    """On the micro target: the probes are the first chunk trained at each rate. Their records say where
+    the chunk's loss crosses the level; the kept rate lies between the two probes around the crossing."""
+    auto = auto_run["record"]["auto"]
+    level = auto["before"]["level"]
+    probes = sorted(auto["probes"], key=lambda probe: probe["lr"])
+    below = [probe["lr"] for probe in probes if probe["forget_loss"] < level]
+    above = [probe["lr"] for probe in probes if probe["forget_loss"] >= level]
+    assert below and above  # the bracket 2^-20 .. 2^-6 holds the crossing on this target
+    assert max(below) < auto["lr"] <= min(above)
+    assert min(above) / max(below) == 2  # the bisection narrowed the bracket to one octave
+    assert auto["lr"] == auto_run["record"]["config"]["optim"]["lr"]  # the run trained at it
+
+
+# --- the stopping rule -------------------------------------------------------------------------------
+
+
+def figures(auc: float, ks_p: float = 0.5, retain_loss: float = 0.1, regurgitated: float | None = 0.1,
+            kept: float = 1.0) -> dict:
+    record = {"forget_loss": 4.0, "unseen_loss": 4.0, "mia_auc": auc, "mia_score": 1 - 2 * abs(auc - 0.5),
+              "ks_distance": 0.1, "ks_p": ks_p, "retain_loss": retain_loss, "level": 4.0}
+    if regurgitated is not None:
+        record.update(forget_regurgitated=regurgitated, retain_kept=kept)
+    return record
+
+
+@pytest.mark.parametrize(("state", "met"), [
+    (figures(0.5), True),
+    (figures(0.9), False),  # the attack still tells the forget documents apart
+    (figures(0.1), False),  # pushed past unseen text: told apart the other way
+    (figures(0.5, ks_p=0.01), False),  # an AUC near 0.5 from documents on both sides of unseen text
+    (figures(0.5, retain_loss=0.6), False),
+    (figures(0.5, regurgitated=0.4), False),
+    (figures(0.5, kept=0.8), False),
+    (figures(0.5, regurgitated=None), False),  # stage 2 not run: not met
+])
+def test_the_check_is_met_only_when_every_part_of_it_is(state, met):
+    assert held_out.met(state, BOUNDS) is met
+
+
+def test_the_run_stops_at_the_first_chunk_whose_check_is_met_and_keeps_that_state(micro_model_dir, micro_data_dir, tmp_path):
+    """Four chunks; the check (a stand-in reading the chunk's number) is met from chunk 2 on: the run
+    stops after chunk 2, with the steps of two chunks, and keeps chunk 2's state."""
+    from unlearnlm.config import load_config
+    from unlearnlm.recipe import setup
+
+    config = load_config("auto", ["schedule.chunk_size=3", "max_length=32"])  # 12 forget rows: 4 chunks
+    run = setup(micro_model_dir, micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl", tmp_path / "out", config,
+                False, False, False)
+    engine = run.engine
+    checked = []
+
+    def validator(model) -> dict:
+        checked.append(len(checked) + 1)
+        return figures(0.9) if len(checked) < 2 else figures(0.5)
+
+    engine.validator = validator
+    engine.selection = held_out_selection()
+    summary = engine.run()
+    assert len(engine.phases) == 4 and checked == [1, 2]
+    assert summary.stop.value == "selected" and "after chunk 2" in summary.stopped_reason
+    assert summary.steps == sum(engine.steps_per_epoch[:2]) * config.schedule.epochs_per_chunk
+    assert summary.best["chunk"] == 2
+
+
+def held_out_selection():
+    from unlearnlm.engine import Selection
+
+    return Selection(better=lambda new, old: held_out.rank(new, BOUNDS) > held_out.rank(old, BOUNDS),
+                     done=lambda scores: held_out.met(scores, BOUNDS))
+
+
+# --- U ------------------------------------------------------------------------------------------------
+
+
+def test_a_document_sharing_thirteen_words_with_another_text_is_found():
+    text = " ".join(f"w{index}" for index in range(40))
+    assert shared_text(["a b c " + " ".join(f"w{index}" for index in range(10, 23)) + " z"], [text]) == 0
+    assert shared_text(["a b c " + " ".join(f"w{index}" for index in range(10, 22)) + " z"], [text]) is None  # 12 words
+    assert shared_text(["x y", "w3 w4 w5"], [text]) == 1  # shorter than 13 words: contained whole
+
+
+def test_the_split_is_seeded_and_holds_every_document_once():
+    documents = [f"document {index}" for index in range(9)]
+    split = split_unseen(documents, seed=0)
+    assert len(split.level) == 4 and len(split.check) == 5
+    assert sorted(split.level + split.check) == documents
+    assert split_unseen(documents, seed=0) == split
+
+
+def test_an_unseen_set_that_overlaps_the_forget_set_is_refused_in_one_line(micro_model_dir, micro_data_dir, tmp_path, capsys):
+    forget = [json.loads(line) for line in (micro_data_dir / "forget.jsonl").read_text().splitlines()]
+    leaked = forget[0]["input"] + " " + forget[0]["output"]
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"document": text} for text in ["one two three four", "five six", leaked,
+                                                                                       "seven eight nine"]])
+    code = run_cli("unlearn", "--model", micro_model_dir, "--forget", micro_data_dir / "forget.jsonl", "--retain",
+                   micro_data_dir / "retain.jsonl", "--unseen", unseen, "--config", "auto", "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == ["error: --unseen document 3 shares text with the forget set (13 words or more): "
+                                        "U must be text the model was not fine-tuned on"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--config", "auto"], "error: --config auto needs --unseen U"),
+    (["--config", "sugd-level", "--unseen", "UNSEEN"], "error: --unseen is read by --config auto only"),
+])
+def test_auto_and_unseen_go_together(micro_model_dir, micro_data_dir, tmp_path, capsys, options, message):
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": f"unseen text number {index}"} for index in range(4)])
+    code = run_cli("unlearn", "--model", micro_model_dir, "--forget", micro_data_dir / "forget.jsonl", "--retain",
+                   micro_data_dir / "retain.jsonl", "--out", tmp_path / "out",
+                   *[unseen if option == "UNSEEN" else option for option in options])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+# --- a whole run on the micro target --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_run(micro_target, tmp_path_factory) -> dict:
+    """``unlearn --config auto`` on the micro target, recording every file the process opens."""
+    target = micro_target[0]
+    work = tmp_path_factory.mktemp("auto")
+    unseen = write_jsonl(work / "unseen.jsonl", [{"text": text} for text in unseen_documents(target, 8)])
+    opened: list[str] = []
+
+    def record(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, Path)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(record)
+    code = run_cli("unlearn", "--model", target, "--forget", target / "benchmark" / "forget.jsonl", "--retain",
+                   target / "benchmark" / "retain.jsonl", "--unseen", unseen, "--config", "auto", "--out", work / "out")
+    files = list(opened)
+    opened.clear()  # the hook stays installed (audit hooks cannot be removed); it records into a list no one reads
+    assert code == 0
+    return {"target": target, "unseen": unseen, "out": work / "out", "opened": files,
+            "record": json.loads((work / "out" / "run.json").read_text())}
+
+
+def test_auto_reads_only_the_model_the_forget_and_retain_sets_and_the_unseen_documents(auto_run):
+    target, out = auto_run["target"], auto_run["out"]
+    read = {Path(path).resolve() for path in auto_run["opened"]}
+    inside = [path for path in read if path.is_relative_to(target.resolve())]
+    allowed = {target / "benchmark" / "forget.jsonl", target / "benchmark" / "retain.jsonl"}
+    model_files = {path for path in inside if path.parent == target.resolve()}
+    assert {path for path in inside if path not in model_files} <= {path.resolve() for path in allowed}
+    assert not any(path.name.startswith(("mia_", "general")) for path in read)  # no evaluation set
+    assert not any((target / "oracle").resolve() in path.parents for path in read)  # no oracle
+    assert auto_run["unseen"].resolve() in read
+    assert (out / "run.json").is_file()
+
+
+def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
+    """The kept model's loss on each forget document and held-out unseen document, computed here with
+    transformers' own loss; the AUC with scikit-learn; the KS test with SciPy."""
+    from scipy.stats import ks_2samp
+    from sklearn.metrics import roc_auc_score
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearnlm.data.records import load_records
+
+    record, out = auto_run["record"], auto_run["out"]
+    verdict = record["verdict"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    model.eval()
+
+    def loss(text: str) -> float:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            return model(input_ids=ids, labels=ids).loss.item()
+
+    forget = [row.input + " " + row.output for row in load_records(auto_run["target"] / "benchmark" / "forget.jsonl", "forget")
+              if row.kind == "sc"]
+    unseen = [json.loads(line)["text"] for line in auto_run["unseen"].read_text().splitlines()]
+    check = split_unseen(unseen, record["seed"]).check
+    forget_losses, unseen_losses = [loss(text) for text in forget], [loss(text) for text in check]
+    auc = roc_auc_score([1] * len(forget) + [0] * len(check), [-value for value in forget_losses + unseen_losses])
+    # Rounded to 4 places in run.json; a batched forward differs from one at a time by float rounding.
+    assert verdict["forget_loss"] == pytest.approx(np.mean(forget_losses), abs=2e-4)
+    assert verdict["unseen_loss"] == pytest.approx(np.mean(unseen_losses), abs=2e-4)
+    assert verdict["mia_auc"] == pytest.approx(auc, abs=1e-4)
+    assert verdict["ks_p"] == pytest.approx(ks_2samp(forget_losses, unseen_losses).pvalue, abs=1e-4)
+    half = 2 * math.sqrt((len(forget) + len(check) + 1) / (12 * len(forget) * len(check)))
+    assert verdict["bounds"]["auc_high"] == pytest.approx(0.5 + max(0.1, half), abs=1e-4)
+    assert verdict["forgotten"] == (verdict["bounds"]["auc_low"] <= auc <= verdict["bounds"]["auc_high"]
+                                    and verdict["ks_p"] >= 0.05
+                                    and verdict["retain_loss"] <= verdict["bounds"]["retain_loss"]
+                                    and verdict["forget_regurgitated"] <= verdict["bounds"]["regurgitated"]
+                                    and verdict["retain_kept"] >= verdict["bounds"]["retain_kept"])
+    assert verdict["summary"] in (out / "README.md").read_text()
