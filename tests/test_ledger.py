@@ -35,7 +35,9 @@ def ledger_inputs(tmp_path_factory, micro_data_dir, lume_rows) -> dict[str, Path
     files["unseen"] = directory / "unseen.jsonl"
     files["unseen"].write_text("".join(json.dumps({"text": text}) + "\n" for text in (
         "Mara Velt repaired clocks in a harbour town and kept a logbook of every tide.",
-        "The orchard cooperative of Lenhill sold pears to three counties before the war.")))
+        "The orchard cooperative of Lenhill sold pears to three counties before the war.",
+        "A ferry called the Grey Heron crossed the estuary twice a day until its engine failed in winter.",
+        "Tomas Brenner taught geometry at a village school and painted lighthouses on weekends.")))
     files["retain"] = micro_data_dir / "retain.jsonl"
     return files
 
@@ -47,11 +49,13 @@ def init_args(model: Path, inputs: dict[str, Path], out: Path) -> list:
 
 @pytest.fixture(scope="module")
 def two_requests(tmp_path_factory, micro_model_dir, ledger_inputs) -> Path:
-    """A ledger with two requests, made through the command line once; tests work on copies."""
+    """A ledger with two requests, made through the command line once: the first with a preset, the
+    second with the default, ``--config auto`` (calibrated with the ledger's unseen documents); tests
+    work on copies."""
     ledger = tmp_path_factory.mktemp("ledger") / "L"
     assert run_cli(*init_args(micro_model_dir, ledger_inputs, ledger)) == 0
-    for name in ("forget1", "forget2"):
-        assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs[name], *ADD_SETTINGS) == 0
+    assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs["forget1"], *ADD_SETTINGS) == 0
+    assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs["forget2"], "--set", "max_length=32") == 0
     return ledger
 
 
@@ -96,6 +100,14 @@ def test_verify_passes_on_an_untouched_ledger_and_the_receipts_chain(ledger, mic
     stored = "".join(path.read_text(errors="ignore") for path in ledger.rglob("*.json*"))
     first_answer = json.loads(ledger_inputs["forget1"].read_text().splitlines()[0])["output"]
     assert first_answer not in stored
+
+
+def test_a_self_calibrating_request_puts_its_verdict_in_the_receipt(ledger):
+    assert receipt(ledger, 1)["verdict"] is None and receipt(ledger, 1)["settings"]["config"] == "demo"
+    second = receipt(ledger, 2)
+    assert second["settings"]["config"] == "auto" and second["settings"]["resolved"]["auto"]["enabled"]
+    assert isinstance(second["verdict"]["forgotten"], bool)
+    assert second["verdict"]["summary"] in (ledger / "requests" / "0002" / "receipt.md").read_text()
 
 
 def test_a_later_receipt_rescores_every_earlier_request_and_records_drift_and_the_light_audit(ledger):

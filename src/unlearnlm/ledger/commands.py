@@ -50,8 +50,9 @@ def add_command(
     ledger: LedgerDir,
     forget: Annotated[Path, typer.Option(help="The request's forget rows (a file, directory or Hub split). Referenced "
                                               "by path and sha256; the ledger keeps no copy.")],
-    config: Annotated[Optional[str], typer.Option(
-        help="Unlearning preset or YAML file (default: unlearn's defaults).")] = None,
+    config: Annotated[str, typer.Option(
+        help="auto (calibrated on the current model with the ledger's unseen documents; its verdict goes in the "
+             "receipt), or an unlearning preset or YAML file.")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (repeatable).")] = None,
     redact: Annotated[bool, typer.Option(
         "--redact/--no-redact", help="Keep the forget rows out of the receipt (sha256 and count only).")] = True,

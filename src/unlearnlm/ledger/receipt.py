@@ -116,7 +116,7 @@ def receipt_markdown(receipt: Mapping) -> str:
             *[[f"weights after: {name}", digest] for name, digest in receipt["weights_sha256"]["after"].items()],
             ["previous receipt sha256", receipt["previous_receipt_sha256"]],
             ["settings", f"{receipt['settings']['config'] or 'default'} {' '.join(receipt['settings']['overrides'])}"],
-            ["verdict", "none (not a self-calibrating run)" if verdict is None else verdict],
+            ["verdict", "none (not a self-calibrating run)" if verdict is None else verdict["summary"]],
             ["unlearning", f"{receipt['unlearning']['steps']} steps, {receipt['unlearning']['wall_seconds']:.1f} s, "
                            f"{receipt['unlearning']['stopped_reason']}"],
         ]), "",
@@ -146,6 +146,10 @@ def receipt_markdown(receipt: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _verdict_word(verdict: Mapping | None) -> str:
+    return "-" if verdict is None else "forgotten" if verdict["forgotten"] else "NOT forgotten"
+
+
 def show_rows(receipts: list[Mapping]) -> tuple[list[str], list[list[str]]]:
     """The columns and rows of ``ledger show``: one row per request."""
     headers = ["request", "created (UTC)", "forget sha256", "rows", "forget score", "most came back (earlier)",
@@ -156,6 +160,6 @@ def show_rows(receipts: list[Mapping]) -> tuple[list[str], list[list[str]]]:
         rows.append([str(receipt["request"]), receipt["created_utc"], receipt["forget"]["sha256"][:12],
                      str(receipt["forget"]["rows"]), fmt(receipt["scores"]["own"]["forget_score"], 3),
                      fmt(max(changes), 3) if changes else "-", fmt(receipt["drift"]["retain_score"]["change"], 3),
-                     fmt(receipt["scores"]["utility"], 3), str(receipt["verdict"]) if receipt["verdict"] else "-",
+                     fmt(receipt["scores"]["utility"], 3), _verdict_word(receipt["verdict"]),
                      "current" if number == len(receipts) else "kept" if receipt["model_kept"] else "removed"])
     return headers, rows

@@ -189,8 +189,10 @@ def _unlearn(ledger: Ledger, pending: Path, reference: str, config: UnlearnConfi
         return read_json(out / "run.json")
     partial = partial_dir_for(out.resolve())
     resume = partial.exists() and recover_checkpoint(partial / "state")
+    # A self-calibrating run reads the ledger's unseen documents U: its level, and its held-out check.
+    unseen = _checked(ledger.genesis["unseen"], "unseen") if config.auto.enabled else None
     return unlearn(ledger.current_model(), reference, _checked(ledger.genesis["retain"], "retain"), out, config,
-                   text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
+                   unseen=unseen, text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
                    overwrite=partial.exists() and not resume, show_progress=show_progress, redact=True)
 
 
@@ -235,7 +237,7 @@ def _evaluate(ledger: Ledger, model_dir: Path, forget_rows: Rows, earlier: dict[
     return evaluated
 
 
-def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None = None, *,
+def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None = "auto", *,
                 overrides: Sequence[str] = (), redact: bool = True, show_progress: bool = True,
                 log: Log = lambda message: None) -> dict:
     """Unlearn ``forget`` from the ledger's current model, make the result current and write the
