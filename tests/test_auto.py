@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -16,19 +15,15 @@ from conftest import run_cli
 from unlearnlm.auto import check as held_out
 from unlearnlm.auto.rate import Probe, choose_rate
 from unlearnlm.auto.unseen import split_unseen
-from unlearnlm.data.overlap import shared_text
+from unlearnlm.data.overlap import shared_text, sharing_indices
 
 BOUNDS = held_out.Bounds(auc_low=0.3, auc_high=0.7, retain_loss=0.5, regurgitated=0.3, retain_kept=0.9)
 
 
 def unseen_documents(target: Path, count: int) -> list[str]:
-    """Pool biographies outside every set of the target, as the bench's level documents are."""
-    from unlearnlm.data.sets import MIA_TASK, pretraining_pool
-
-    manifest = json.loads((target / "benchmark" / "manifest.json").read_text())
-    in_sets = {doc for entry in manifest["files"].values() for doc in entry["documents"]}
-    outside = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK and doc.id not in in_sets]
-    return random.Random("test-unseen").sample(outside, count)
+    """The first of the unseen documents ``unlearnlm target`` wrote beside the target's sets."""
+    lines = (target / "benchmark" / "unseen.jsonl").read_text().splitlines()
+    return [json.loads(line)["text"] for line in lines[:count]]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -186,6 +181,20 @@ def test_auto_and_unseen_go_together(micro_model_dir, micro_data_dir, tmp_path, 
     assert capsys.readouterr().err.startswith(message)
 
 
+def test_the_target_writes_unseen_pool_documents_that_share_no_text_with_any_set(micro_target):
+    from unlearnlm.data.records import load_documents, load_records
+    from unlearnlm.data.sets import MIA_TASK, UNSEEN_DOCUMENTS, pretraining_pool
+
+    sets = micro_target[0] / "benchmark"
+    unseen = unseen_documents(micro_target[0], UNSEEN_DOCUMENTS + 1)
+    assert len(unseen) == UNSEEN_DOCUMENTS == len(set(unseen))
+    assert set(unseen) <= {doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK}  # seen in pretraining only
+    texts = [row.input + " " + row.output for name in ("forget", "retain", "general")
+             for row in load_records(sets / f"{name}.jsonl", "retain")]
+    texts += load_documents(sets / "mia_members.jsonl") + load_documents(sets / "mia_nonmembers.jsonl")
+    assert sharing_indices(unseen, texts) == []
+
+
 # --- a whole run on the micro target --------------------------------------------------------------------
 
 
@@ -262,3 +271,47 @@ def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
                                     and verdict["forget_regurgitated"] <= verdict["bounds"]["regurgitated"]
                                     and verdict["retain_kept"] >= verdict["bounds"]["retain_kept"])
     assert verdict["summary"] in (out / "README.md").read_text()
+
+
+# --- two processes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_calibrate_check_and_judge_as_one_does(micro_model_dir, micro_data_dir, tmp_path):
+    """DDP on two CPU processes and one process: the same probes, rate, stopping point and verdict (the
+    check's losses are gathered from both processes' shares, and every process decides on the main
+    one's scores). Sums of halves differ from whole sums by float rounding only."""
+    import os
+    import subprocess
+
+    from unlearnlm.data.overlap import sharing_indices
+    from unlearnlm.data.sets import MIA_TASK, pretraining_pool
+
+    rows = [json.loads(line) for name in ("forget.jsonl", "retain.jsonl")
+            for line in (micro_data_dir / name).read_text().splitlines()]
+    pool = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK]
+    sharing = set(sharing_indices(pool, [row["input"] + " " + row["output"] for row in rows]))
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": text} for index, text in enumerate(pool[:40])
+                                                      if index not in sharing][:8])
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    args = ["-m", "unlearnlm", "unlearn", "--model", str(micro_model_dir), "--forget", str(micro_data_dir / "forget.jsonl"),
+            "--retain", str(micro_data_dir / "retain.jsonl"), "--unseen", str(unseen), "--config", "auto",
+            "--set", "max_length=48"]
+    launches = {"two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                "one": [sys.executable]}
+    records = {}
+    for name, launch in launches.items():
+        done = subprocess.run([*launch, *args, "--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records[name] = json.loads((tmp_path / name / "run.json").read_text())
+    two, one = records["two"], records["one"]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [probe["lr"] for probe in two["auto"]["probes"]] == [probe["lr"] for probe in one["auto"]["probes"]]
+    assert two["auto"]["lr"] == pytest.approx(one["auto"]["lr"], rel=1e-3)
+    assert two["stopped_reason"] == one["stopped_reason"]
+    assert two["verdict"]["forgotten"] == one["verdict"]["forgotten"]
+    for key in ("forget_loss", "unseen_loss", "retain_loss"):
+        assert two["verdict"][key] == pytest.approx(one["verdict"][key], rel=1e-2)
+

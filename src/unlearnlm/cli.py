@@ -80,7 +80,8 @@ def target_command(
         f"target: {out}  ({log['parameters']:,} parameters, {target['epochs']} epochs, {target['train_seconds']:.0f}s, "
         f"{target['rows_recalled']}/{target['rows']} rows recalled)\n"
         f"oracle: {out / 'oracle'}  ({oracle['steps']} steps, {oracle['train_seconds']:.0f}s)\n"
-        f"calibration passed; scores and losses in {out / 'benchmark' / 'manifest.json'}"
+        f"calibration passed; scores and losses in {out / 'benchmark' / 'manifest.json'}\n"
+        f"unseen documents for --config auto --unseen: {out / 'benchmark' / 'unseen.jsonl'}"
     )
 
 
@@ -300,10 +301,11 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its models and reports.")] = Path("unlearnlm-demo"),
     size: Annotated[str, typer.Option(help="Size preset of the target and oracle.")] = "mini",
     seed: Annotated[int, typer.Option(help="Seed of the target and the document draw.")] = 0,
-    config: Annotated[str, typer.Option(help="Unlearning preset or YAML file.")] = "demo",
+    config: Annotated[str, typer.Option(
+        help="Unlearning preset or YAML file; auto (the default) calibrates itself on the target's unseen documents.")] = "auto",
     redact: Annotated[bool, typer.Option(help="Mask forget-set answers in printed tables and reports.")] = False,
 ) -> None:
-    """Build (or reuse) a tiny memorized target and its oracle, unlearn it with SUGD, and print the scores
+    """Build (or reuse) a tiny memorized target and its oracle, unlearn it (--config auto), and print the scores
     of the base, target, oracle and unlearned model."""
     from unlearnlm.bench.base import cache_root
     from unlearnlm.config import load_config

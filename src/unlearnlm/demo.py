@@ -2,7 +2,8 @@
 
 Build (or reuse) the tiny `mini` models: the target that memorized LUME documents and the oracle
 retrained without its forget set, both fine-tuned from a small pretrained base (shipped in the
-package for the bundled data). Unlearn the target's forget set with SUGD (the `demo` preset), score
+package for the bundled data). Unlearn the target's forget set with `--config auto` (SUGD calibrated on
+the target itself from its unseen documents, ``benchmark/unseen.jsonl``), score
 the base, target, oracle and unlearned model with the official SemEval-2025 Task 4 scoring (utility
 in place of MMLU), and print and write the comparison: the unlearned model should land near the oracle.
 """
@@ -29,16 +30,17 @@ def prepare_demo_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(out: Path, size: str | Size = "mini", seed: int = 0, config: str = "demo", redact: bool = False,
+def run_demo(out: Path, size: str | Size = "mini", seed: int = 0, config: str = "auto", redact: bool = False,
              batch_size: int = 16) -> dict:
     from rich.console import Console
 
+    from unlearnlm.api import unlearn
     from unlearnlm.bench.target import ORACLE_DIR, cached_target, read_models
     from unlearnlm.config import load_config
     from unlearnlm.data.records import load_documents, load_records
+    from unlearnlm.data.sets import write_unseen
     from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, evaluate_paths
     from unlearnlm.evaluation.report import results_table, terms_table, write_report
-    from unlearnlm.recipe import unlearn
 
     console = Console()
     prepare_demo_dir(out)
@@ -50,7 +52,10 @@ def run_demo(out: Path, size: str | Size = "mini", seed: int = 0, config: str = 
 
     sets = target_dir / "benchmark"
     started = time.perf_counter()
-    run = unlearn(target_dir, sets / "forget.jsonl", sets / "retain.jsonl", out / "unlearned", load_config(config))
+    resolved = load_config(config)
+    # auto calibrates itself on the unseen documents the target saw only in pretraining (no evaluation set)
+    unseen = write_unseen(sets) if resolved.auto.enabled else None
+    run = unlearn(target_dir, sets / "forget.jsonl", sets / "retain.jsonl", out / "unlearned", resolved, unseen=unseen)
     timings["unlearn_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -66,6 +71,8 @@ def run_demo(out: Path, size: str | Size = "mini", seed: int = 0, config: str = 
 
     console.print(terms_table(named))
     console.print(results_table(named))
+    if "verdict" in run:
+        console.print(f"verdict of the held-out check: {run['verdict']['summary']}")
     report = demo_markdown(named, run, timings, target_dir, config)
     (out / "report.md").write_text(report, encoding="utf-8")
     summary = {"target": str(target_dir), "config": config, "timings": timings, "unlearn": run,
@@ -82,7 +89,7 @@ def demo_markdown(named: list, run: dict, timings: dict, target_dir: Path, confi
     labels = named[0][1]["aggregated-term-labels"]
     terms = [[label, *(fmt(results["aggregated-terms"][i]) for _, results in named)] for i, label in enumerate(labels)]
     return "\n".join([
-        "# unlearnlm demo: SUGD on a tiny target that memorized LUME",
+        f"# unlearnlm demo: `{config}` on a tiny target that memorized LUME",
         "",
         "The base is pretrained on biographies (the MIA members and nonmembers among them), the target is the base "
         "fine-tuned on the forget, retain and general sets until it memorized them, the oracle is the base fine-tuned "
@@ -99,4 +106,6 @@ def demo_markdown(named: list, run: dict, timings: dict, target_dir: Path, confi
         f"Wall time: target {timings['target_s']:.0f}s, unlearning {timings['unlearn_s']:.0f}s, "
         f"evaluation {timings['evaluate_s']:.0f}s.",
         "",
+        *([f"Verdict of the held-out check (no evaluation set read): {run['verdict']['summary']}.", ""]
+          if "verdict" in run else []),
     ])

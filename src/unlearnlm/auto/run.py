@@ -178,6 +178,8 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     record["verdict"] = held_out.verdict(final, calibration.bounds, {"lr": lr, "chunks_run": len(summary.validations),
                                                                      "chunks": len(engine.phases)})
     save(job, record)
+    if engine.accelerator.is_main_process:
+        saved.unlink(missing_ok=True)  # run.json's "auto" records the rate; the file served a resume only
     cleanup(job)
     return record
 

@@ -80,6 +80,7 @@ from unlearnlm.data.sets import (
     pool_texts,
     pretraining_pool,
     write_sets,
+    write_unseen,
 )
 from unlearnlm.data.tokenize import Example, encode_example
 from unlearnlm.errors import UserError
@@ -276,6 +277,7 @@ def build_target(
         models = {"target": ".", "oracle": ORACLE_DIR if with_oracle else None, "base": str(base_dir),
                   "base_weights_sha256": log["base"]["weights_sha256"]}
         write_sets(sets, staging / BENCHMARK_DIR, {"models": models, "calibration": calibration})
+        write_unseen(staging / BENCHMARK_DIR, root)
         (staging / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
         replace_dir(staging, out)
     finally:

@@ -19,17 +19,22 @@ def _spans(text: str, width: int) -> set[tuple[str, ...]]:
     return {tuple(words[start:start + width]) for start in range(len(words) - width + 1)}
 
 
-def shared_text(documents: Sequence[str], others: Iterable[str], width: int = SHARED_WORDS) -> int | None:
-    """The index of the first document sharing a run of ``width`` words with one of ``others``
-    (a document shorter than that: contained in one of them); None when none does."""
+def sharing_indices(documents: Sequence[str], others: Iterable[str], width: int = SHARED_WORDS) -> list[int]:
+    """The indices of the documents sharing a run of ``width`` words with one of ``others`` (a document
+    shorter than that: contained in one of them)."""
     others = list(others)
     spans = set().union(*(_spans(text, width) for text in others)) if others else set()
     joined = [" ".join(text.split()) for text in others]
+    sharing = []
     for index, document in enumerate(documents):
         words = document.split()
-        if len(words) < width:
-            if any(" ".join(words) in text for text in joined):
-                return index
-        elif _spans(document, width) & spans:
-            return index
-    return None
+        if (any(" ".join(words) in text for text in joined) if len(words) < width
+                else bool(_spans(document, width) & spans)):
+            sharing.append(index)
+    return sharing
+
+
+def shared_text(documents: Sequence[str], others: Iterable[str], width: int = SHARED_WORDS) -> int | None:
+    """The index of the first document sharing text with one of ``others``; None when none does."""
+    sharing = sharing_indices(documents, others, width)
+    return sharing[0] if sharing else None

@@ -30,7 +30,8 @@ from importlib import resources
 from pathlib import Path
 
 from unlearnlm.bench.sizes import SIZES, SizePreset, get_size
-from unlearnlm.data.records import Record, content_sha256, load_records, write_jsonl
+from unlearnlm.data.overlap import sharing_indices
+from unlearnlm.data.records import Record, content_sha256, load_documents, load_records, write_jsonl
 from unlearnlm.errors import UserError
 
 TASKS = ("Task1", "Task2", "Task3")
@@ -183,6 +184,35 @@ def pool_texts(pool: tuple[Document, ...]) -> list[str]:
     return [document.text() for document in pool if document.task == MIA_TASK] + [
         row.input + " " + row.output for document in pool if document.task != MIA_TASK for row in document.rows
     ]
+
+
+UNSEEN_NAME = "unseen.jsonl"
+UNSEEN_DOCUMENTS = 64
+
+
+def unseen_documents(set_dir: Path, data_dir: str | Path | None = None, count: int = UNSEEN_DOCUMENTS) -> list[str]:
+    """Text a target saw only in pretraining, of the MIA nonmembers' kind, for ``--unseen``: a seeded
+    sample of the pool's Task3 biographies that no set of ``set_dir`` holds and that share no text
+    (``data.overlap``) with any of them, as the bench's level documents are drawn."""
+    manifest = json.loads((set_dir / MANIFEST_NAME).read_text())
+    in_sets = {doc for entry in manifest["files"].values() for doc in entry["documents"]}
+    outside = [doc.text() for doc in pretraining_pool(data_dir) if doc.task == MIA_TASK and doc.id not in in_sets]
+    texts = [row.input + " " + row.output for name in ("forget.jsonl", "retain.jsonl", "general.jsonl")
+             for row in load_records(set_dir / name, "retain")]
+    texts += [document for name in ("mia_members.jsonl", "mia_nonmembers.jsonl") for document in load_documents(set_dir / name)]
+    sharing = set(sharing_indices(outside, texts))
+    clean = [text for index, text in enumerate(outside) if index not in sharing]
+    return random.Random("unlearnlm-unseen").sample(clean, min(count, len(clean)))
+
+
+def write_unseen(set_dir: Path, data_dir: str | Path | None = None) -> Path:
+    """``unseen.jsonl`` (``{"text": ...}`` lines) beside the sets, from ``unseen_documents``; kept when there."""
+    path = set_dir / UNSEEN_NAME
+    if not path.is_file():
+        staging = path.with_name(f".{UNSEEN_NAME}.partial")
+        write_jsonl(({"text": text} for text in unseen_documents(set_dir, data_dir)), staging)
+        staging.replace(path)
+    return path
 
 
 def write_sets(sets: BenchmarkSets, out_dir: str | Path, extra: dict | None = None) -> Path:

@@ -1,0 +1,107 @@
+"""``--config auto``'s goals, measured on a cached target: the unlearned model against the oracle (retrained
+without F), and the cost against one ``sugd-level`` run on the same target.
+
+    UNLEARNLM_CACHE=/work/cache-demo python scripts/auto_goals.py --size mini --out auto-goals
+
+The target, its oracle and its unseen documents (``benchmark/unseen.jsonl``) come from the cache (built
+there first when missing). Runs, one after the other on the same machine:
+
+- ``sugd-level`` as its preset says, with the level read from U's level half (as ``unlearnlm level``);
+- ``--config auto --unseen benchmark/unseen.jsonl``;
+
+then scores target, oracle and both runs on the target's evaluation sets (which auto never read), and
+prints, and writes to OUT (``results.json``, ``goals.md``): auto's final against 0.85x the oracle's with
+an MIA score above 0; auto's whole wall time (probes, checks and saving included) against sugd-level's
+(goal: at most 2x); whether the verdict agrees with the evaluation's own MIA (AUC within 0.5 +- 0.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+GOALS = {"final_vs_oracle": 0.85, "cost_vs_sugd_level": 2.0, "agreement_auc_half_width": 0.15}
+NAMES = ("target", "oracle", "sugd-level", "auto")
+
+
+def timed_unlearn(target: Path, out: Path, config: str, **options) -> tuple[dict, float]:
+    from unlearnlm.api import unlearn
+
+    sets = target / "benchmark"
+    started = time.perf_counter()
+    record = unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", out, config, overwrite=True, show_progress=False,
+                     **options)
+    return record, time.perf_counter() - started
+
+
+def sugd_level_run(target: Path, out: Path, unseen: Path) -> tuple[dict, float]:
+    """sugd-level at the level of U's level half, the documents auto reads its level from; the level's
+    reading is part of the run's time, as it is part of auto's."""
+    from unlearnlm.auto.unseen import read_unseen, split_unseen
+    from unlearnlm.evaluation.evaluator import load_model
+    from unlearnlm.evaluation.mia import mean_document_loss
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(target)
+    level = mean_document_loss(model, tokenizer, split_unseen(read_unseen(unseen), 0).level, 16)
+    seconds = time.perf_counter() - started
+    record, run_seconds = timed_unlearn(target, out, "sugd-level", overrides=[f"method_args.forget_ceiling={level:.4f}"])
+    return record, seconds + run_seconds
+
+
+def evaluate(target: Path, models: list[Path]) -> list[dict]:
+    from unlearnlm.api import evaluate_models
+
+    sets = target / "benchmark"
+    named = evaluate_models(models, sets / "forget.jsonl", sets / "retain.jsonl", members=sets / "mia_members.jsonl",
+                            nonmembers=sets / "mia_nonmembers.jsonl", general=sets / "general.jsonl")
+    return [{"final": results["aggregate-score"], "task_aggregate": results["harmonic-mean-task-aggregate"],
+             "mia_score": results["mia_final_score"], "mia_auc": results["mia_loss_acc"], "utility": results["utility"]}
+            for _, results in named]
+
+
+def main() -> None:
+    from unlearnlm.bench.target import BENCHMARK_DIR, ORACLE_DIR, cached_target
+    from unlearnlm.data.sets import write_unseen
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="mini")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draw", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("auto-goals"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    target, _ = cached_target(args.size, args.seed, args.draw)
+    unseen = write_unseen(target / BENCHMARK_DIR)
+    level_record, level_seconds = sugd_level_run(target, args.out / "sugd-level", unseen)
+    auto_record, auto_seconds = timed_unlearn(target, args.out / "auto", "auto", unseen=unseen)
+    scores = dict(zip(NAMES, evaluate(target, [target, target / ORACLE_DIR, args.out / "sugd-level", args.out / "auto"])))
+    verdict, auto_scores, oracle = auto_record["verdict"], scores["auto"], scores["oracle"]
+    agrees = verdict["forgotten"] == (abs(auto_scores["mia_auc"] - 0.5) <= GOALS["agreement_auc_half_width"])
+    results = {"target": str(target), "scores": scores, "seconds": {"sugd-level": level_seconds, "auto": auto_seconds},
+               "auto": auto_record["auto"], "verdict": verdict,
+               "goals": {"final_vs_oracle": auto_scores["final"] / oracle["final"],
+                         "mia_score_above_0": auto_scores["mia_score"] > 0,
+                         "cost_vs_sugd_level": auto_seconds / level_seconds, "verdict_agrees_with_eval_mia": agrees}}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| model | final | task aggregate | MIA score | MIA AUC | utility |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {row['final']:.3f} | {row['task_aggregate']:.3f} | {row['mia_score']:.3f} | {row['mia_auc']:.3f} | "
+              f"{row['utility']:.3f} |" for name, row in scores.items()]
+    goals = results["goals"]
+    lines += ["", f"auto: {auto_scores['final']:.3f} = {goals['final_vs_oracle']:.3f} x the oracle's {oracle['final']:.3f} "
+                  f"(goal >= {GOALS['final_vs_oracle']}), MIA score {auto_scores['mia_score']:.3f} (goal > 0)",
+              f"cost: auto {auto_seconds:.1f}s against sugd-level {level_seconds:.1f}s = {goals['cost_vs_sugd_level']:.2f}x "
+              f"(goal <= {GOALS['cost_vs_sugd_level']}); auto's probes {auto_record['auto']['probe_seconds']:.1f}s, "
+              f"checks {auto_record['validation_seconds']:.1f}s",
+              f"rate chosen: {auto_record['auto']['lr']:.3g}; {auto_record['stopped_reason']}",
+              f"verdict: {verdict['summary']}",
+              f"verdict agrees with the evaluation's MIA (AUC {auto_scores['mia_auc']:.3f}, within 0.5 +- 0.15: "
+              f"{abs(auto_scores['mia_auc'] - 0.5) <= 0.15}): {agrees}"]
+    (args.out / "goals.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
