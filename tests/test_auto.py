@@ -278,9 +278,9 @@ def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
 
 @pytest.mark.slow
 def test_two_processes_calibrate_check_and_judge_as_one_does(micro_model_dir, micro_data_dir, tmp_path):
-    """DDP on two CPU processes and one process: the same probes, rate, stopping point and verdict (the
-    check's losses are gathered from both processes' shares, and every process decides on the main
-    one's scores). Sums of halves differ from whole sums by float rounding only."""
+    """DDP on two CPU processes and one process, raw documents and LoRA: the same probes, rate, stopping
+    point and verdict (the check's losses are gathered from both processes' shares, and every process
+    decides on the main one's scores). Sums of halves differ from whole sums by float rounding only."""
     import os
     import subprocess
 
@@ -293,11 +293,14 @@ def test_two_processes_calibrate_check_and_judge_as_one_does(micro_model_dir, mi
     sharing = set(sharing_indices(pool, [row["input"] + " " + row["output"] for row in rows]))
     unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": text} for index, text in enumerate(pool[:40])
                                                       if index not in sharing][:8])
+    for name in ("forget", "retain"):  # the rows' texts as raw documents
+        lines = (micro_data_dir / f"{name}.jsonl").read_text().splitlines()
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": row["input"] + " " + row["output"]} for row in map(json.loads, lines)])
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": str(src), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    args = ["-m", "unlearnlm", "unlearn", "--model", str(micro_model_dir), "--forget", str(micro_data_dir / "forget.jsonl"),
-            "--retain", str(micro_data_dir / "retain.jsonl"), "--unseen", str(unseen), "--config", "auto",
-            "--set", "max_length=48"]
+    args = ["-m", "unlearnlm", "unlearn", "--model", str(micro_model_dir), "--forget", str(tmp_path / "forget.jsonl"),
+            "--retain", str(tmp_path / "retain.jsonl"), "--unseen", str(unseen), "--config", "auto",
+            "--set", "max_length=48", "--set", "lora.enabled=true"]
     launches = {"two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
                 "one": [sys.executable]}
     records = {}
@@ -307,7 +310,7 @@ def test_two_processes_calibrate_check_and_judge_as_one_does(micro_model_dir, mi
         assert done.returncode == 0, done.stderr[-3000:]
         records[name] = json.loads((tmp_path / name / "run.json").read_text())
     two, one = records["two"], records["one"]
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["data"]["raw_documents"]
     assert [probe["lr"] for probe in two["auto"]["probes"]] == [probe["lr"] for probe in one["auto"]["probes"]]
     assert two["auto"]["lr"] == pytest.approx(one["auto"]["lr"], rel=1e-3)
     assert two["stopped_reason"] == one["stopped_reason"]
@@ -315,3 +318,34 @@ def test_two_processes_calibrate_check_and_judge_as_one_does(micro_model_dir, mi
     for key in ("forget_loss", "unseen_loss", "retain_loss"):
         assert two["verdict"][key] == pytest.approx(one["verdict"][key], rel=1e-2)
 
+
+# --- the bench ------------------------------------------------------------------------------------------
+
+
+def test_the_bench_runs_auto_with_no_tuning_run_whatever_the_grid(tmp_path, monkeypatch):
+    """With a grid of three rates, a tuned variant runs three tuning runs and one reported run; auto runs
+    only the reported one, with its preset's settings and no learning rate of the bench's."""
+    from rich.console import Console
+
+    from unlearnlm.bench import run as bench_run
+    from unlearnlm.bench.variants import variants
+
+    calls = []
+
+    def finished_run(run_dir, target, forget, overrides, scorer, settle=None, batch_size=16):
+        calls.append((run_dir.name, overrides))
+        return {"wall_seconds": 0.0, "steps": 1, "stopped_reason": "completed"}, {
+            "final": 0.5, "task_aggregate": 0.5, "mia_score": 0.5, "utility": 0.5}
+
+    monkeypatch.setattr(bench_run, "finished_run", finished_run)
+    monkeypatch.setattr(bench_run, "_run_facts", lambda run: {})
+    monkeypatch.setattr(bench_run, "_trajectory", lambda run_dir: None)
+    options = bench_run.BenchOptions(out=tmp_path, grid=[0.5, 1.0, 2.0], trajectory=False)
+    stage = bench_run.Stage(options, {0: tmp_path, 1: tmp_path}, {}, {0: 3.0, 1: 3.0}, tmp_path, Console(quiet=True))
+    table = variants(n_layers=2)
+    tried, reported = bench_run.method_runs(stage, table["auto"])
+    assert tried == [] and [name for name, _ in calls] == ["auto-seed0"]
+    assert "auto.enabled=true" in calls[0][1] and not any(item.startswith("optim.lr=") for item in calls[0][1])
+    calls.clear()
+    tried, _ = bench_run.method_runs(stage, table["sugd"])
+    assert len(tried) == 3 and len(calls) == 4

@@ -84,8 +84,12 @@ def run_unlearn(model: Path, forget: Path, retain: Path, out: Path, overrides: l
 
 def _unlearn(model: Path, forget: Path, retain: Path, out: Path, overrides: list[str]) -> None:
     from unlearnlm.api import unlearn
+    from unlearnlm.bench.target import BENCHMARK_DIR
+    from unlearnlm.data.sets import write_unseen
 
-    unlearn(model, forget, retain, out, overrides=overrides, overwrite=True)
+    # --config auto reads the target's unseen documents (only a target has them; auto has no settle run)
+    unseen = write_unseen(model / BENCHMARK_DIR) if "auto.enabled=true" in overrides else None
+    unlearn(model, forget, retain, out, overrides=overrides, overwrite=True, unseen=unseen)
 
 
 def in_own_process(function: Callable, args: tuple, log: Path, threads: int | None = None) -> bool:
@@ -222,7 +226,8 @@ def run_bench(options: BenchOptions) -> dict:
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
-    draws = (TUNE_DRAW, REPORT_DRAW) if tunes(options.grid) else (REPORT_DRAW,)
+    tuned = tunes(options.grid) and not all(known[name].calibrates for name in chosen)
+    draws = (TUNE_DRAW, REPORT_DRAW) if tuned else (REPORT_DRAW,)
     # The tuning draw's scores never meet an oracle, so it has none.
     specs = [{"size": size, "seed": options.target_seed, "draw": draw, "with_oracle": draw == REPORT_DRAW}
              for draw in draws]
@@ -273,7 +278,7 @@ def method_runs(stage: Stage, variant: Variant) -> tuple[list[dict], list[dict]]
     a grid to choose from), then the best rate on the reported draw, once per seed."""
     options, name, batch_size = stage.options, variant.name, stage.options.batch_size
     tried = []
-    for multiplier in options.grid if tunes(options.grid) else ():
+    for multiplier in options.grid if tunes(options.grid) and not variant.calibrates else ():
         overrides = variant.at_rate(multiplier) + stage.budget()
         run, scores = finished_run(stage.runs_dir / f"{name}-tune-x{multiplier}", stage.targets[TUNE_DRAW],
                                    stage.forget(TUNE_DRAW), overrides + stage.level(variant, TUNE_DRAW),
@@ -284,7 +289,8 @@ def method_runs(stage: Stage, variant: Variant) -> tuple[list[dict], list[dict]]
         stage.console.print(f"[dim]tune[/] {name} lr x{multiplier}: final {_fmt(scores['final'])}")
     # The first of the best-scoring rates; without tuning, the one configuration there is.
     best = max(tried, key=lambda entry: entry["scores"]["final"],
-               default={"lr_multiplier": options.grid[0], "overrides": variant.at_rate(options.grid[0]) + stage.budget()})
+               default={"lr_multiplier": None if variant.calibrates else options.grid[0],
+                        "overrides": variant.at_rate(options.grid[0]) + stage.budget()})
     reported = []
     for seed in options.seeds:
         overrides = [*best["overrides"], f"seed={seed}", *stage.level(variant, REPORT_DRAW)]

@@ -58,6 +58,9 @@ class Variant:
     # A second run on the first's model, holding every forget document at the level of unseen text
     # re-read on that model (forget_target): the preset of settle_run's pass, else None.
     settle_preset: str | None = None
+    # --config auto: the variant reads its level and rate from the target and its unseen documents
+    # (benchmark/unseen.jsonl), so it has no grid and no tuning runs.
+    calibrates: bool = False
     n_layers: int = 1
 
     @property
@@ -75,8 +78,9 @@ class Variant:
         return preset_overrides(self.settle_preset)[0] if self.settle_preset else None
 
     def at_rate(self, multiplier: float) -> list[str]:
-        """The variant's settings with ``multiplier`` times its centre learning rate."""
-        return [*self.overrides, f"optim.lr={self.centre * multiplier}"]
+        """The variant's settings with ``multiplier`` times its centre learning rate (a calibrating
+        variant: its settings, the rate being its own)."""
+        return list(self.overrides) if self.calibrates else [*self.overrides, f"optim.lr={self.centre * multiplier}"]
 
 
 SUGD, SUGD_LORA = BENCH_PRESETS / "sugd.yaml", BENCH_PRESETS / "sugd-lora.yaml"
@@ -86,6 +90,8 @@ SUGD, SUGD_LORA = BENCH_PRESETS / "sugd.yaml", BENCH_PRESETS / "sugd-lora.yaml"
 # idle. The centres come from one coarse sweep per variant on the tuning draw of the mini preset (3e-4,
 # 1e-3 and 3e-3 for every method; 1e-3 to 5e-2 for LoRA, whose updates are smaller); see docs/benchmark.md.
 VARIANTS: tuple[Variant, ...] = (
+    Variant("auto", "auto", "sugd-level calibrated on the target itself: no grid, rate probed, held-out check",
+            calibrates=True),
     Variant("agad", BENCH_PRESETS / "agad.yaml", "alternating ascent / annealing descent"),
     # sugd-level: SUGD on whole documents (data.records.whole_document, inside the run).
     Variant("sugd-level", "sugd-level", "SUGD on every weight, whole documents, pushed up to the unseen-text level",
