@@ -222,12 +222,16 @@ def test_redaction_masks_forget_text_in_the_summary_only(evaluated, tmp_path):
 def test_report_refuses_a_non_empty_directory_unless_overwrite(evaluated, tmp_path):
     from unlearnlm.errors import UserError
 
-    out = tmp_path / "report"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "old.txt").write_text("keep me")
+    for overwrite in (False, True):  # a folder that holds no unlearnlm output is never replaced
+        with pytest.raises(UserError, match="holds no unlearnlm output"):
+            write_report([("micro", evaluated)], foreign, overwrite=overwrite)
+    assert (foreign / "old.txt").read_text() == "keep me"
+    out = write_report([("micro", evaluated)], tmp_path / "report")
     with pytest.raises(UserError, match="not empty"):
         write_report([("micro", evaluated)], out)
-    assert (out / "old.txt").exists()
     write_report([("a", evaluated), ("b", evaluated)], out, overwrite=True)
     assert sorted(path.name for path in out.iterdir()) == ["a", "b", "summary.md"]
     assert (out / "a" / "evaluation_results.json").is_file()

@@ -12,11 +12,13 @@ from conftest import REPO, run_cli
 @pytest.fixture
 def no_loading(monkeypatch):
     import unlearnlm.model
+    import unlearnlm.recipe  # imported now, so that it does not keep the failing loader once the test is over
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before every input was checked")
 
-    monkeypatch.setattr(unlearnlm.model, "load_model_and_tokenizer", refuse)
+    for module in (unlearnlm.model, unlearnlm.recipe):
+        monkeypatch.setattr(module, "load_model_and_tokenizer", refuse)
 
 
 UNLEARN_CASES = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearnlm.config import UnlearnConfig, load_config
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows, refuse_shared_rows
 from unlearnlm.errors import UserError
 from unlearnlm.hub import LoadedModel, ModelSource, resolve_model
 
@@ -118,20 +118,22 @@ def evaluate_models(
     gathered results; the main process writes the report.
     """
     from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
-    from unlearnlm.paths import check_output_dir
+    from unlearnlm.paths import claim_output, release_output
 
     # Every input is checked before torch is imported and the first model loads.
     sources = [_model_input(model, tokenizer) for model in models]
     if not sources:
         raise UserError("no model to evaluate")
     if out is not None:
-        check_output_dir(out, overwrite, inputs=[*(source.path for source in sources if isinstance(source, ModelSource)),
+        claim_output(out, overwrite, inputs=[*(source.path for source in sources if isinstance(source, ModelSource)),
                                                  *(value for value in (forget, retain, members, nonmembers, general, mmlu)
                                                    if isinstance(value, (str, Path)))])
     if (members is None) != (nonmembers is None):
         raise UserError("MIA members and nonmembers go together")
-    forget_rows = read_rows(forget, "forget", text_key).for_evaluation()
-    retain_rows = read_rows(retain, "retain", text_key).for_evaluation()
+    forget_set = read_rows(forget, "forget", text_key)
+    retain_set = read_rows(retain, "retain", text_key)
+    refuse_shared_rows(forget_set, retain_set)
+    forget_rows, retain_rows = forget_set.for_evaluation(), retain_set.for_evaluation()
     member_documents = load_mia_documents(members, "members", text_key) if members is not None else None
     nonmember_documents = load_mia_documents(nonmembers, "nonmembers", text_key) if nonmembers is not None else None
     general_rows = load_general_set(general) if general is not None else None
@@ -146,9 +148,14 @@ def evaluate_models(
     settings = EvalSettings(batch_size=batch_size, official=official, max_new_tokens=max_new_tokens,
                             mmlu_shots=mmlu_shots, redact=redact)
     main = join_launched_processes()
-    named_results = evaluate_paths(sources, data, settings, dtype or ("bfloat16" if official else "float32"), reporter)
-    if out is not None and main:
-        write_report(named_results, out, overwrite)
+    try:
+        named_results = evaluate_paths(sources, data, settings, dtype or ("bfloat16" if official else "float32"),
+                                       reporter)
+        if out is not None and main:
+            write_report(named_results, out, overwrite)
+    finally:
+        if out is not None:
+            release_output(out)
     return named_results
 
 

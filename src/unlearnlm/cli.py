@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
+import threading
+import warnings
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from unlearnlm.bench.sizes import SIZES, get_size
-from unlearnlm.errors import UserError
+from unlearnlm.errors import Interrupted, UserError, with_notes
 from unlearnlm.kernels import pin_kernels
 from unlearnlm.ledger.commands import ledger_app
 
@@ -62,10 +67,10 @@ def target_command(
     """Fine-tune a small pretrained base until it memorized LUME documents (the target, at OUT) and
     retrain it without the forget set (the oracle, at OUT/oracle); both are calibrated."""
     from unlearnlm.data.sets import draw_sets
-    from unlearnlm.paths import check_output_dir
+    from unlearnlm.paths import claim_output
 
     # Bad input fails before torch is imported.
-    check_output_dir(out, overwrite, inputs=[data])
+    claim_output(out, overwrite, inputs=[data])
     chosen = SIZES[size.value]
     draw_sets(data, chosen.sets, seed, draw)
 
@@ -96,9 +101,9 @@ def base_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Pretrain the small base model on the pool of a LUME-format directory (`target` does it when needed)."""
-    from unlearnlm.paths import check_output_dir
+    from unlearnlm.paths import claim_output
 
-    check_output_dir(out, overwrite)
+    claim_output(out, overwrite)
 
     from unlearnlm.bench.base import build_base
 
@@ -309,13 +314,14 @@ def demo(
     of the base, target, oracle and unlearned model."""
     from unlearnlm.bench.base import cache_root
     from unlearnlm.config import load_config
-    from unlearnlm.demo import run_demo
+    from unlearnlm.demo import check_demo_dir, run_demo
     from unlearnlm.paths import refuse_overlap
 
     # Checked before the demo touches its output or starts building a target.
     load_config(config)
     chosen = get_size(size)
     refuse_overlap(out, [cache_root()])
+    check_demo_dir(out)
     run_demo(out, size=chosen, seed=seed, config=config, redact=redact)
 
 
@@ -344,8 +350,9 @@ def bench(
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench.base import cache_root
     from unlearnlm.bench.run import BenchOptions, run_bench
-    from unlearnlm.paths import refuse_overlap
+    from unlearnlm.paths import refuse_overlap, refuse_unsafe_output
 
+    refuse_unsafe_output(out)
     try:
         grid_values = [float(x) for x in grid.split(",") if x.strip()]
         seed_values = [int(x) for x in seeds.split(",") if x.strip()]
@@ -394,13 +401,13 @@ def audit_command(
 ) -> None:
     """Attack an unlearned model (relearning, quantization, extraction) and write a deletion receipt."""
     from unlearnlm.hub import resolve_model
-    from unlearnlm.paths import check_output_dir
+    from unlearnlm.paths import claim_output
 
     # A Hub id becomes its snapshot directory, which the receipt hashes like any model directory.
     model, original, oracle = (None if spec is None else resolve_model(spec).path for spec in (model, original, oracle))
     inputs = {"model": model, "forget": forget, "retain": retain, "original": original, "oracle": oracle,
               "mia_members": mia_members, "mia_nonmembers": mia_nonmembers, "general": utility}
-    check_output_dir(out, overwrite, inputs=list(inputs.values()))
+    claim_output(out, overwrite, inputs=list(inputs.values()))
     data = _audit_data(forget, retain, mia_members, mia_nonmembers, utility)
     settings = _audit_settings(data, seed, relearn_steps, relearn_lr, samples, quantizer, batch_size,
                                sampling_batch_size, max_new_tokens)
@@ -458,26 +465,82 @@ app.add_typer(ledger_app, name="ledger")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback or a
-    usage box; a launched process group is closed by every process before it exits."""
+    """Entry point, the one error boundary: bad input and every foreseeable failure (files, decoding,
+    weights, memory) become one line on stderr and exit code 2, Ctrl-C one line and 130, never a
+    traceback or a usage box; a launched process group is closed by every process before it exits."""
     from typer.exceptions import TyperException
+
+    from unlearnlm.paths import release_outputs
 
     pin_kernels()  # before any command imports torch: the same weights on every machine (unlearnlm.kernels)
     code = 0
+    restore = _interrupts_raise()
     try:
-        code = app(args=argv, prog_name="unlearnlm", standalone_mode=False) or 0
+        with _warnings_only_on_success():
+            code = app(args=argv, prog_name="unlearnlm", standalone_mode=False) or 0
     except UserError as err:
-        code = _fail(str(err))
+        code = _fail(with_notes(err))
     except TyperException as err:  # a missing or unknown option, a value of the wrong kind
         code = _usage_failure(err)
-    except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as err:
+        _fail(with_notes(Interrupted("interrupted"), notes=getattr(err, "__notes__", [])))
         code = 130
+    except Exception as err:
+        message = describe_failure(err)
+        if message is None:
+            raise
+        code = _fail(message)
     else:
         from unlearnlm.distributed import leave_process_group
 
         leave_process_group()
+    finally:
+        release_outputs()
+        restore()
     sys.exit(code)
+
+
+def _interrupts_raise():
+    """Ctrl-C raises ``Interrupted`` (see errors.py) while a command runs; returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupted(signum, frame):
+        raise Interrupted("interrupted")
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _warnings_only_on_success():
+    """Library warnings are shown once a command succeeded; after a failure they would only restate
+    the one error line (transformers' warning about the very file the error names)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def describe_failure(err: Exception) -> Optional[str]:
+    """One line for a failure no input check could foresee (a full disk, a file changed under us, a
+    model too large for memory); None for a bug, which keeps its traceback."""
+    kind = type(err).__name__
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        reason = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+                  errno.EBUSY: "device or resource busy"}.get(err.errno, err.strerror or str(err))
+        text = f"{where}{reason}"
+    elif isinstance(err, UnicodeError):
+        text = f"text that is not valid UTF-8 ({err})"
+    elif isinstance(err, MemoryError) or kind == "OutOfMemoryError":
+        text = "out of memory (a smaller --set optim.batch_size, max_length or dtype=bfloat16 needs less)"
+    elif kind == "SafetensorError":
+        text = f"a safetensors file is damaged ({err})"
+    else:
+        return None
+    return with_notes(Exception(text), notes=getattr(err, "__notes__", []))
 
 
 def _fail(message: str) -> int:

@@ -137,7 +137,7 @@ class UnlearnConfig:
     append_eos: bool = False
     # Forget each sentence completion's whole text rather than its answer (data.records.whole_document).
     forget_whole_documents: bool = False
-    seed: int = 0
+    seed: int = bounded(0, at_least=0, below=2**32)  # numpy's seeds are unsigned 32-bit integers
     save: Literal["merged", "adapter"] = "merged"
 
     def to_dict(self) -> dict:
@@ -181,14 +181,20 @@ def preset_names() -> list[str]:
 
 
 def resolve_config_path(config: str) -> Path:
-    """A file path, or a preset name / ``configs/<name>.yaml`` shipped with the package."""
+    """A file path, or a preset: its name or ``configs/<name>.yaml`` (the package's own file).
+
+    Any other path must exist: a mistyped ``/my/dir/gd.yaml`` is an error, never the preset ``gd``.
+    """
     path = Path(config)
     if path.is_file():
         return path
+    preset_spelling = len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs")
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     packaged = PRESET_DIR / f"{name}.yaml"
-    if packaged.is_file():
+    if preset_spelling and packaged.is_file():
         return Path(str(packaged))
+    if not preset_spelling or path.suffix in (".yaml", ".yml"):
+        raise UserError(f"config {config!r}: no such file")
     raise UserError(f"config {config!r}: no such file or preset (presets: {', '.join(preset_names())})")
 
 
@@ -197,6 +203,10 @@ def read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: invalid YAML ({err.__class__.__name__})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a YAML text file (it is not valid UTF-8)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of settings")
     return data

@@ -21,13 +21,23 @@ from unlearnlm.errors import UserError
 MARKER = "demo.json"
 
 
+def check_demo_dir(out: Path) -> None:
+    """The demo may replace its own earlier output, never anything else (nor a place that holds what a
+    user keeps, see ``paths.refuse_unsafe_output``)."""
+    from unlearnlm.paths import refuse_unsafe_output
+
+    refuse_unsafe_output(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"{out}: exists, is not empty and is not an earlier demo output; choose another --out")
+
+
 def prepare_demo_dir(out: Path) -> None:
-    """The demo may replace its own earlier output, never anything else."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise UserError(f"{out}: exists, is not empty and is not an earlier demo output; choose another --out")
+    check_demo_dir(out)
+    if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
 
 
 def run_demo(out: Path, size: str | Size = "mini", seed: int = 0, config: str = "auto", redact: bool = False,

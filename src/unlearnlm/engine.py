@@ -28,10 +28,11 @@ from unlearnlm.data.records import Record, whole_document
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.distributed import build_accelerator, in_lockstep
+from unlearnlm.errors import UserError
 from unlearnlm.evaluation.metrics import METRICS
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
-from unlearnlm.model import count_parameters, is_peft
+from unlearnlm.model import count_parameters, is_peft, model_context
 from unlearnlm.runstate import (
     is_sharded,
     load_checkpoint,
@@ -131,8 +132,10 @@ class Engine:
         validator: Optional[Callable[[torch.nn.Module], dict]] = None,
         accelerator: Optional[Accelerator] = None,
         show_progress: bool = True,
+        made_from: Optional[dict] = None,
     ):
         self.config = config
+        self.made_from = made_from or {}  # what the run is made from (runstate.run_identity), kept in checkpoints
         self.method = get_method(config.method)
         self.settings = self.method.build_settings(config.method_args)
         self.layers = self.method.layers(self.settings, model.config.num_hidden_layers)
@@ -146,7 +149,8 @@ class Engine:
         if config.forget_whole_documents:
             forget = [whole_document(row) for row in forget]
         self.rows = {FORGET: forget, RETAIN: retain}
-        self.examples = {FORGET: self._encode(forget, "f"), RETAIN: self._encode(retain, "r")}
+        context = model_context(model)
+        self.examples = {FORGET: self._encode(forget, "f", context), RETAIN: self._encode(retain, "r", context)}
         self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
         optimizer = self._optimizer(model)
         self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum)
@@ -201,11 +205,19 @@ class Engine:
         load_trainable(self.unwrapped, self.work_dir / "origin")
         self.accelerator.wait_for_everyone()
 
-    def _encode(self, rows: list[Record], prefix: str) -> list[Example]:
-        """The training rows; each keeps its key (role initial and index) for the reference cache."""
+    def _encode(self, rows: list[Record], prefix: str, context: Optional[int]) -> list[Example]:
+        """The training rows; each keeps its key (role initial and index) for the reference cache.
+
+        A row longer than the model's context is refused unless ``max_length`` says where to cut it
+        (raw documents never are: they arrive cut into windows, see data/raw.py)."""
         config = self.config
-        return [encode_example(self.tokenizer, row.input, row.output, config.max_length, append_eos=config.append_eos,
-                               key=f"{prefix}{index}") for index, row in enumerate(rows)]
+        examples = [encode_example(self.tokenizer, row.input, row.output, config.max_length,
+                                   append_eos=config.append_eos, key=f"{prefix}{index}") for index, row in enumerate(rows)]
+        for row, example in zip(rows, examples):
+            if config.max_length is None and context and len(example.input_ids) > context:
+                raise UserError(f"row {row.id!r} has {len(example.input_ids)} tokens, more than the model's context of "
+                                f"{context}; set max_length (--set max_length={context}) to train on its last {context}")
+        return examples
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """AdamW over the trainable weights (gradient checkpointing switched on first, when asked)."""
@@ -339,6 +351,10 @@ class Engine:
             start_phase, summary.steps, elapsed_before = position["next_phase"], position["steps"], position["seconds"]
             summary.best, summary.validations = position.get("best"), position.get("validations", [])
             summary.validation_seconds = position.get("validation_seconds", 0.0)
+            summary.stop = Stop(position.get("stop", Stop.COMPLETED.value))
+            summary.stopped_reason = position.get("stopped_reason", summary.stop.value)
+            if summary.stop is not Stop.COMPLETED:  # it stopped at a limit: nothing is left to train
+                start_phase = len(self.phases)
             self._truncate_log(position["log_bytes"])
         else:
             if self.accelerator.is_main_process:
@@ -486,10 +502,13 @@ class Engine:
         # Each process's random state is kept, so that a resumed run draws what it would have drawn.
         rng_states = gather_object([process_rng_state()])
         if main:
+            # The stop state too: a run that stopped at max_steps or its time budget resumes to that stop,
+            # not into the next chunk; and what the run was made from, which --resume must match.
             position = {"next_phase": next_phase, "steps": summary.steps, "seconds": seconds, "best": summary.best,
                         "validations": summary.validations, "validation_seconds": summary.validation_seconds,
-                        "log_bytes": self.log_path.stat().st_size,
-                        "world_size": self.accelerator.num_processes}
+                        "log_bytes": self.log_path.stat().st_size, "stop": summary.stop.value,
+                        "stopped_reason": summary.stopped_reason, "world_size": self.accelerator.num_processes,
+                        "made_from": self.made_from}
             save_checkpoint(state_dir, trainable, optimizer, self.scheduler.state_dict(), position, rng_states)
         self.accelerator.wait_for_everyone()
 

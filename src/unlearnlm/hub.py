@@ -172,8 +172,40 @@ def _check_model_files(source: ModelSource) -> None:
         return
     if not (path / "config.json").is_file():
         raise UserError(f"{spec}: not a Hugging Face model directory (no config.json)")
+    _check_architecture(spec, path / "config.json")
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{spec}: no .safetensors weights (pickle checkpoints are not loaded)")
+    for file in sorted(path.glob("*.safetensors")):
+        _check_safetensors(spec, file)
+
+
+def _check_architecture(spec: str, config_file: Path) -> None:
+    """A readable ``config.json`` of an architecture transformers itself implements: a model whose
+    code ships with its weights (``auto_map``) would need remote code, which unlearnlm never runs."""
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{spec}/config.json: unreadable ({str(err).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{spec}/config.json: not a JSON object")
+    if not settings.get("auto_map"):
+        return  # an unknown model_type is then transformers' own error, when the model loads
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # imports torch: only here
+
+    if settings.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise UserError(f"{spec}: its architecture ({settings.get('model_type')!r}) needs the model's own "
+                        "remote code, which unlearnlm never runs (trust_remote_code is always off)")
+
+
+def _check_safetensors(spec: str, file: Path) -> None:
+    """The header of a safetensors file, read without its tensors: a truncated or damaged file fails here."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{spec}/{file.name}: damaged safetensors file ({str(err).splitlines()[0]})") from None
 
 
 def _with_base(adapter: ModelSource) -> ModelSource:

@@ -72,8 +72,11 @@ def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "flo
     placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(default_device())}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
-                                                     **placed)
+        with transformers_quiet():  # what it would warn about (missing weights) is an error below
+            model, info = AutoModelForCausalLM.from_pretrained(
+                weights, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+                **placed)
+        check_loaded(source, model, tokenizer, info)
         if source.is_adapter:
             from peft import PeftModel
 
@@ -83,6 +86,43 @@ def load_model_and_tokenizer(source: str | Path | ModelSource, dtype: str = "flo
         raise UserError(f"{source.spec}: cannot load model ({str(err).splitlines()[0]})") from None
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The most positions the model takes at once (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@contextmanager
+def transformers_quiet() -> Iterator[None]:
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def check_loaded(source: ModelSource, model: nn.Module, tokenizer, info: dict) -> None:
+    """Refuse weights that do not fill the architecture (transformers would start the missing ones at
+    random) and an embedding with fewer rows than the tokenizer has tokens."""
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise UserError(f"{source.spec}: the checkpoint lacks {len(missing)} weight(s) the architecture needs, "
+                        f"e.g. {sorted(missing)[0]} (a damaged or partial checkpoint)")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise UserError(f"{source.spec}: weight {mismatched[0][0]} has another shape than config.json gives it")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"{source.spec}: the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} "
+                        "rows (a tokenizer of another model? --tokenizer names the model's own)")
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -208,12 +248,14 @@ def is_peft(model: nn.Module) -> bool:
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: Path, mode: str = "merged") -> None:
-    """Merged weights (a plain model directory) or the LoRA adapter only, as safetensors."""
-    if mode == "adapter":
-        if not is_peft(model):
-            raise UserError("save=adapter needs LoRA (lora.enabled=true)")
-        model.save_pretrained(out_dir, safe_serialization=True)
-    else:
-        plain = model.merge_and_unload() if is_peft(model) else model
-        plain.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    """Merged weights (a plain model directory) or the LoRA adapter only, as safetensors (without
+    transformers' progress bar, which would come between a failure and its one error line)."""
+    if mode == "adapter" and not is_peft(model):
+        raise UserError("save=adapter needs LoRA (lora.enabled=true)")
+    with transformers_quiet():
+        if mode == "adapter":
+            model.save_pretrained(out_dir, safe_serialization=True)
+        else:
+            plain = model.merge_and_unload() if is_peft(model) else model
+            plain.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)

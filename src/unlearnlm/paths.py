@@ -8,12 +8,20 @@ checks its output against all of its inputs before anything is written or remove
 
 from __future__ import annotations
 
+import atexit
+import errno
+import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from unlearnlm.errors import UserError
+
+# The files by which a directory is known as an unlearnlm output (unlearn, eval, audit, target, base,
+# demo): ``--overwrite`` replaces only such a directory, never a folder of someone else's files.
+OUTPUT_MARKERS = ("run.json", "evaluation_results.json", "receipt.json", "target.json", "base.json", "demo.json")
 
 
 def partial_dir_for(out_dir: Path) -> Path:
@@ -43,15 +51,138 @@ def refuse_overlap(out: str | Path, inputs: Iterable[str | Path | None]) -> None
                             "that neither contains nor lies inside any input")
 
 
+def resolved_output(out: str | Path) -> Path:
+    """``out`` made absolute with its links followed; a link loop or an unreadable parent is one line."""
+    if str(out) in ("", "."):
+        raise UserError("--out is empty or '.': name a new directory for the output (an unset shell variable?)")
+    try:
+        return Path(out).expanduser().resolve(strict=False)
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop, before Python 3.13
+        raise UserError(f"--out {out}: cannot be resolved ({err})") from None
+
+
+def is_our_output(directory: Path) -> bool:
+    """Whether ``directory`` holds an unlearnlm output (one model's, or a comparison's ``NAME/`` folders)."""
+    places = [directory, *(child for child in directory.iterdir() if child.is_dir())]
+    return any((place / marker).is_file() for place in places for marker in OUTPUT_MARKERS)
+
+
+def refuse_unsafe_output(out: str | Path) -> Path:
+    """Refuse an output that, replaced, would take what a user keeps: the current directory, the home
+    directory, a filesystem root, or any directory holding one of them."""
+    target = resolved_output(out)
+    if target == target.parent:
+        raise UserError(f"--out {out} is a filesystem root: name a new directory for the output")
+    for name, place in (("the current directory", Path.cwd()), ("the home directory", Path.home())):
+        place = place.resolve()
+        if target == place or target in place.parents:
+            raise UserError(f"--out {out} is {name} or holds it: name a new directory for the output")
+    return target
+
+
 def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse a file, a non-empty directory unless ``overwrite``, and any overlap with ``inputs``."""
+    """Refuse an unsafe place (``refuse_unsafe_output``), a file, a non-empty directory unless it is
+    an unlearnlm output and ``overwrite`` is given, and any overlap with ``inputs``."""
+    target = refuse_unsafe_output(out)
     out = Path(out)
     refuse_overlap(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
+    try:
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{out}: exists and is not a directory")
+        if target.is_dir() and any(target.iterdir()):
+            if not is_our_output(target):
+                raise UserError(f"{out}: directory is not empty and holds no unlearnlm output "
+                                "(no run.json or evaluation_results.json); choose another --out")
+            if not overwrite:
+                raise UserError(f"{out}: directory is not empty (pass --overwrite to replace it)")
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot be read ({err.strerror or err})") from None
     return out
+
+
+def claim_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """``check_output_dir``, then this process's lock on the output (``lock_output``) until it is
+    released: what a command does before it writes. (With no parent directory yet, no other run
+    can be writing there: the lock is taken when the writer has made it.)"""
+    out = check_output_dir(out, overwrite, inputs)
+    target = resolved_output(out)
+    if target.parent.is_dir():
+        lock_output(target)
+    return out
+
+
+# --- one writer per output --------------------------------------------------------------------------
+
+_HELD: dict[Path, int] = {}  # output directory -> descriptor of its lock file, for this process
+
+
+def lock_path_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def lock_output(out_dir: Path) -> None:
+    """Take the output's lock file (``.<name>.lock`` beside it, holding this process id) for as long
+    as this process runs or until ``release_outputs``; a second run on the same output is refused.
+
+    The lock is an ``flock`` on the file, which the system drops when its holder dies, so a lock file
+    left by a killed run is taken over; the process id in it names the holder in the refusal.
+    """
+    out_dir = out_dir.resolve()
+    if out_dir in _HELD:
+        return
+    path = lock_path_for(out_dir)
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"--out {out_dir}: cannot create its lock file {path} ({err.strerror})") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(descriptor)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise UserError(f"--out {out_dir}: cannot lock {path} ({err.strerror})") from None
+            raise UserError(f"--out {out_dir} is being written by another run (process {_holder(path)}, lock "
+                            f"{path}); wait for it to end or choose another --out") from None
+        # The holder before us may have removed the file between our open and our lock: lock the new one.
+        if os.path.exists(path) and os.path.samestat(os.fstat(descriptor), os.stat(path)):
+            break
+        os.close(descriptor)
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    _HELD[out_dir] = descriptor
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def holds_output(out_dir: Path) -> bool:
+    return out_dir.resolve() in _HELD
+
+
+def release_output(out_dir: str | Path) -> None:
+    """Drop this process's lock of ``out_dir``, if it holds one (the lock file is removed, then unlocked)."""
+    try:
+        out_dir = Path(out_dir).expanduser().resolve()
+    except (OSError, RuntimeError):  # a link loop was never locked
+        return
+    descriptor = _HELD.pop(out_dir, None)
+    if descriptor is not None:
+        lock_path_for(out_dir).unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def release_outputs() -> None:
+    """Drop every output lock this process holds."""
+    for out_dir in list(_HELD):
+        release_output(out_dir)
+
+
+atexit.register(release_outputs)
 
 
 def replace_dir(new: Path, out: Path, aside: Path | None = None,

@@ -13,12 +13,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
 from unlearnlm import __version__
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows, refuse_shared_rows
 from unlearnlm.distributed import build_accelerator
 from unlearnlm.engine import Engine, RunSummary
 from unlearnlm.errors import UserError
@@ -28,7 +28,19 @@ from unlearnlm.hub import LoadedModel, ModelSource, pin_adapter_base, resolve_mo
 from unlearnlm.methods import get_method
 from unlearnlm.model import apply_trainable, check_layer_choice, load_model_and_tokenizer, model_depth, save_model
 from unlearnlm.modelcard import write_model_card
-from unlearnlm.runstate import check_output, finalize_output, load_trainable_state, prepare_output, trainable_state
+from unlearnlm.paths import claim_output, partial_dir_for, release_output, resolved_output
+from unlearnlm.runstate import (
+    check_output,
+    check_resume_matches,
+    finalize_output,
+    is_finished,
+    load_trainable_state,
+    pause_for_test,
+    prepare_output,
+    run_identity,
+    settle_failed_run,
+    trainable_state,
+)
 from unlearnlm.tracking import accelerator_options, check_tracker, finish_trackers
 
 
@@ -67,13 +79,23 @@ def unlearn(
     A model on disk is only read; a loaded one is trained in place. The saved model gets a model card
     (``modelcard.py``; ``redact`` leaves out data file names and paths). Returns the ``run.json`` contents.
     """
-    job = setup(model_path, forget_path, retain_path, Path(out_dir), config, resume, overwrite, show_progress,
-                text_key, redact)
-    summary = job.engine.run(resume=resume)
-    finish_trackers(job.engine.accelerator)
-    record = build_record(job, summary)
-    save(job, record)
-    cleanup(job)
+    try:
+        if resume and (finished := publish_finished(Path(out_dir), overwrite)) is not None:
+            return finished  # the run had ended; only its publication failed
+        job = setup(model_path, forget_path, retain_path, Path(out_dir), config, resume, overwrite, show_progress,
+                    text_key, redact)
+        summary = job.engine.run(resume=resume)
+        finish_trackers(job.engine.accelerator)
+        record = build_record(job, summary)
+        save(job, record)
+        cleanup(job)
+    except BaseException as err:  # Ctrl-C too: what is kept, and how to go on, is part of the message
+        kept = settle_failed_run(Path(out_dir), err)
+        if kept:
+            err.add_note(kept)
+        raise
+    finally:
+        release_output(out_dir)
     return record
 
 
@@ -90,6 +112,7 @@ def setup(model_path: str | Path | ModelSource | LoadedModel, forget_path: RowsI
         raise UserError(f"{source.spec} is an adapter: its unlearned version can only be saved merged (save=merged)")
     forget_rows = read_rows(forget_path, "forget", text_key)
     retain_rows = read_rows(retain_path, "retain", text_key, allow_empty=config.schedule.ratio == 0)
+    refuse_shared_rows(forget_rows, retain_rows)
     forget, retain = forget_rows.for_training(), retain_rows.for_training()
     validation_data = load_validation_data(config, text_key) if config.validation.enabled else None
     check_tracker(config.tracking)
@@ -101,6 +124,9 @@ def setup(model_path: str | Path | ModelSource | LoadedModel, forget_path: RowsI
               *(Path(p) for p in (forget_path, retain_path) if isinstance(p, (str, Path))),
               *(Path(p) for p in (plan.forget, plan.retain, plan.members, plan.nonmembers, plan.general) if p)]
     on_main_process(accelerator, check_output, out_dir, inputs, resume, overwrite)
+    made_from = run_identity(config.to_dict(), (source or loaded).spec, forget_rows.sha256, retain_rows.sha256)
+    if resume:
+        on_main_process(accelerator, check_resume_matches, out_dir, made_from)
     if source is not None:
         check_layer_choice(source, config.layers)
         depth, method = model_depth(source), get_method(config.method)
@@ -112,7 +138,8 @@ def setup(model_path: str | Path | ModelSource | LoadedModel, forget_path: RowsI
     validator = build_validator(config, tokenizer, validation_data) if validation_data else None
     # Only now, with every input read and checked, is anything written.
     work_dir = on_main_process(accelerator, prepare_output, out_dir, inputs, resume, overwrite)
-    engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress)
+    engine = Engine(model, tokenizer, forget, retain, config, work_dir, validator, accelerator, show_progress,
+                    made_from=made_from)
     return Unlearning(source, loaded, forget_rows, retain_rows, out_dir, work_dir, config, engine, tokenizer, redact)
 
 
@@ -159,11 +186,27 @@ def save(job: Unlearning, record: dict) -> None:
     if main:
         final = rebuild_model(job.source, config, trained) if engine.sharded else engine.unwrapped
         save_model(final, job.tokenizer, work_dir, config.save)
+        pause_for_test("saving")  # the kill tests stop here: weights written, run.json not yet
         if config.save == "adapter" and job.source is not None:
             pin_adapter_base(work_dir, job.source)
         record["output_weights_sha256"] = weights_sha256(work_dir)
         write_model_card(work_dir, record, job.redact)
         (work_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def publish_finished(out_dir: Path, overwrite: bool) -> dict | None:
+    """``--resume`` of a run that finished but was not moved to ``out_dir`` (a kill or an error after
+    ``run.json`` was written): move it now and return its record; None when there is no such run."""
+    if not PartialState().is_main_process:
+        return None
+    claim_output(out_dir, overwrite)
+    partial = partial_dir_for(resolved_output(out_dir))
+    if not is_finished(partial):
+        return None
+    for name in ("state", "best"):
+        shutil.rmtree(partial / name, ignore_errors=True)
+    finalize_output(partial, out_dir)
+    return json.loads((Path(out_dir) / "run.json").read_text())
 
 
 def cleanup(job: Unlearning) -> None:

@@ -26,37 +26,113 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from unlearnlm.errors import UserError
-from unlearnlm.paths import partial_dir_for, refuse_overlap, replace_dir
+from unlearnlm.paths import claim_output, holds_output, lock_output, partial_dir_for, replace_dir, resolved_output
 
 TRAINABLE_FILE = "trainable.safetensors"
 
 
 def check_output(out_dir: Path, input_paths: list[Path], resume: bool, overwrite: bool) -> None:
-    """Refuse a bad output location before anything is loaded or written."""
-    refuse_overlap(out_dir, input_paths)
-    out_dir = out_dir.resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: output directory exists and is not empty (use --overwrite)")
-    partial = partial_dir_for(out_dir)
-    if partial.exists() and not resume and not overwrite:
+    """Refuse a bad output location before anything is loaded or written (``paths.claim_output``:
+    no unsafe place, no overlap with an input, no other run writing it), and a partial directory that
+    holds a run to resume unless ``resume`` or ``overwrite`` says what to do with it."""
+    claim_output(out_dir, overwrite, input_paths)
+    partial = partial_dir_for(resolved_output(out_dir))
+    if resume and not is_resumable(partial):
+        raise UserError(f"{out_dir}: nothing to resume (no complete checkpoint in {partial}); run without --resume")
+    if is_resumable(partial) and not resume and not overwrite:
         raise UserError(f"{partial}: an interrupted run is there; use --resume to continue it or --overwrite to start over")
+
+
+def is_resumable(partial: Path) -> bool:
+    """Whether a partial directory holds a finished run or a complete checkpoint (under any of its
+    three names)."""
     state = partial / "state"
-    if resume and not any(_is_complete(place) for place in (state, _staging_dir(state), _previous_dir(state))):
-        raise UserError(f"{out_dir}: nothing to resume (no checkpoint in {partial})")
+    return is_finished(partial) or any(_is_complete(place) for place in (state, _staging_dir(state), _previous_dir(state)))
 
 
 def prepare_output(out_dir: Path, input_paths: list[Path], resume: bool, overwrite: bool) -> Path:
-    """Check the output location again and return the partial directory to work in."""
+    """Check the output location again, lock it, and return the partial directory to work in.
+
+    Without ``resume`` an earlier partial directory is removed: replaced (``overwrite``), or one that
+    holds nothing to resume (a start that failed before its first checkpoint; the lock says that no
+    live run owns it).
+    """
     check_output(out_dir, input_paths, resume, overwrite)
-    partial = partial_dir_for(out_dir.resolve())
+    target = resolved_output(out_dir)
+    partial = partial_dir_for(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_output(target)
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     if resume:
         recover_checkpoint(partial / "state")
     partial.mkdir(parents=True, exist_ok=True)
     return partial
+
+
+def run_identity(config: dict, model: str, forget_sha256: str, retain_sha256: str) -> dict:
+    """What a run is made from: its resolved settings, the model named and the data's sha256. A
+    checkpoint keeps it, and ``--resume`` must bring the same (``check_resume_matches``)."""
+    return {"config": config, "model": model, "forget_sha256": forget_sha256, "retain_sha256": retain_sha256}
+
+
+def check_resume_matches(out_dir: Path, identity: dict) -> None:
+    """Refuse to resume a run with other settings or data than it was started with, naming what differs."""
+    partial = partial_dir_for(resolved_output(out_dir))
+    state = partial / "state"
+    complete = [place for place in (state, _staging_dir(state), _previous_dir(state)) if _is_complete(place)]
+    try:
+        recorded = json.loads((complete[0] / "position.json").read_text()).get("made_from") if complete else None
+    except (OSError, ValueError):
+        return  # a damaged checkpoint: loading it says so
+    if not recorded:
+        return
+    differences = [key for key in _flat(identity) if _flat(identity)[key] != _flat(recorded).get(key)]
+    differences += [key for key in _flat(recorded) if key not in _flat(identity)]
+    if differences:
+        shown = ", ".join(f"{key} ({_flat(recorded).get(key)!r} -> {_flat(identity).get(key)!r})"
+                          if not key.endswith("sha256") else f"{key.removesuffix('_sha256')} data"
+                          for key in differences[:3])
+        raise UserError(f"--resume with other settings or data than the interrupted run: {shown}"
+                        f"{' ...' if len(differences) > 3 else ''}; resume with the original ones, or start over "
+                        "with --overwrite")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_finished(partial: Path) -> bool:
+    """Whether a partial directory holds a finished run (its ``run.json`` is written last)."""
+    return (partial / "run.json").is_file()
+
+
+def settle_failed_run(out_dir: Path, error: BaseException) -> str:
+    """After a run of this process failed with ``error``: keep its partial directory if it can be
+    resumed, remove it if not, and say which in a sentence ('' when this process never wrote there,
+    or when ``error`` already says what to do)."""
+    if isinstance(error, DamagedCheckpoint):
+        return ""
+    try:
+        target = resolved_output(out_dir)
+    except UserError:
+        return ""
+    partial = partial_dir_for(target)
+    if not holds_output(target) or not partial.is_dir():
+        return ""
+    if is_finished(partial):
+        return f"the finished model is complete in {partial}: the same command with --resume publishes it to {out_dir}"
+    if is_resumable(partial):
+        return f"the run is kept in {partial}: the same command with --resume continues it"
+    shutil.rmtree(partial, ignore_errors=True)
+    return "nothing was kept"
 
 
 def finalize_output(partial: Path, out_dir: Path) -> None:
@@ -181,7 +257,7 @@ def save_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimiz
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     save_trainable(trainable, staging)
-    _test_pause("writing")
+    pause_for_test("writing")
     torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_states}, staging / "optimizer.pt")
     (staging / "position.json").write_text(json.dumps(position))
     for name in ("optimizer.pt", "position.json"):
@@ -190,12 +266,12 @@ def save_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimiz
     (staging / COMPLETE_MARKER).write_text("")
     _flush(staging / COMPLETE_MARKER)
     _flush(staging)
-    _test_pause("written")
+    pause_for_test("written")
 
     def between(stage: str) -> None:
         if stage == "renamed":
             _flush(directory.parent)
-        _test_pause({"aside": "swapping", "renamed": "swapped"}[stage])
+        pause_for_test({"aside": "swapping", "renamed": "swapped"}[stage])
 
     replace_dir(staging, directory, aside=previous, on_stage=between)
 
@@ -243,7 +319,7 @@ def _flush(path: Path) -> None:
         os.close(descriptor)
 
 
-def _test_pause(stage: str) -> None:
+def pause_for_test(stage: str) -> None:
     """Test hook for the kill tests: with ``UNLEARNLM_TEST_PAUSE_AT=<stage>:<n>`` the ``n``-th
     checkpoint write announces ``<stage>`` in ``$UNLEARNLM_TEST_PAUSE_FILE`` and waits to be killed."""
     wanted = os.environ.get("UNLEARNLM_TEST_PAUSE_AT")
@@ -259,16 +335,27 @@ def _test_pause(stage: str) -> None:
 _PAUSE_COUNTS: dict[str, int] = {}
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint marked complete whose files cannot be read back: resuming from it cannot work."""
+
+
 def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0, world_size: int = 1) -> dict:
     """Every process calls this: each restores its weights (or its shard), optimizer and random state."""
-    position = json.loads((directory / "position.json").read_text())
-    if position["world_size"] != world_size:
-        # The global batch, hence the step count and the data each step sees, depends on it.
-        raise UserError(f"this run was started with {position['world_size']} processes; resume it with as many")
-    load_trainable(model, directory)
-    # Our own file, but still read without unpickling arbitrary objects.
-    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
-    load_optimizer_state(model, optimizer, saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"][process_index])
+    try:
+        position = json.loads((directory / "position.json").read_text())
+        if position["world_size"] != world_size:
+            # The global batch, hence the step count and the data each step sees, depends on it.
+            raise UserError(f"this run was started with {position['world_size']} processes; resume it with as many")
+        load_trainable(model, directory)
+        # Our own file, but still read without unpickling arbitrary objects.
+        saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+        load_optimizer_state(model, optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"][process_index])
+    except UserError:
+        raise
+    except Exception as err:  # json, safetensors, torch.load and a missing key each raise their own type
+        raise DamagedCheckpoint(f"{directory}: the checkpoint is damaged and cannot be resumed "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                "start over with --overwrite") from None
     return position

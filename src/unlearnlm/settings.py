@@ -7,6 +7,7 @@ so that neither has to import the other to validate its settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import field
@@ -35,7 +36,10 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (arg for arg in args if arg is not type(None)):
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error says more
+            return _check_value(value, options[0], key)
+        for option in options:
             try:
                 return _check_value(value, option, key)
             except UserError:
@@ -58,9 +62,12 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float and not isinstance(value, bool) and isinstance(value, (int, str)):
         # YAML 1.1 reads '5e-5' (no dot) as a string; accept it as the number it plainly is.
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise UserError(f"setting {key!r}: expected a number, got {value!r}") from None
+        return _check_value(number, float, key)  # '1e400' reads as infinity
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"setting {key!r}: must be a finite number, got {value!r}")
     if annotation is bool and not isinstance(value, bool):
         raise UserError(f"setting {key!r}: expected true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -95,8 +102,8 @@ def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
         if item is None:
             continue
         if "at_least" in bounds and item < bounds["at_least"]:
-            raise UserError(f"setting {key!r}: must be at least {bounds['at_least']:g}, got {item!r}")
+            raise UserError(f"setting {key!r}: must be at least {bounds['at_least']}, got {item!r}")
         if "above" in bounds and item <= bounds["above"]:
-            raise UserError(f"setting {key!r}: must be above {bounds['above']:g}, got {item!r}")
+            raise UserError(f"setting {key!r}: must be above {bounds['above']}, got {item!r}")
         if "below" in bounds and item >= bounds["below"]:
-            raise UserError(f"setting {key!r}: must be below {bounds['below']:g}, got {item!r}")
+            raise UserError(f"setting {key!r}: must be below {bounds['below']}, got {item!r}")

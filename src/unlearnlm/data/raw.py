@@ -126,4 +126,23 @@ def read_rows(value: RowsInput, split: str = "forget", text_key: str = DEFAULT_T
     rows = Rows(source, digest, records, documents)
     if not len(rows) and not allow_empty:
         raise UserError(f"{source}: the {split} set is empty")
+    if records and not any(record.output.strip() for record in records):
+        raise UserError(f"{source}: every answer ('output') of the {split} set is empty, so there is nothing to "
+                        f"{'forget' if split == 'forget' else 'measure'}")
     return rows
+
+
+def refuse_shared_rows(forget: Rows, retain: Rows) -> None:
+    """Forget and retain sets that share data ask for the impossible: to forget and keep the same text."""
+    if forget.sha256 == retain.sha256:
+        raise UserError(f"the forget and retain sets are the same data ({forget.source}, {retain.source})")
+    shared = set(forget.documents) & set(retain.documents)
+    if shared:
+        raise UserError(f"the forget and retain sets share {len(shared)} document(s), e.g. "
+                        f"{next(iter(shared))[:60]!r}; a text cannot be forgotten and kept")
+    texts = {(record.input, record.output): record.id for record in retain.records}
+    ids = {record.id for record in retain.records}
+    both = [record.id for record in forget.records if record.id in ids or (record.input, record.output) in texts]
+    if both:
+        raise UserError(f"the forget and retain sets share {len(both)} row(s) (same id or text), e.g. {both[0]!r}; "
+                        "a row cannot be forgotten and kept")

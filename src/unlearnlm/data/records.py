@@ -75,16 +75,43 @@ def validate_row(raw: dict, where: str) -> Record:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    _refuse_compressed(path)
     rows = []
     with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+        line_number = 0
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    rows.append(_parse_line(line, path, line_number))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}:{line_number + 1}: not UTF-8 text (byte {err.object[err.start]:#04x})") from None
     return rows
+
+
+def _parse_line(line: str, path: Path, line_number: int):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+    if "\\u" in line:  # an escape may name half of a UTF-16 pair, which no tokenizer can encode
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{path}:{line_number}: a \\u escape names a lone surrogate, not a character") from None
+    return row
+
+
+COMPRESSED = {b"\x1f\x8b": "gzip", b"PK": "zip", b"BZ": "bzip2", b"\xfd7": "xz", b"\x28\xb5": "zstd"}
+
+
+def _refuse_compressed(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    if head in COMPRESSED:
+        raise UserError(f"{path}: a {COMPRESSED[head]} archive, not JSON lines; decompress it first")
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -30,6 +30,14 @@ def documents_from_rows(rows: Iterable[Record]) -> list[str]:
 
 
 def _first_object(path: Path) -> dict:
+    """The first row, to tell the file's kind; an unreadable file is {} and its full reader says why."""
+    try:
+        return _first_line_object(path)
+    except UnicodeDecodeError:
+        return {}
+
+
+def _first_line_object(path: Path) -> dict:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
