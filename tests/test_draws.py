@@ -117,3 +117,36 @@ def test_tie_groups_rank_against_each_leader() -> None:
 def test_equal_means_are_ordered_by_name() -> None:
     replicates = {"x": [0.5, 0.6], "y": [0.5, 0.6]}
     assert tie_groups(replicates, {"x": 0.55, "y": 0.55}, ["y", "x"]) == [["x", "y"]]
+
+
+def test_bench_statistics_cover_every_method_and_the_oracle(tmp_path) -> None:
+    from unlearnlm.bench.report import plot_draws, ranking_table
+    from unlearnlm.bench.statistics import draw_statistics
+
+    hits = {"sugd": [[1, 1], [1, 1]], "gd": [[0, 1], [0, 0]], "oracle": [[1, 1], [0, 1]]}
+
+    def scores(method: str, draw: int) -> dict:
+        inputs = bootstrap_inputs_with_utility(hits[method][draw])
+        return {"final": (2 + sum(hits[method][draw]) / 2) / 3, "bootstrap": inputs}
+
+    reported = [{"method": method, "draw": draw, "seed": 0, "scores": scores(method, draw)}
+                for method in ("gd", "sugd") for draw in (0, 1)]
+    audits = [{name: {"worst_case": {"final": 0.5 + 0.1 * draw + (name == "sugd") * 0.2}} for name in hits}
+              for draw in (0, 1)]
+    result = draw_statistics(reported, [scores("oracle", 0), scores("oracle", 1)], audits, replicates=300)
+    final = result["final"]
+    assert final["best"] == "sugd" and final["groups"] == [["sugd"], ["gd"]]
+    assert final["by_name"]["gd"]["finals_by_draw"] == pytest.approx([2.5 / 3, 2 / 3])
+    assert final["by_name"]["oracle"]["finals_by_draw"] == pytest.approx([1.0, 2.5 / 3])
+    assert set(final["by_name"]["oracle"]["paired"]) == {"best", "sugd"}
+    # gd scores below sugd on every document resample of every draw: the whole interval is below 0.
+    assert final["by_name"]["gd"]["paired"]["sugd"]["interval"][1] < 0
+    robust = result["robust_final"]
+    assert robust["draws"] == 2 and robust["best"] == "sugd"
+    assert robust["by_name"]["gd"]["paired"]["sugd"]["interval"] == pytest.approx([-0.2, -0.2])
+    one = draw_statistics(reported, [scores("oracle", 0), scores("oracle", 1)], audits[:1], replicates=50)
+    assert one["robust_final"]["draws"] == 1 and "interval" not in one["robust_final"]["by_name"]["gd"]
+    table = ranking_table(final)
+    assert "| 1 | sugd |" in table and "| 2 | gd |" in table and "(sugd)" in table
+    assert "| - | sugd |" in ranking_table(one["robust_final"])
+    assert plot_draws(final, tmp_path / "draws.png", "finals").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from unlearnlm.evaluation.report import markdown_table
@@ -259,6 +260,71 @@ def plot_attacks(results: dict, path: Path) -> Path:
     axis.set_ylabel("forget score under attack\n(higher = more recalled)")
     axis.set_title("What each attack recovers, against the oracle")
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(6, len(methods) + 1), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _with_interval(value: float | None, interval: Sequence[float] | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    form = "{:+.3f}" if signed else "{:.3f}"
+    text = form.format(value)
+    return f"{text} [{form.format(interval[0])}, {form.format(interval[1])}]" if interval else text
+
+
+def ranking_table(verdict: Mapping, oracle: str = "oracle") -> str:
+    """One score's ranking over the reported draws (``bench.statistics``): tie group, mean and interval,
+    spread, share of the oracle, paired differences, and the per-draw values; the oracle first."""
+    by_name = verdict["by_name"]
+    reference = verdict.get("reference")
+    groups = verdict.get("groups") or [[name for name in sorted(by_name, key=lambda n: -by_name[n]["mean"])
+                                        if name != oracle]]
+    headers = ["tie group", "method", "mean [95% CI]", "spread (SD over draws)", "of oracle [95% CI]",
+               "vs best [95% CI]", f"vs {reference} [95% CI]" if reference else None, "per draw"]
+    rows = []
+    for rank, name in [(None, oracle)] + [(rank, name) for rank, group in enumerate(groups, 1) for name in group]:
+        row = by_name[name]
+        paired = row.get("paired", {})
+        share = row.get("of_oracle")
+        cells = ["" if rank is None else str(rank) if verdict.get("groups") else "-", name,
+                 _with_interval(row["mean"], row.get("interval")), _fmt(row.get("spread")),
+                 "" if name == oracle or not share else
+                 f"{share['share']:.1%} [{share['interval'][0]:.1%}, {share['interval'][1]:.1%}]",
+                 _paired(paired.get("best")), _paired(paired.get(reference)) if reference else None,
+                 ", ".join(f"{value:.3f}" for value in row["finals_by_draw"])]
+        rows.append([cell for cell in cells if cell is not None])
+    return markdown_table([header for header in headers if header is not None], rows)
+
+
+def _paired(entry: Mapping | None) -> str:
+    if not entry:
+        return ""
+    return f"{_with_interval(entry['difference'], entry['interval'], signed=True)} ({entry['against']})"
+
+
+def plot_draws(verdict: Mapping, path: Path, title: str, oracle: str = "oracle") -> Path:
+    """Every method's value on each reported draw (dots), its mean and 95% interval (bar), best first;
+    the oracle's mean as a line."""
+    plt = _pyplot()
+    by_name = verdict["by_name"]
+    names = sorted((name for name in by_name if name != oracle), key=lambda name: -by_name[name]["mean"])
+    figure, axis = plt.subplots(figsize=(max(7, 0.8 * len(names) + 3), 4.5))
+    for position, name in enumerate(names):
+        row = by_name[name]
+        values = row["finals_by_draw"]
+        axis.scatter([position] * len(values), values, s=18, color="tab:blue", alpha=0.7,
+                     label="a reported draw" if position == 0 else None)
+        low, high = row.get("interval") or (row["mean"], row["mean"])
+        axis.errorbar(position + 0.18, row["mean"], yerr=[[row["mean"] - low], [high - row["mean"]]], fmt="o",
+                      color="black", capsize=3, label="mean, 95% interval" if position == 0 else None)
+    axis.axhline(by_name[oracle]["mean"], color="green", linewidth=1.5, label=f"oracle mean ({by_name[oracle]['mean']:.2f})")
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("score (higher is better)")
+    axis.set_title(title)
+    axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
