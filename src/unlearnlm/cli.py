@@ -346,6 +346,11 @@ def bench(
         help="Attack each method's first-seed model and the oracle (unlearnlm audit's attacks): the robust final.")] = True,
     jobs: Annotated[int, typer.Option(
         min=1, help="Processes running methods side by side (each gets cores / jobs threads).")] = 1,
+    draws: Annotated[int, typer.Option(
+        min=1, help="Reported draws: each its own target and oracle (target seeds TARGET_SEED, TARGET_SEED + 1, ...); "
+                    "the means, intervals and tie groups are over them.")] = 3,
+    audit_draws: Annotated[int, typer.Option(
+        min=1, help="How many of the reported draws (the first ones) are attacked for the robust final.")] = 1,
 ) -> None:
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench.base import cache_root
@@ -365,7 +370,7 @@ def bench(
     refuse_overlap(out, [cache_root()])
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
                            target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory, audit=audit,
-                           jobs=jobs))
+                           jobs=jobs, draws=draws, audit_draws=audit_draws))
 
 
 @app.command("audit")

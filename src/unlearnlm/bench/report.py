@@ -1,4 +1,4 @@
-"""The benchmark's report: a markdown page and three plots that read without the text."""
+"""The benchmark's report: a markdown page and plots that read without the text."""
 
 from __future__ import annotations
 
@@ -12,76 +12,85 @@ SEMEVAL_7B = [("AILS-NTUA (1st)", 0.706, 0.827, 0.847, 0.443), ("baseline gradie
               ("baseline NPO", 0.188, 0.021, 0.080, 0.463)]
 
 
-def _fmt(value, std=None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if not std else f"{value:.3f} ± {std:.3f}"
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def write_bench_report(results: dict, out: Path) -> None:
-    plots = [plot_scores(results, out / "scores.png"), plot_time(results, out / "final_vs_time.png")]
+    verdicts = results["statistics"]
+    plots = [plot_draws(verdicts["final"], out / "finals_by_draw.png", "Final score on each reported draw")]
+    if verdicts.get("robust_final", {}).get("groups"):
+        plots.append(plot_draws(verdicts["robust_final"], out / "robust_finals_by_draw.png",
+                                "Robust final on each audited draw"))
+    plots += [plot_scores(results, out / "scores.png"), plot_time(results, out / "final_vs_time.png")]
     if results.get("audits"):
         plots += [plot_robust(results, out / "robust_final.png"), plot_attacks(results, out / "attacks.png")]
     trajectory = plot_trajectory(results, out / "sugd_trajectory.png")
     (out / "report.md").write_text(report_markdown(results, plots, trajectory), encoding="utf-8")
 
 
-def _interval(scores: dict) -> str:
-    from unlearnlm.evaluation.bootstrap import final_interval
+def _means(results: dict, key: str) -> dict[str, float | None]:
+    """The oracle's and the targets' ``key`` score, mean over the reported draws."""
+    def mean(values: list) -> float | None:
+        values = [value for value in values if value is not None]
+        return sum(values) / len(values) if values else None
 
-    low, high = final_interval([scores["bootstrap"]])
-    return f"{scores['final']:.3f} [{low:.3f}, {high:.3f}]"
+    draws = range(len(results["draws"]))
+    return {"oracle": mean([scores[key] for scores in results["oracle_scores"]]),
+            "target": mean([results["target_scores"][str(draw)][key] for draw in draws])}
 
 
 def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -> str:
-    target, oracle = results["target_scores"]["0"], results["oracle_scores"]
-
-    def of_oracle(final: float | None) -> str:
-        return f"{final / oracle['final']:.1%}" if final is not None and oracle["final"] else "n/a"
+    verdicts = results["statistics"]
+    target_utility = _means(results, "utility")["target"]
 
     def utility(value: float | None) -> str:
-        return f"{_fmt(value)} ({value / target['utility']:.0%})" if value is not None and target["utility"] else _fmt(value)
+        return f"{_fmt(value)} ({value / target_utility:.0%})" if value is not None and target_utility else _fmt(value)
 
-    audits = results.get("audits") or {}
-
-    def robust(name: str) -> str:
-        return _fmt(audits[name]["worst_case"]["final"]) if name in audits else "n/a"
-
-    rows = [[name, _interval(scores), of_oracle(scores["final"]), robust(key), _fmt(scores["task_aggregate"]),
-             _fmt(scores["mia_score"]), _fmt(scores["mia_auc"]), utility(scores["utility"]), "", "", ""]
-            for key, name, scores in (("oracle", "oracle (retrained without F)", oracle),
-                                      ("target", "target (before unlearning)", target))]
+    columns = ("final", "task_aggregate", "mia_score", "mia_auc", "utility")
+    means = {key: _means(results, key) for key in columns}
+    rows = [[label, *(_fmt(means[key][name]) for key in columns[:-1]), utility(means["utility"][name]), "", "", ""]
+            for name, label in (("oracle", "oracle (retrained without F)"), ("target", "target (before unlearning)"))]
     for row in sorted(results["summary"], key=lambda r: -(r["final"] or 0)):
-        low, high = row["final_interval"]
-        final = f"{_fmt(row['final'], row['final_std'])} [{low:.3f}, {high:.3f}]"
-        rows.append([row["method"], final, of_oracle(row["final"]), robust(row["method"]), _fmt(row["task_aggregate"]),
-                     _fmt(row["mia_score"]),
-                     _fmt(row["mia_auc"]), utility(row["utility"]), f"{row['wall_seconds']:.1f}",
-                     f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a", f"{row['trainable_parameters']:,.0f}"])
-    headers = ["method", "final ± seeds [95% CI]", "of oracle", "robust final (seed 0)", "task aggregate", "MIA score", "MIA AUC",
-               "utility (of target)", "unlearning s", "peak RSS MB", "trainable params"]
+        rows.append([row["method"], *(_fmt(row[key]) for key in columns[:-1]), utility(row["utility"]),
+                     f"{row['wall_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "n/a",
+                     f"{row['trainable_parameters']:,.0f}"])
+    headers = ["method", "final", "task aggregate", "MIA score", "MIA AUC", "utility (of target)", "unlearning s",
+               "peak RSS MB", "trainable params"]
     terms_headers = ["method", *results["reported"][0]["scores"]["terms"].keys()] if results["reported"] else []
-    terms_rows = [[name, *(_fmt(v) for v in scores["terms"].values())]
-                  for name, scores in (("oracle", oracle), ("target", target))]
-    terms_rows += [[e["method"] + f" (seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())]
+    terms_rows = [[f"oracle (draw {draw})", *(_fmt(v) for v in scores["terms"].values())]
+                  for draw, scores in enumerate(results["oracle_scores"])]
+    terms_rows += [[f"{e['method']} (draw {e['draw']}, seed {e['seed']})", *(_fmt(v) for v in e["scores"]["terms"].values())]
                    for e in results["reported"]]
     options = results["options"]
-    tuning = (f"grid of learning-rate multipliers {options['grid']} per method (tuned on draw 1)" if len(options["grid"]) > 1
+    draws = ", ".join(f"target seed {draw['seed']}" for draw in results["draws"])
+    tuning = (f"a grid of learning-rate multipliers {options['grid']} per method, tuned on draw 1 of target seed "
+              f"{results['tuning_draw']['seed']}" if results.get("tuning_draw")
               else f"one learning rate per method ({options['grid'][0]} times its centre, not tuned)")
     parts = [
         "# Benchmark results", "",
-        f"Size preset `{options['size']}`, {tuning}, "
-        f"seeds {options['seeds']} on the reported draw 0. Total wall time {results['wall_seconds'] / 60:.1f} min. "
-        "Final: mean over seeds ± their spread, and the 95% bootstrap interval over documents.", "",
-        markdown_table(headers, rows), "",
-        *[f"![{p.stem}]({p.name})" for p in plots], "",
+        f"Size preset `{options['size']}`, {tuning}; {len(results['draws'])} reported draws ({draws}), unlearning seeds "
+        f"{options['seeds']} on each; torch kernels {results.get('kernels', 'n/a')}. Total wall time "
+        f"{results['wall_seconds'] / 60:.1f} min ({_stages(results)}).", "",
+        "## Final score over the reported draws", "",
+        "Mean over the draws with its 95% interval from a bootstrap over draws and, within each, documents; the "
+        "spread is the standard deviation of the per-draw finals. Paired differences use the same resamples for both "
+        "methods. A tie group holds its leader (the best method not in an earlier group) and every method whose "
+        "paired interval against the leader contains 0.", "",
+        ranking_table(verdicts["final"]), "",
     ]
+    robust = verdicts.get("robust_final")
+    if robust:
+        parts += ["## Robust final", "",
+                  "The final built from each term's worst value over `unlearnlm audit`'s attacks (docs/audit.md), on "
+                  f"each method's first-seed model and the oracle of the first {robust['draws']} reported draw(s). "
+                  + ("Its interval resamples the audited draws only (the attacks' per-document scores are not kept)."
+                     if robust.get("groups") else "One audited draw: no interval."), "",
+                  ranking_table(robust), ""]
+    parts += ["## Scores, means over the reported draws", "", markdown_table(headers, rows), "",
+              *[f"![{p.stem}]({p.name})" for p in plots], ""]
     if trajectory:
         parts += [f"![SUGD trajectory]({trajectory.name})", ""]
-    if audits:
-        parts += ["Robust final: the final score built from each term's worst value over `unlearnlm audit`'s attacks "
-                  "(relearning, quantization, sampled and cut prompts; docs/audit.md), on each method's seed-0 model "
-                  "and on the oracle; the first column's seed-0 final is its plain counterpart.", ""]
     parts += ["## Goals", "", markdown_table(["goal", "measured", "met"], goal_checks(results)), ""]
     parts += ["## The 12 terms of each reported run", "", markdown_table(terms_headers, terms_rows), "",
               "## SemEval-2025 Task 4, OLMo-7B board, for scale", "",
@@ -90,27 +99,33 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     return "\n".join(parts)
 
 
+def _stages(results: dict) -> str:
+    return "; ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in results.get("timings", {}).items())
+
+
 def goal_checks(results: dict) -> list[list[str]]:
-    """The issue's goals, checked on the reported draw: SUGD's best variant against the oracle, the
-    other methods and gd's time. SUGD and gd make the same number of passes over the forget set in
-    ``bench.variants``.
+    """The issue's goals, over the reported draws: the SUGD family first with a paired interval that
+    excludes 0 against every other method, its best variant against the oracle, utility, and gd's time.
+    SUGD and gd make the same number of passes over the forget set in ``bench.variants``.
     """
+    final = results["statistics"]["final"]
     rows = {row["method"]: row for row in results["summary"] if row["final"] is not None}
     sugd = [row for name, row in rows.items() if name.startswith("sugd")]
     if not sugd:
         return []
     best = max(sugd, key=lambda row: row["final"])
-    target_utility = results["target_scores"]["0"]["utility"]
-    oracle_final = results["oracle_scores"]["final"]
+    target_utility = _means(results, "utility")["target"]
+    oracle_final = final["by_name"]["oracle"]["mean"]
     checks = []
-    others = [row for name, row in rows.items() if not name.startswith("sugd")]
+    others = [name for name in rows if not name.startswith("sugd")]
     if others:
-        rival = max(others, key=lambda row: row["final"])
-        checks.append(["SUGD beats every other method on the final score",
-                       f"{best['method']} {best['final']:.3f} vs best other {rival['method']} {rival['final']:.3f}",
-                       _yes(best["final"] > rival["final"])])
+        leader = final["best"]
+        behind = [name for name in others if name != leader and final["by_name"][name]["paired"]["best"]["interval"][1] < 0]
+        checks.append(["a SUGD variant first, every other method behind it (paired 95% interval below 0)",
+                       f"first {leader}; resolved behind it: {len(behind)} of {len(others)} non-SUGD methods",
+                       _yes(leader.startswith("sugd") and len(behind) == len(others))])
     if oracle_final:
-        checks.append(["SUGD's final at least 0.9 of the oracle's",
+        checks.append(["the best SUGD variant's mean final at least 0.9 of the oracle's",
                        f"{best['method']} {best['final']:.3f} = {best['final'] / oracle_final:.1%} of {oracle_final:.3f}",
                        _yes(best["final"] >= 0.9 * oracle_final)])
     if best["utility"] is not None and target_utility:
@@ -151,7 +166,7 @@ def plot_scores(results: dict, path: Path) -> Path:
         for position, value in zip(positions, values):
             if value == 0:  # an empty bar would read as missing
                 axis.text(position, 0.01, "0", ha="center", va="bottom", fontsize=7, color=bars.patches[0].get_facecolor())
-    target, oracle = results["target_scores"]["0"]["final"], results["oracle_scores"]["final"]
+    target, oracle = _means(results, "final")["target"], _means(results, "final")["oracle"]
     axis.axhline(oracle, color="green", linestyle="-", linewidth=1.5, label=f"oracle final ({oracle:.2f})")
     axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target final ({target:.2f})")
     axis.set_xticks([i + 1.5 * width for i in range(len(summary))], [row["method"] for row in summary], rotation=30, ha="right")
@@ -172,7 +187,7 @@ def plot_time(results: dict, path: Path) -> Path:
         axis.scatter(row["wall_seconds"], row["final"] or 0, s=40)
         axis.annotate(row["method"], (row["wall_seconds"], row["final"] or 0), textcoords="offset points", xytext=(5, 3),
                       fontsize=8)
-    oracle = results["oracle_scores"]["final"]
+    oracle = _means(results, "final")["oracle"]
     axis.axhline(oracle, color="green", linewidth=1.5, label=f"oracle final ({oracle:.2f})")
     axis.legend(loc="lower right", fontsize=8)
     axis.set_xlabel("unlearning wall time (s)")
@@ -220,7 +235,7 @@ def plot_trajectory(results: dict, path: Path) -> Path | None:
 def plot_robust(results: dict, path: Path) -> Path:
     """Plain against robust final per audited model: how much the attacks take back."""
     plt = _pyplot()
-    audits = results["audits"]
+    audits = results["audits"][0]  # the first audited draw
     names = sorted(audits, key=lambda name: -audits[name]["worst_case"]["plain"]["final"])
     plain = [audits[name]["worst_case"]["plain"]["final"] for name in names]
     worst = [audits[name]["worst_case"]["final"] for name in names]
@@ -231,7 +246,7 @@ def plot_robust(results: dict, path: Path) -> Path:
     axis.set_xticks(list(positions), names, rotation=30, ha="right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("score (higher is better)")
-    axis.set_title("Final score with and without the audit's attacks (seed 0)")
+    axis.set_title("Final score with and without the audit's attacks (first audited draw, seed 0)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -243,7 +258,7 @@ def plot_attacks(results: dict, path: Path) -> Path:
     """Per attack, the forget score each method's model gives back, with the oracle's as a black mark:
     what the attack gives a model that never saw F; above it is the leak."""
     plt = _pyplot()
-    audits = results["audits"]
+    audits = results["audits"][0]  # the first audited draw
     methods = [name for name in audits if name != "oracle"]
     attacks = list(next(iter(audits.values()))["attacks"])
     figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(attacks) + 3), 4.8))

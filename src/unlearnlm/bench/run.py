@@ -2,11 +2,13 @@
 
 Protocol (docs/benchmark.md): each method variant tries the same number of configurations on a
 tuning draw of documents (its own target, trained the same way), the best by final score is then run
-on the reported draw, once per seed. With one configuration (a grid of one) there is nothing to
-choose, so the tuning draw is neither built nor run. Every unlearning run is a separate process, so
-its peak memory is its own. Nothing is tuned on the reported draw; the SUGD trajectory is logged
-there with validation in log-only mode (no state selection), on the first seed of the variants in
-``TRAJECTORY_VARIANTS``.
+on every reported draw (each its own target and oracle, from other documents with another
+fine-tuning order: target seed ``target_seed + k`` for reported draw ``k``), once per seed. With one
+configuration (a grid of one) there is nothing to choose, so the tuning draw is neither built nor
+run. Every unlearning run is a separate process, so its peak memory is its own. Nothing is tuned on
+a reported draw; the SUGD trajectory is logged on the first with validation in log-only mode (no
+state selection), on the first seed of the variants in ``TRAJECTORY_VARIANTS``. The verdicts over
+the draws are ``bench.statistics``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from unlearnlm.bench.sizes import get_size
 from unlearnlm.bench.variants import Variant, variants
 from unlearnlm.errors import UserError
 
-TUNE_DRAW, REPORT_DRAW = 1, 0
+TUNE_DRAW, REPORT_DRAW = 1, 0  # which block of a seed's document order (data.sets)
+TUNE = "tune"  # the tuning draw's key among the draws; the reported ones are 0, 1, ...
 
 
 @dataclass
@@ -43,6 +46,8 @@ class BenchOptions:
     # Processes running methods side by side (``in_processes``); the report is the same.
     jobs: int = 1
     audit_oracle: bool = True  # off in the worker processes: their parent audits the oracle once
+    draws: int = 3  # reported draws
+    audit_draws: int = 1  # the first reported draws whose models are attacked
 
 
 LEVEL_DOCUMENTS = 32
@@ -196,78 +201,99 @@ class Stage:
     forget levels, and where the run records go."""
 
     options: BenchOptions
-    targets: dict[int, Path]
+    targets: dict[str | int, Path]  # by draw: TUNE and the reported draws 0, 1, ...
     data: dict
-    levels: dict[int, float]
+    levels: dict[str | int, float]
     runs_dir: Path
     console: object
 
     def budget(self) -> list[str]:
         return [f"optim.time_budget_s={self.options.time_budget_s}"] if self.options.time_budget_s else []
 
-    def level(self, variant: Variant, draw: int) -> list[str]:
+    def level(self, variant: Variant, draw: str | int) -> list[str]:
         return [f"method_args.{variant.level_setting}={self.levels[draw]:.4f}"] if variant.level_setting else []
 
-    def forget(self, draw: int) -> Path:
+    def forget(self, draw: str | int) -> Path:
         return self.targets[draw] / "benchmark" / "forget.jsonl"
+
+
+def draw_specs(options: BenchOptions, tuned: bool) -> dict[str | int, dict]:
+    """The targets by draw: the tuning draw's (when ``tuned``; no oracle, since its scores never meet
+    one) and reported draw ``k``'s, of target seed ``target_seed + k``."""
+    size = get_size(options.size)
+    specs: dict[str | int, dict] = {}
+    if tuned:
+        specs[TUNE] = {"size": size, "seed": options.target_seed, "draw": TUNE_DRAW, "with_oracle": False}
+    for draw in range(options.draws):
+        specs[draw] = {"size": size, "seed": options.target_seed + draw, "draw": REPORT_DRAW, "with_oracle": True}
+    return specs
 
 
 def run_bench(options: BenchOptions) -> dict:
     from rich.console import Console
 
     from unlearnlm.bench.report import write_bench_report
+    from unlearnlm.bench.statistics import draw_statistics
     from unlearnlm.bench.target import ORACLE_DIR, cached_target
+    from unlearnlm.kernels import kernels
 
     console = Console()
     started = time.perf_counter()
-    size = get_size(options.size)
     known = variants(n_layers=1)  # the names do not depend on the depth
     chosen = options.methods or [name for name, variant in known.items() if variant.default]
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
-    tuned = tunes(options.grid) and not all(known[name].calibrates for name in chosen)
-    draws = (TUNE_DRAW, REPORT_DRAW) if tuned else (REPORT_DRAW,)
-    # The tuning draw's scores never meet an oracle, so it has none.
-    specs = [{"size": size, "seed": options.target_seed, "draw": draw, "with_oracle": draw == REPORT_DRAW}
-             for draw in draws]
+    # No tuning draw when there is nothing to tune: one rate, or only variants that calibrate themselves (auto).
+    specs = draw_specs(options, tunes(options.grid) and not all(known[name].calibrates for name in chosen))
+    reported = range(options.draws)
     if options.jobs > 1:
-        in_processes(options, [{"target": spec} for spec in specs], "targets")
-    targets = {spec["draw"]: cached_target(**spec)[0] for spec in specs}
-    oracle = targets[REPORT_DRAW] / ORACLE_DIR
-    table = variants(json.loads((targets[REPORT_DRAW] / "config.json").read_text())["num_hidden_layers"])
+        in_processes(options, [{"target": spec} for spec in specs.values()], "targets")
+    targets = {key: cached_target(**spec)[0] for key, spec in specs.items()}
+    oracles = {draw: targets[draw] / ORACLE_DIR for draw in reported}
+    timings = {"models": time.perf_counter() - started}
+    table = variants(json.loads((targets[0] / "config.json").read_text())["num_hidden_layers"])
     runs_dir = options.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    data = {draw: evaluation_data(path) for draw, path in targets.items()}
+    data = {key: evaluation_data(path) for key, path in targets.items()}
 
-    def full_score(model_dir: Path, draw: int, name: str) -> dict:
+    def full_score(model_dir: Path, draw: str | int, name: str) -> dict:
         return cached(runs_dir / f"{name}.scores.json", {"model": str(model_dir)},
                       lambda: score(model_dir, data[draw], options.batch_size, full=True))
 
-    target_scores = {draw: full_score(path, draw, f"target-d{draw}") for draw, path in targets.items()}
-    results: dict = {"options": _jsonable(options), "targets": {str(d): str(p) for d, p in targets.items()},
-                     "target_scores": {str(d): s for d, s in target_scores.items()}, "oracle": str(oracle),
-                     "oracle_scores": full_score(oracle, REPORT_DRAW, "oracle"), "tuning": [], "reported": []}
-    levels = {draw: cached(runs_dir / f"level-d{draw}.json", {"target": str(path)},
-                           lambda path=path: {"level": forget_level(path, options.batch_size)})["level"]
-              for draw, path in targets.items()}
-    results["forget_levels"] = {str(draw): level for draw, level in levels.items()}
+    results: dict = {
+        "options": _jsonable(options), "kernels": kernels(), "targets": {str(key): str(path) for key, path in targets.items()},
+        "draws": [{"seed": specs[draw]["seed"], "draw": REPORT_DRAW, "target": str(targets[draw]),
+                   "oracle": str(oracles[draw])} for draw in reported],
+        "tuning_draw": {"seed": specs[TUNE]["seed"], "draw": TUNE_DRAW, "target": str(targets[TUNE])} if TUNE in specs else None,
+        "target_scores": {str(key): full_score(path, key, f"target-{key}") for key, path in targets.items()},
+        "oracle_scores": [full_score(oracles[draw], draw, f"oracle-{draw}") for draw in reported],
+        "tuning": [], "reported": []}
+    levels = {key: cached(runs_dir / f"level-{key}.json", {"target": str(path)},
+                          lambda path=path: {"level": forget_level(path, options.batch_size)})["level"]
+              for key, path in targets.items()}
+    results["forget_levels"] = {str(key): level for key, level in levels.items()}
+    timings["scoring the targets and oracles"] = time.perf_counter() - started - timings["models"]
+    audit_draws = range(min(options.audit_draws, options.draws)) if options.audit else range(0)
     if options.jobs > 1:  # the workers read the scores and levels above from their records
         tasks = [{"bench": {**_jsonable(options), "methods": [name], "jobs": 1, "audit_oracle": False}} for name in chosen]
-        if options.audit and options.audit_oracle:
-            tasks.append({"audit": {"model": str(oracle), "target": str(targets[REPORT_DRAW]),
-                                    "record": str(runs_dir / "oracle.audit.json"), "batch_size": options.batch_size}})
+        if options.audit_oracle:
+            tasks += [{"audit": {"model": str(oracles[draw]), "target": str(targets[draw]),
+                                 "record": str(runs_dir / f"oracle-{draw}.audit.json"), "batch_size": options.batch_size}}
+                      for draw in audit_draws]
         in_processes(options, tasks, "methods")
     stage = Stage(options, targets, data, levels, runs_dir, console)
     for name in chosen:
-        tried, reported = method_runs(stage, table[name])
+        tried, runs = method_runs(stage, table[name])
         results["tuning"] += tried
-        results["reported"] += reported
-    if options.audit:
-        results["audits"] = audit_models(results, oracle if options.audit_oracle else None, data[REPORT_DRAW], runs_dir,
-                                         console, options.batch_size)
+        results["reported"] += runs
+    results["audits"] = [audit_models(results, oracles[draw] if options.audit_oracle else None, draw, stage)
+                         for draw in audit_draws]
+    timings["methods and audits"] = time.perf_counter() - started - sum(timings.values())
+    results["statistics"] = draw_statistics(results["reported"], results["oracle_scores"], results["audits"])
     results["summary"] = summarize(results)
     results["wall_seconds"] = time.perf_counter() - started
+    results["timings"] = timings
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
     write_bench_report(results, options.out)
     return results
@@ -275,14 +301,14 @@ def run_bench(options: BenchOptions) -> dict:
 
 def method_runs(stage: Stage, variant: Variant) -> tuple[list[dict], list[dict]]:
     """``(tuning entries, reported entries)`` of one variant: its grid on the tuning draw (when there is
-    a grid to choose from), then the best rate on the reported draw, once per seed."""
+    a grid to choose from), then the best rate on every reported draw, once per seed."""
     options, name, batch_size = stage.options, variant.name, stage.options.batch_size
     tried = []
     for multiplier in options.grid if tunes(options.grid) and not variant.calibrates else ():
         overrides = variant.at_rate(multiplier) + stage.budget()
-        run, scores = finished_run(stage.runs_dir / f"{name}-tune-x{multiplier}", stage.targets[TUNE_DRAW],
-                                   stage.forget(TUNE_DRAW), overrides + stage.level(variant, TUNE_DRAW),
-                                   lambda directory: score(directory, stage.data[TUNE_DRAW], batch_size, full=False),
+        run, scores = finished_run(stage.runs_dir / f"{name}-tune-x{multiplier}", stage.targets[TUNE],
+                                   stage.forget(TUNE), overrides + stage.level(variant, TUNE),
+                                   lambda directory: score(directory, stage.data[TUNE], batch_size, full=False),
                                    variant.settle, batch_size)
         tried.append({"method": name, "lr_multiplier": multiplier, "overrides": overrides, **_run_facts(run),
                       "scores": scores})
@@ -292,21 +318,26 @@ def method_runs(stage: Stage, variant: Variant) -> tuple[list[dict], list[dict]]
                default={"lr_multiplier": None if variant.calibrates else options.grid[0],
                         "overrides": variant.at_rate(options.grid[0]) + stage.budget()})
     reported = []
-    for seed in options.seeds:
-        overrides = [*best["overrides"], f"seed={seed}", *stage.level(variant, REPORT_DRAW)]
-        if options.trajectory and name in TRAJECTORY_VARIANTS and seed == options.seeds[0]:
-            overrides += _trajectory_overrides(stage.targets[REPORT_DRAW])
-        run_dir = stage.runs_dir / f"{name}-seed{seed}"
-        run, scores = finished_run(run_dir, stage.targets[REPORT_DRAW], stage.forget(REPORT_DRAW), overrides,
-                                   lambda directory: score(directory, stage.data[REPORT_DRAW], batch_size, full=True,
-                                                           keep=_results_path(directory)),
-                                   variant.settle, batch_size)
-        reported.append({"method": name, "seed": seed, "lr_multiplier": best["lr_multiplier"], "overrides": overrides,
-                         **_run_facts(run), "scores": scores, "trajectory": _trajectory(run_dir)})
-        stage.console.print(f"[bold]{name}[/] seed {seed}: final {_fmt(scores['final'])}, "
-                            f"task {_fmt(scores['task_aggregate'])}, MIA {_fmt(scores['mia_score'])}, "
-                            f"utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
+    for draw in range(options.draws):
+        for seed in options.seeds:
+            overrides = [*best["overrides"], f"seed={seed}", *stage.level(variant, draw)]
+            if options.trajectory and name in TRAJECTORY_VARIANTS and seed == options.seeds[0] and draw == 0:
+                overrides += _trajectory_overrides(stage.targets[draw])
+            run_dir = reported_dir(stage.runs_dir, name, draw, seed)
+            run, scores = finished_run(run_dir, stage.targets[draw], stage.forget(draw), overrides,
+                                       lambda directory, draw=draw: score(directory, stage.data[draw], batch_size, full=True,
+                                                                          keep=_results_path(directory)),
+                                       variant.settle, batch_size)
+            reported.append({"method": name, "draw": draw, "seed": seed, "lr_multiplier": best["lr_multiplier"],
+                             "overrides": overrides, **_run_facts(run), "scores": scores, "trajectory": _trajectory(run_dir)})
+            stage.console.print(f"[bold]{name}[/] draw {draw} seed {seed}: final {_fmt(scores['final'])}, "
+                                f"task {_fmt(scores['task_aggregate'])}, MIA {_fmt(scores['mia_score'])}, "
+                                f"utility {_fmt(scores['utility'])}, {run['wall_seconds']:.0f}s")
     return tried, reported
+
+
+def reported_dir(runs_dir: Path, method: str, draw: int, seed: int) -> Path:
+    return runs_dir / f"{method}-d{draw}-seed{seed}"
 
 
 def tunes(grid: list[float]) -> bool:
@@ -355,18 +386,22 @@ def audited(model_dir: Path, data, record_path: Path, batch_size: int, kept: Pat
     return cached(record_path, {"model": str(model_dir), "settings": settings.to_dict()}, attack)
 
 
-def audit_models(results: dict, oracle: Path | None, data, runs_dir: Path, console, batch_size: int) -> dict:
-    """The oracle's (unless None) and every method's audit (the first reported seed's model of each)."""
-    audits = {"oracle": audited(oracle, data, runs_dir / "oracle.audit.json", batch_size)} if oracle else {}
+def audit_models(results: dict, oracle: Path | None, draw: int, stage: Stage) -> dict:
+    """The oracle's (unless None) and every method's audit (the first reported seed's model of each) on
+    reported draw ``draw``."""
+    batch_size, data = stage.options.batch_size, stage.data[draw]
+    audits = {"oracle": audited(oracle, data, stage.runs_dir / f"oracle-{draw}.audit.json", batch_size)} if oracle else {}
     first = {}
     for entry in results["reported"]:
-        first.setdefault(entry["method"], entry)
+        if entry["draw"] == draw:
+            first.setdefault(entry["method"], entry)
     for method, entry in first.items():
-        run_dir = runs_dir / f"{method}-seed{entry['seed']}"
+        run_dir = reported_dir(stage.runs_dir, method, draw, entry["seed"])
         audits[method] = audited(run_dir, data, run_dir.with_name(run_dir.name + ".audit.json"), batch_size,
                                  _results_path(run_dir))
         worst = audits[method]["worst_case"]
-        console.print(f"[bold]{method}[/] audited: final {_fmt(worst['plain']['final'])}, robust final {_fmt(worst['final'])}")
+        stage.console.print(f"[bold]{method}[/] draw {draw} audited: final {_fmt(worst['plain']['final'])}, "
+                            f"robust final {_fmt(worst['final'])}")
     return audits
 
 
@@ -437,28 +472,24 @@ def _run_facts(run: dict) -> dict:
 
 
 def summarize(results: dict) -> list[dict]:
-    """Mean and spread over seeds of each reported method, its final's bootstrap interval over
-    documents and its final as a fraction of the oracle's."""
-    from unlearnlm.evaluation.bootstrap import final_interval
-
+    """Per reported method: its scores' means over every reported run (draws and seeds), its time, memory
+    and size, and its final and robust final over the draws (``results["statistics"]``)."""
     summary = []
-    oracle_final = results["oracle_scores"]["final"]
+    verdicts = results["statistics"]
     methods = dict.fromkeys(entry["method"] for entry in results["reported"])
     for method in methods:
         entries = [e for e in results["reported"] if e["method"] == method]
-        row = {"method": method, "seeds": len(entries)}
-        for key in ("final", "task_aggregate", "mia_score", "mia_auc", "utility"):
+        row = {"method": method, "runs": len(entries)}
+        for key in ("task_aggregate", "mia_score", "mia_auc", "utility"):
             values = [e["scores"][key] for e in entries if e["scores"][key] is not None]
             row[key] = statistics.mean(values) if values else None
-            row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         for key in ("wall_seconds", "peak_rss_mb", "trainable_parameters"):
             values = [e[key] for e in entries if e[key] is not None]
             row[key] = statistics.mean(values) if values else None
-        row["final_interval"] = final_interval([e["scores"]["bootstrap"] for e in entries])
-        audit = results.get("audits", {}).get(method)
-        row["robust_final"] = audit["worst_case"]["final"] if audit else None
-        row["audited_final"] = audit["worst_case"]["plain"]["final"] if audit else None
-        row["of_oracle"] = row["final"] / oracle_final if oracle_final else None
+        final = verdicts["final"]["by_name"].get(method, {})
+        robust = verdicts.get("robust_final", {}).get("by_name", {}).get(method, {})
+        row.update(final=final.get("mean"), final_interval=final.get("interval"), of_oracle=final.get("of_oracle"),
+                   robust_final=robust.get("mean"), robust_final_interval=robust.get("interval"))
         summary.append(row)
     return summary
 
