@@ -84,6 +84,7 @@ from unlearnlm.data.sets import (
 )
 from unlearnlm.data.tokenize import Example, encode_example
 from unlearnlm.errors import UserError
+from unlearnlm.kernels import kernels
 from unlearnlm.model import default_device
 from unlearnlm.paths import check_output_dir, replace_dir
 
@@ -271,7 +272,7 @@ def build_target(
             "target": target_log, "oracle": oracle_log, "check_seconds": time.perf_counter() - checked,
             "unlearnlm_version": __version__, "preset": asdict(preset), "recipe": asdict(recipe), "arch": arch,
             "seed": seed, "draw": draw, "parameters": sum(parameter.numel() for parameter in target.parameters()),
-            "torch_threads": threads, "device": str(default_device()),
+            "torch_threads": threads, "device": str(default_device()), "kernels": kernels(),
         }
         save_model_dir(staging, target, tokenizer)
         models = {"target": ".", "oracle": ORACLE_DIR if with_oracle else None, "base": str(base_dir),
@@ -351,9 +352,10 @@ def read_models(target_dir: Path) -> dict[str, Path | None]:
 
 
 def cache_key(preset: SizePreset, recipe: Recipe, arch: Arch, data_dir: Path) -> str:
-    """Changes whenever anything that shapes the models changes, so a stale target is never reused."""
+    """Changes whenever anything that shapes the models changes, so a stale target is never reused: the
+    kernels too, so that a pinned run never reuses a target built with other ones (unlearnlm.kernels)."""
     facts = {"format": TARGET_FORMAT, "version": __version__, "preset": asdict(preset), "recipe": asdict(recipe),
-             "arch": arch, "data": data_fingerprint(data_dir)}
+             "arch": arch, "data": data_fingerprint(data_dir), "kernels": kernels()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
