@@ -340,11 +340,12 @@ def test_the_bench_runs_auto_with_no_tuning_run_whatever_the_grid(tmp_path, monk
     monkeypatch.setattr(bench_run, "finished_run", finished_run)
     monkeypatch.setattr(bench_run, "_run_facts", lambda run: {})
     monkeypatch.setattr(bench_run, "_trajectory", lambda run_dir: None)
-    options = bench_run.BenchOptions(out=tmp_path, grid=[0.5, 1.0, 2.0], trajectory=False)
-    stage = bench_run.Stage(options, {0: tmp_path, 1: tmp_path}, {}, {0: 3.0, 1: 3.0}, tmp_path, Console(quiet=True))
+    options = bench_run.BenchOptions(out=tmp_path, grid=[0.5, 1.0, 2.0], trajectory=False, draws=1)
+    tune = bench_run.TUNE
+    stage = bench_run.Stage(options, {0: tmp_path, tune: tmp_path}, {}, {0: 3.0, tune: 3.0}, tmp_path, Console(quiet=True))
     table = variants(n_layers=2)
     tried, reported = bench_run.method_runs(stage, table["auto"])
-    assert tried == [] and [name for name, _ in calls] == ["auto-seed0"]
+    assert tried == [] and [name for name, _ in calls] == ["auto-d0-seed0"]
     assert "auto.enabled=true" in calls[0][1] and not any(item.startswith("optim.lr=") for item in calls[0][1])
     calls.clear()
     tried, _ = bench_run.method_runs(stage, table["sugd"])
