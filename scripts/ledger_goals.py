@@ -144,13 +144,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="mini", help="target size (the demo's: mini)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default="demo", help="unlearning preset, the same for the ledger and one-shot")
+    parser.add_argument("--config", default="demo",
+                        help="unlearning preset (or auto), the same for the ledger and one-shot")
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("ledger-goals"))
     args = parser.parse_args()
 
     from unlearnlm.api import evaluate_models, unlearn
     from unlearnlm.bench.target import ORACLE_DIR, cached_target
+    from unlearnlm.config import load_config
     from unlearnlm.paths import check_output_dir
 
     check_output_dir(args.out, False)
@@ -159,8 +161,10 @@ def main() -> None:
     files = split_forget(sets / "forget.jsonl", args.requests, args.out / "requests")
     ledger = run_ledger(target, sets, files, args.config, args.out / "ledger")
     started = time.perf_counter()
+    # auto reads the unseen documents, as the ledger's requests do.
+    unseen = sets / "mia_nonmembers.jsonl" if load_config(args.config).auto.enabled else None
     one_shot = unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", args.out / "one-shot", args.config,
-                       show_progress=False)
+                       unseen=unseen, show_progress=False)
     one_shot_call = time.perf_counter() - started
     current = args.out / "ledger" / "requests" / f"{args.requests:04d}" / "model"
     paths = {"target": target, "oracle": target / ORACLE_DIR, "one-shot": args.out / "one-shot", "ledger": current}
