@@ -11,8 +11,9 @@ cut, in file order, into ``--requests`` groups, one request each. Prints, and wr
   term within 0.05);
 - the last model's final score against the oracle's (goal: >= 0.9x) and its utility against the
   target's (goal: >= 0.95x), all scored on the whole of F;
-- the unlearning time of the sequence against one-shot unlearning (goal: <= 1.5x); the ledger's
-  whole ``add`` time (scoring and light audit included) is printed beside it.
+- the unlearning time of the sequence against one-shot unlearning, each the whole unlearning call
+  (a calibration, loading and saving included; goal: <= 1.5x); the ledger's whole ``add`` time
+  (scoring and light audit included) is printed beside it.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def evaluate_goals(results: dict) -> dict:
         "utility_vs_target": (models["ledger"]["utility"] / models["target"]["utility"], f">= {GOALS['utility_vs_target']}"),
         "time_vs_one_shot": (seconds["ledger_unlearning"] / seconds["one_shot_unlearning"], f"<= {GOALS['time_vs_one_shot']}"),
         "add_time_vs_one_shot (not a goal: scoring and audit included)":
-            (seconds["ledger_add_total"] / seconds["one_shot_call"], "-", True),
+            (seconds["ledger_add_total"] / seconds["one_shot_unlearning"], "-", True),
     }
     goals = {}
     for name, (value, target, *met) in ratios.items():
@@ -183,9 +184,10 @@ def main() -> None:
         "came_back": [entry["came_back"] for entry in receipts[-1]["earlier_requests"]] + [None],
         "per_request": per_request_scores({"one-shot": paths["one-shot"], "oracle": paths["oracle"]}, files, settings),
         "models": {name: headline(result) for name, (_, result) in zip(paths, evaluated)},
-        "seconds": {"ledger_unlearning": sum(r["unlearning"]["wall_seconds"] for r in receipts),
-                    "one_shot_unlearning": one_shot["wall_seconds"], "ledger_add_total": sum(ledger["add_seconds"]),
-                    "one_shot_call": one_shot_call, "ledger_init": ledger["init_seconds"],
+        "seconds": {"ledger_unlearning": sum(r["unlearning"]["call_seconds"] for r in receipts),
+                    "one_shot_unlearning": one_shot_call, "ledger_add_total": sum(ledger["add_seconds"]),
+                    "ledger_training": sum(r["unlearning"]["wall_seconds"] for r in receipts),
+                    "one_shot_training": one_shot["wall_seconds"], "ledger_init": ledger["init_seconds"],
                     "ledger_adds": ledger["add_seconds"]},
     }
     results["goals"] = evaluate_goals(results)

@@ -93,6 +93,7 @@ def test_verify_passes_on_an_untouched_ledger_and_the_receipts_chain(ledger, mic
     assert first["weights_sha256"]["before"] == weights_sha256(micro_model_dir)
     assert second["weights_sha256"]["before"] == first["weights_sha256"]["after"] != first["weights_sha256"]["before"]
     assert second["weights_sha256"]["after"] == weights_sha256(ledger / "requests" / "0002" / "model")
+    assert second["unlearning"]["call_seconds"] >= second["unlearning"]["wall_seconds"] > 0
     # Only the current model is stored; the forget sets are referenced, never copied, and redacted.
     assert not (ledger / "requests" / "0001" / "model").exists()
     assert first["forget"]["sha256"] == content_sha256(ledger_inputs["forget1"])

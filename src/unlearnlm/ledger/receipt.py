@@ -92,7 +92,8 @@ def build_receipt(ledger, number: int, key: Mapping, forget_rows: Rows, run: Map
         "weights_sha256": {"before": ledger.current_weights(), "after": run["output_weights_sha256"]},
         "settings": {"config": key["config"], "overrides": key["overrides"], "resolved": run["config"]},
         "verdict": run.get("verdict"),
-        "unlearning": {key: run[key] for key in ("steps", "wall_seconds", "stopped_reason", "trainable_parameters")},
+        "unlearning": {key: run[key] for key in ("steps", "wall_seconds", "call_seconds", "stopped_reason",
+                                                 "trainable_parameters")},
         "scores": {"own": evaluated["own"], **evaluated["headline"], "terms": evaluated["terms"]},
         "earlier_requests": _earlier(ledger, evaluated),
         "drift": _drift(ledger.genesis["original_scores"], evaluated["retain_side"]),
@@ -117,7 +118,8 @@ def receipt_markdown(receipt: Mapping) -> str:
             ["previous receipt sha256", receipt["previous_receipt_sha256"]],
             ["settings", f"{receipt['settings']['config'] or 'default'} {' '.join(receipt['settings']['overrides'])}"],
             ["verdict", "none (not a self-calibrating run)" if verdict is None else verdict["summary"]],
-            ["unlearning", f"{receipt['unlearning']['steps']} steps, {receipt['unlearning']['wall_seconds']:.1f} s, "
+            ["unlearning", f"{receipt['unlearning']['steps']} steps, {receipt['unlearning']['wall_seconds']:.1f} s "
+                           f"training, {receipt['unlearning']['call_seconds']:.1f} s in all, "
                            f"{receipt['unlearning']['stopped_reason']}"],
         ]), "",
         "## This request on the new model", "",

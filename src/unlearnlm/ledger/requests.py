@@ -12,6 +12,7 @@ instead of re-scoring it (docs/ledger.md).
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -258,7 +259,10 @@ def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None =
                "previous_receipt_sha256": ledger.last_receipt_sha256()}
         pending = _pending(ledger, key, log)
         log(f"request {number}: unlearning {len(forget_rows)} rows from {ledger.current_model()}")
-        run = _unlearn(ledger, pending, reference, resolved, show_progress)
+        started = time.perf_counter()
+        # The whole call (a calibration, loading and saving included; after a kill, the resumed part only).
+        run = {**_unlearn(ledger, pending, reference, resolved, show_progress),
+               "call_seconds": round(time.perf_counter() - started, 3)}
         earlier = {i: _earlier_forget_set(ledger, i, text_key) for i in range(1, number)}
         evaluated = _evaluate(ledger, pending / STAGED / MODEL, forget_rows, earlier, log)
         receipt = build_receipt(ledger, number, key, forget_rows, run, evaluated, redact)
