@@ -180,13 +180,15 @@ def test_kept_models_stay_and_verify_checks_them(micro_model_dir, ledger_inputs,
 
 
 def test_a_second_writer_is_refused_while_the_lock_is_held(ledger, ledger_inputs, capsys):
+    from unlearnlm.paths import lock_path_for
+
     # flock conflicts between two open files even within one process: this stands for another process.
-    descriptor = os.open(ledger / ".lock", os.O_RDWR | os.O_CREAT)
+    descriptor = os.open(lock_path_for(ledger), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         capsys.readouterr()
         assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs["forget1"], *ADD_SETTINGS) == 2
-        assert "another process" in capsys.readouterr().err
+        assert "being written by another run" in capsys.readouterr().err
     finally:
         os.close(descriptor)
     assert not (ledger / "requests" / "0003").exists()

@@ -18,8 +18,6 @@ the ledger is next opened for writing.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -32,11 +30,11 @@ from pathlib import Path
 from unlearnlm.data.records import content_sha256
 from unlearnlm.errors import UserError
 from unlearnlm.hub import weights_sha256
+from unlearnlm.paths import lock_output, release_output
 
 GENESIS = "ledger.json"
 REQUESTS = "requests"
 PENDING = ".pending"
-LOCK = ".lock"
 RECEIPT_JSON = "receipt.json"
 RECEIPT_MD = "receipt.md"
 REFERENCE = "forget_reference.json"
@@ -138,24 +136,15 @@ def open_ledger(root: str | Path) -> Ledger:
 
 @contextmanager
 def locked(root: Path) -> Iterator[None]:
-    """One writer per ledger: an ``flock`` on ``L/.lock``, which the system drops when its holder dies
-    (a lock left by a killed ``add`` is taken over); a second writer is refused at once."""
+    """One writer per ledger: the output lock of ``paths.lock_output`` (an ``flock`` on ``.<L>.lock``
+    beside the ledger, which the system drops when its holder dies, so a lock left by a killed ``add``
+    is taken over); a second writer is refused at once, naming the holder's process."""
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock_output(root)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{root}: cannot lock {path} ({err.strerror})") from None
-            holder = path.read_text().strip() or "unknown"
-            raise UserError(f"{root}: another process ({holder}) is writing this ledger; wait for it to end") from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
         yield
     finally:
-        os.close(descriptor)
+        release_output(root)
 
 
 def remove_earlier_models(ledger: Ledger) -> None:
