@@ -36,7 +36,8 @@ import torch
 from unlearnlm.config import UnlearnConfig, load_config
 from unlearnlm.data.records import Record, load_records
 from unlearnlm.data.sets import bundled_lume_dir
-from unlearnlm.engine import Engine, optimizer_steps
+from unlearnlm.data.schedule import optimizer_steps
+from unlearnlm.engine import Engine
 from unlearnlm.recipe import peak_memory_mb
 from unlearnlm.methods import get_method
 from unlearnlm.model import DTYPES, apply_trainable

@@ -130,7 +130,7 @@ def test_the_run_stops_at_the_first_chunk_whose_check_is_met_and_keeps_that_stat
 
 
 def held_out_selection():
-    from unlearnlm.engine import Selection
+    from unlearnlm.evaluation.metrics import Selection
 
     return Selection(better=lambda new, old: held_out.rank(new, BOUNDS) > held_out.rank(old, BOUNDS),
                      done=lambda scores: held_out.met(scores, BOUNDS))

@@ -245,8 +245,7 @@ def test_checkpoint_selection_keeps_the_best_validated_state(micro_target, tmp_p
 def test_lr_factors_follow_the_transformers_linear_schedule(reset_per_chunk, warmup):
     from transformers import get_linear_schedule_with_warmup
 
-    from unlearnlm.data.schedule import FORGET, Item, Phase
-    from unlearnlm.engine import lr_factors
+    from unlearnlm.data.schedule import FORGET, Item, Phase, lr_factors
 
     phases = [Phase(f"chunk {n}", n, [Item(FORGET, i) for i in range(size)], epochs=2) for n, size in enumerate((5, 3))]
     per_epoch = [5, 3]  # batch size 1

@@ -25,11 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.records import Record, whole_document
-from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase
+from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase, lr_factors, optimizer_steps
 from unlearnlm.data.tokenize import Example, collate, encode_example
 from unlearnlm.distributed import build_accelerator, in_lockstep
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.metrics import METRICS
+from unlearnlm.evaluation.metrics import metric_selection
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
 from unlearnlm.model import count_parameters, is_peft, model_context
@@ -56,23 +56,6 @@ class Stop(enum.Enum):
     SELECTED = "selected"  # the validation scores met the selection's stopping rule
 
 
-@dataclass(frozen=True)
-class Selection:
-    """How validation scores choose the state kept (``better(new, old)``) and end the run (``done``).
-
-    The default reads ``validation.metric``; ``--config auto`` brings its own (auto/check.py). Both
-    are called on every process with the main process's scores, so every process decides alike.
-    """
-
-    better: Callable[[dict, dict], bool]
-    done: Callable[[dict], bool] = lambda scores: False
-    stop_reason: str = "the validation's stopping rule was met"
-
-
-def metric_selection(metric: str) -> Selection:
-    return Selection(better=lambda new, old: METRICS[metric].better(new[metric], old[metric]))
-
-
 @dataclass
 class RunSummary:
     steps: int = 0
@@ -82,40 +65,6 @@ class RunSummary:
     stopped_reason: str = "completed"  # ``stop`` in words, with its details
     best: Optional[dict] = None
     validations: list[dict] = field(default_factory=list)
-
-
-def optimizer_steps(n_items: int, global_batch: int, grad_accum: int) -> int:
-    micro_batches = math.ceil(n_items / global_batch)
-    return math.ceil(micro_batches / grad_accum)
-
-
-def lr_factors(
-    phases: list[Phase], steps_per_epoch: list[int], warmup: int, reset_per_chunk: bool, base_lr: float
-) -> list[float]:
-    """Multipliers of ``base_lr``, indexed by global step: linear warmup then linear decay to zero,
-    per chunk or over the whole run, times the phase's own learning rate over ``base_lr``.
-
-    The shape is transformers' ``get_linear_schedule_with_warmup``: ``s / w`` during the ``w`` warmup
-    steps, then ``(n - s) / (n - w)`` over a span of ``n`` steps. Steps count optimizer updates of the
-    global batch, so warmup does not depend on the number of processes.
-    """
-    spans: list[int] = []
-    scales: list[float] = []
-    for phase, per_epoch in zip(phases, steps_per_epoch):
-        total = per_epoch * phase.epochs
-        if reset_per_chunk or not spans:
-            spans.append(total)
-        else:
-            spans[-1] += total
-        scales.extend([(phase.lr if phase.lr is not None else base_lr) / base_lr] * total)
-    factors: list[float] = []
-    for span in spans:
-        for step in range(span):
-            if step < warmup:
-                factors.append(step / warmup)
-            else:
-                factors.append(max(0.0, (span - step) / max(1, span - warmup)))
-    return [factor * scale for factor, scale in zip(factors, scales)]
 
 
 class Engine:

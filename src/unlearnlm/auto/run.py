@@ -29,8 +29,9 @@ from unlearnlm.auto.unseen import read_unseen, refuse_overlap, split_unseen
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows
 from unlearnlm.data.schedule import FORGET, RETAIN, CyclicSampler, Phase, interleave
-from unlearnlm.engine import Engine, Selection
+from unlearnlm.engine import Engine
 from unlearnlm.errors import UserError
+from unlearnlm.evaluation.metrics import Selection
 from unlearnlm.recipe import build_record, cleanup, save, setup
 from unlearnlm.tracking import finish_trackers
 

@@ -10,6 +10,7 @@ unlearned one after another, ``epochs`` epochs each.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,3 +92,37 @@ def chunk_schedule(
         retain = sampler.take(len(chunk) * ratio) if ratio and n_retain else []
         phases.append(Phase(name=f"chunk {number + 1}", chunk=number, items=interleave(chunk, retain, ratio), epochs=epochs))
     return phases
+
+
+def optimizer_steps(n_items: int, global_batch: int, grad_accum: int) -> int:
+    micro_batches = math.ceil(n_items / global_batch)
+    return math.ceil(micro_batches / grad_accum)
+
+
+def lr_factors(
+    phases: list[Phase], steps_per_epoch: list[int], warmup: int, reset_per_chunk: bool, base_lr: float
+) -> list[float]:
+    """Multipliers of ``base_lr``, indexed by global step: linear warmup then linear decay to zero,
+    per chunk or over the whole run, times the phase's own learning rate over ``base_lr``.
+
+    The shape is transformers' ``get_linear_schedule_with_warmup``: ``s / w`` during the ``w`` warmup
+    steps, then ``(n - s) / (n - w)`` over a span of ``n`` steps. Steps count optimizer updates of the
+    global batch, so warmup does not depend on the number of processes.
+    """
+    spans: list[int] = []
+    scales: list[float] = []
+    for phase, per_epoch in zip(phases, steps_per_epoch):
+        total = per_epoch * phase.epochs
+        if reset_per_chunk or not spans:
+            spans.append(total)
+        else:
+            spans[-1] += total
+        scales.extend([(phase.lr if phase.lr is not None else base_lr) / base_lr] * total)
+    factors: list[float] = []
+    for span in spans:
+        for step in range(span):
+            if step < warmup:
+                factors.append(step / warmup)
+            else:
+                factors.append(max(0.0, (span - step) / max(1, span - warmup)))
+    return [factor * scale for factor, scale in zip(factors, scales)]

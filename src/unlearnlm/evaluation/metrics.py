@@ -52,3 +52,20 @@ METRICS: dict[str, Metric] = {metric.name: metric for metric in (
     Metric("mmlu", "MMLU", ("mmlu",), True, lambda results: results.get("mmlu_average")),
 )}
 SELECTABLE = tuple(name for name, metric in METRICS.items() if metric.selectable)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How validation scores choose the state kept (``better(new, old)``) and end the run (``done``).
+
+    The default reads ``validation.metric``; ``--config auto`` brings its own (auto/check.py). Both
+    are called on every process with the main process's scores, so every process decides alike.
+    """
+
+    better: Callable[[dict, dict], bool]
+    done: Callable[[dict], bool] = lambda scores: False
+    stop_reason: str = "the validation's stopping rule was met"
+
+
+def metric_selection(metric: str) -> Selection:
+    return Selection(better=lambda new, old: METRICS[metric].better(new[metric], old[metric]))
