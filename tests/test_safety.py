@@ -296,6 +296,11 @@ def hostile_cases(model: str, data: Path, files: dict[str, Path], scratch: Path)
                                                      fault=fail_for(runstate, "save_file", disk_full)),
         "eval-disk-full": Hostile([*evaluate, "--out", out], "no space left",
                                   fault=fail_for(report, "write_jsonl", disk_full)),
+        "out-of-memory-while-loading": Hostile([*unlearn, "--out", out], "out of memory", fault=fail_for(
+            recipe, "load_model_and_tokenizer", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried "
+                                                             "to allocate 2600000000000 bytes"))),
+        "eval-memory-error": Hostile([*evaluate, "--out", out], "out of memory",
+                                     fault=fail_for(report, "write_jsonl", MemoryError())),
         "ctrl-c-while-loading": Hostile([*unlearn, "--out", out], "interrupted", code=130,
                                         fault=ctrl_c_at(recipe, "load_model_and_tokenizer")),
         # data that cannot be read or cannot be meant

@@ -539,7 +539,7 @@ def describe_failure(err: Exception) -> Optional[str]:
         text = f"{where}{reason}"
     elif isinstance(err, UnicodeError):
         text = f"text that is not valid UTF-8 ({err})"
-    elif isinstance(err, MemoryError) or kind == "OutOfMemoryError":
+    elif isinstance(err, MemoryError) or kind == "OutOfMemoryError" or "can't allocate memory" in str(err):
         text = "out of memory (a smaller --set optim.batch_size, max_length or dtype=bfloat16 needs less)"
     elif kind == "SafetensorError":
         text = f"a safetensors file is damaged ({err})"
