@@ -10,7 +10,8 @@ import pytest
 from safetensors import safe_open
 
 from unlearnlm.bench.report import goal_checks
-from unlearnlm.bench.run import BenchOptions, run_bench, summarize
+from unlearnlm.bench.run import BenchOptions, run_bench
+from unlearnlm.bench.statistics import summarize
 from unlearnlm.errors import UserError
 
 SCORE_KEYS = ("final", "task_aggregate", "mia_score", "utility")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,7 +232,7 @@ def run_bench(options: BenchOptions) -> dict:
     from rich.console import Console
 
     from unlearnlm.bench.report import write_bench_report
-    from unlearnlm.bench.statistics import draw_statistics
+    from unlearnlm.bench.statistics import draw_statistics, summarize
     from unlearnlm.bench.target import ORACLE_DIR, cached_target
     from unlearnlm.kernels import kernels
 
@@ -291,7 +290,7 @@ def run_bench(options: BenchOptions) -> dict:
                          for draw in audit_draws]
     timings["methods and audits"] = time.perf_counter() - started - sum(timings.values())
     results["statistics"] = draw_statistics(results["reported"], results["oracle_scores"], results["audits"])
-    results["summary"] = summarize(results)
+    results["summary"] = summarize(results)  # bench.statistics
     results["wall_seconds"] = time.perf_counter() - started
     results["timings"] = timings
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -469,29 +468,6 @@ def _run_facts(run: dict) -> dict:
     return {"wall_seconds": run["wall_seconds"] - run.get("validation_seconds", 0.0), "peak_rss_mb": run.get("peak_rss_mb"),
             "peak_gpu_allocated_mb": run.get("peak_gpu_allocated_mb"), "trainable_parameters": run["trainable_parameters"],
             "steps": run["steps"], "stopped_reason": run["stopped_reason"]}
-
-
-def summarize(results: dict) -> list[dict]:
-    """Per reported method: its scores' means over every reported run (draws and seeds), its time, memory
-    and size, and its final and robust final over the draws (``results["statistics"]``)."""
-    summary = []
-    verdicts = results["statistics"]
-    methods = dict.fromkeys(entry["method"] for entry in results["reported"])
-    for method in methods:
-        entries = [e for e in results["reported"] if e["method"] == method]
-        row = {"method": method, "runs": len(entries)}
-        for key in ("task_aggregate", "mia_score", "mia_auc", "utility"):
-            values = [e["scores"][key] for e in entries if e["scores"][key] is not None]
-            row[key] = statistics.mean(values) if values else None
-        for key in ("wall_seconds", "peak_rss_mb", "trainable_parameters"):
-            values = [e[key] for e in entries if e[key] is not None]
-            row[key] = statistics.mean(values) if values else None
-        final = verdicts["final"]["by_name"].get(method, {})
-        robust = verdicts.get("robust_final", {}).get("by_name", {}).get(method, {})
-        row.update(final=final.get("mean"), final_interval=final.get("interval"), of_oracle=final.get("of_oracle"),
-                   robust_final=robust.get("mean"), robust_final_interval=robust.get("interval"))
-        summary.append(row)
-    return summary
 
 
 def _fmt(value) -> str:

@@ -1,5 +1,6 @@
 """The bench's verdicts over its reported draws: ``evaluation.draws`` applied to the final and the
-robust final of every method and of the oracle (docs/benchmark.md, "Statistics")."""
+robust final of every method and of the oracle (docs/benchmark.md, "Statistics"), and the per-method
+summary the report reads."""
 
 from __future__ import annotations
 
@@ -52,3 +53,26 @@ def draw_statistics(reported: Sequence[Mapping], oracle_scores: Sequence[Mapping
     if audited:
         result["robust_final"]["draws"] = len(audited)
     return result
+
+
+def summarize(results: dict) -> list[dict]:
+    """Per reported method: its scores' means over every reported run (draws and seeds), its time, memory
+    and size, and its final and robust final over the draws (``results["statistics"]``)."""
+    summary = []
+    verdicts = results["statistics"]
+    methods = dict.fromkeys(entry["method"] for entry in results["reported"])
+    for method in methods:
+        entries = [e for e in results["reported"] if e["method"] == method]
+        row = {"method": method, "runs": len(entries)}
+        for key in ("task_aggregate", "mia_score", "mia_auc", "utility"):
+            values = [e["scores"][key] for e in entries if e["scores"][key] is not None]
+            row[key] = statistics.mean(values) if values else None
+        for key in ("wall_seconds", "peak_rss_mb", "trainable_parameters"):
+            values = [e[key] for e in entries if e[key] is not None]
+            row[key] = statistics.mean(values) if values else None
+        final = verdicts["final"]["by_name"].get(method, {})
+        robust = verdicts.get("robust_final", {}).get("by_name", {}).get(method, {})
+        row.update(final=final.get("mean"), final_interval=final.get("interval"), of_oracle=final.get("of_oracle"),
+                   robust_final=robust.get("mean"), robust_final_interval=robust.get("interval"))
+        summary.append(row)
+    return summary
