@@ -43,7 +43,7 @@ from unlearnlm.runstate import (
     save_trainable,
     trainable_state,
 )
-from unlearnlm.tracking import hyperparameters, scalars
+from unlearnlm.tracking import brief, global_means, hyperparameters, scalars, stat_rows
 
 
 class Stop(enum.Enum):
@@ -348,7 +348,7 @@ class Engine:
                            "seconds": round(elapsed_before + time.perf_counter() - started, 3)}
                     if log:
                         self._log(row)
-                    progress.update(task, advance=1, description=f"{phase.name} e{epoch + 1} " + _brief(stats))
+                    progress.update(task, advance=1, description=f"{phase.name} e{epoch + 1} " + brief(stats))
                     reason = self._divergence(stats)
                     if reason:
                         summary.stop = Stop.DIVERGED
@@ -384,7 +384,7 @@ class Engine:
             batch.pop("hidden", None)
             batch.pop("reference_hidden", None)
             for name, value in {"loss": loss.item(), **stats}.items():
-                weight = _stat_rows(name, batch)
+                weight = stat_rows(name, batch)
                 if weight:
                     total = sums.setdefault(name, [0.0, 0.0])
                     total[0] += value * weight
@@ -394,7 +394,7 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _global_means(sums)
+        return global_means(sums)
 
     def _on_any_process(self, flag: bool) -> bool:
         """True on every process when it is true on one, so that all processes stop at the same step."""
@@ -479,35 +479,6 @@ class Engine:
 
     def parameter_counts(self) -> tuple[int, int]:
         return count_parameters(self.unwrapped)
-
-
-def _stat_rows(name: str, batch: Batch) -> int:
-    """How many of the batch's rows a logged value averages over (role_means: forget_*, retain_*)."""
-    if batch["share"] == 0:
-        return 0
-    forget_rows = int(batch["is_forget"].sum())
-    if name.startswith("forget"):
-        return forget_rows
-    if name.startswith("retain"):
-        return len(batch["keys"]) - forget_rows
-    return len(batch["keys"])
-
-
-def _global_means(sums: dict[str, list[float]]) -> dict[str, float]:
-    """Row-weighted means over every process's rows: the global batch's values, the same on all ranks,
-    so that the log shows them and the divergence guard decides the same everywhere."""
-    merged: dict[str, list[float]] = {}
-    for local in gather_object([sums]):
-        for name, (total, weight) in local.items():
-            entry = merged.setdefault(name, [0.0, 0.0])
-            entry[0] += total
-            entry[1] += weight
-    return {name: round(total / weight, 6) for name, (total, weight) in merged.items()}
-
-
-def _brief(stats: dict) -> str:
-    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items()
-                    if name.endswith("loss") and name != "loss")
 
 
 def _progress(enabled: bool) -> Progress:

@@ -14,8 +14,11 @@ import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
+from accelerate.utils import gather_object
+
 from unlearnlm.config import TrackingSettings
 from unlearnlm.errors import UserError
+from unlearnlm.methods.base import Batch
 from unlearnlm.paths import partial_dir_for
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -64,3 +67,36 @@ def scalars(row: Mapping) -> dict[str, float]:
     group = "validation" if row.get("event") == "validation" else "train"
     return {f"{group}/{name}": float(value) for name, value in row.items()
             if name not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# --- the training log's values, as every process sees them ------------------------------------------
+
+
+def stat_rows(name: str, batch: Batch) -> int:
+    """How many of the batch's rows a logged value averages over (role_means: forget_*, retain_*)."""
+    if batch["share"] == 0:
+        return 0
+    forget_rows = int(batch["is_forget"].sum())
+    if name.startswith("forget"):
+        return forget_rows
+    if name.startswith("retain"):
+        return len(batch["keys"]) - forget_rows
+    return len(batch["keys"])
+
+
+def global_means(sums: dict[str, list[float]]) -> dict[str, float]:
+    """Row-weighted means over every process's rows: the global batch's values, the same on all ranks,
+    so that the log shows them and the divergence guard decides the same everywhere."""
+    merged: dict[str, list[float]] = {}
+    for local in gather_object([sums]):
+        for name, (total, weight) in local.items():
+            entry = merged.setdefault(name, [0.0, 0.0])
+            entry[0] += total
+            entry[1] += weight
+    return {name: round(total / weight, 6) for name, (total, weight) in merged.items()}
+
+
+def brief(stats: dict) -> str:
+    """The progress bar's text: each role's loss."""
+    return " ".join(f"{name.replace('_loss', '')}={value:.3f}" for name, value in stats.items()
+                    if name.endswith("loss") and name != "loss")
