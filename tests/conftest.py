@@ -49,12 +49,12 @@ def micro_tokenizer(lume_rows):
     return train_micro_tokenizer(texts)
 
 
-def make_micro_model(vocab_size: int, arch: str = "llama", seed: int = 0):
+def make_micro_model(vocab_size: int, arch: str = "llama", seed: int = 0, positions: int = 1024):
     from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
                   eos_token_id=0, pad_token_id=0, bos_token_id=None)
     config = OlmoConfig(**common) if arch == "olmo" else LlamaConfig(**common)
     return AutoModelForCausalLM.from_config(config)

@@ -136,14 +136,18 @@ def test_batched_document_loss_equals_the_official_per_document_loss(micro_token
         assert len(result.logprobs) == ids.shape[1] - 1
 
 
-def test_documents_are_cut_at_the_model_context(micro_tokenizer, lume_rows):
+def test_a_long_documents_first_window_is_scored_as_the_official_loss(micro_tokenizer, lume_rows):
+    """Past the context the document goes on in windows (tests/test_windows.py); its first window's
+    tokens are those of ``model(ids, labels=ids)`` on the first 16 tokens."""
     model = make_micro_model(len(micro_tokenizer)).eval()
     model.config.max_position_embeddings = 16
     document = lume_rows["forget"][0]["input"]
     ids = torch.tensor([micro_tokenizer(document)["input_ids"][:16]])
     with torch.no_grad():
         official = model(ids, labels=ids).loss.item()
-    assert document_statistics(model, micro_tokenizer, [document])[0].mean_loss == pytest.approx(official, abs=1e-5)
+    stats = document_statistics(model, micro_tokenizer, [document])[0]
+    assert len(stats.logprobs) == len(micro_tokenizer(document)["input_ids"]) - 1
+    assert -stats.logprobs[:15].mean() == pytest.approx(official, abs=1e-5)
 
 
 def test_run_mia_reports_every_attack(micro_tokenizer, lume_rows):

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -24,9 +24,11 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unlearnlm.config import UnlearnConfig
+from unlearnlm.data.raw import DOCUMENT_TASK
 from unlearnlm.data.records import Record, whole_document
 from unlearnlm.data.schedule import FORGET, RETAIN, Item, Phase, lr_factors, optimizer_steps
 from unlearnlm.data.tokenize import Example, collate, encode_example
+from unlearnlm.data.windows import window_examples
 from unlearnlm.distributed import build_accelerator, in_lockstep
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.metrics import metric_selection
@@ -100,7 +102,8 @@ class Engine:
         self.rows = {FORGET: forget, RETAIN: retain}
         context = model_context(model)
         self.examples = {FORGET: self._encode(forget, "f", context), RETAIN: self._encode(retain, "r", context)}
-        self.phases = self.method.schedule(len(forget), len(retain), config, self.settings, config.seed)
+        self.phases = self.method.schedule(len(self.examples[FORGET]), len(self.examples[RETAIN]), config,
+                                           self.settings, config.seed)
         optimizer = self._optimizer(model)
         self.steps_per_epoch = [optimizer_steps(len(p.items), self._global_batch(p), config.optim.grad_accum)
                                 for p in self.phases]
@@ -157,15 +160,24 @@ class Engine:
     def _encode(self, rows: list[Record], prefix: str, context: Optional[int]) -> list[Example]:
         """The training rows; each keeps its key (role initial and index) for the reference cache.
 
-        A row longer than the model's context is refused unless ``max_length`` says where to cut it
-        (raw documents never are: they arrive cut into windows, see data/raw.py)."""
+        A raw document longer than the context (or ``max_length``) becomes one row per window, each
+        trained on the tokens it alone scores (data/windows.py); any other row longer than the
+        model's context is refused unless ``max_length`` says where to cut it."""
         config = self.config
-        examples = [encode_example(self.tokenizer, row.input, row.output, config.max_length,
-                                   append_eos=config.append_eos, key=f"{prefix}{index}") for index, row in enumerate(rows)]
-        for row, example in zip(rows, examples):
+        examples = []
+        for index, row in enumerate(rows):
+            if row.task == DOCUMENT_TASK:
+                whole = encode_example(self.tokenizer, row.input, row.output, append_eos=config.append_eos)
+                limits = [limit for limit in (config.max_length, context) if limit]
+                parts = window_examples(whole, min(limits, default=len(whole.input_ids)))
+                examples += [replace(part, meta={"key": f"{prefix}{index}w{number}"}) for number, part in enumerate(parts)]
+                continue
+            example = encode_example(self.tokenizer, row.input, row.output, config.max_length,
+                                     append_eos=config.append_eos, key=f"{prefix}{index}")
             if config.max_length is None and context and len(example.input_ids) > context:
                 raise UserError(f"row {row.id!r} has {len(example.input_ids)} tokens, more than the model's context of "
                                 f"{context}; set max_length (--set max_length={context}) to train on its last {context}")
+            examples.append(example)
         return examples
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -7,10 +7,13 @@ regurgitation (see docs/scoring.md, "Raw documents"):
 
 - for unlearning, a document is one row whose prompt is its first word and whose answer is the
   rest, so the loss covers every token a model can predict (the first has no context) and the
-  tokens are those of the document itself;
+  tokens are those of the document itself; a document longer than the model's context trains
+  as one row per window (data/windows.py);
 - for evaluation, each document gives one sentence-completion row per cut in ``CUT_FRACTIONS``:
   the prompt is the document's first words up to that fraction, the answer the rest, scored like
-  any SemEval completion (ROUGE-L recall of the generation against the answer).
+  any SemEval completion (ROUGE-L recall of the generation against the answer); a prompt longer
+  than the model's context less the tokens to generate keeps only its last tokens (its nearest
+  context), so every cut of a long document can be asked.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from unlearnlm.errors import UserError
 
 DEFAULT_TEXT_KEY = "text"
 CUT_FRACTIONS = (0.25, 0.5, 0.75)
+DOCUMENT_TASK = "document"  # the training row of a whole raw document
 RAW_TASK = "cut{percent}"  # one task per cut, so the report shows each cut's regurgitation apart
+RAW_TASKS = frozenset(RAW_TASK.format(percent=round(fraction * 100)) for fraction in CUT_FRACTIONS)
 
 RowsInput = str | Path | Sequence[Mapping[str, Any]] | Any  # Any: a datasets.Dataset
 
@@ -70,7 +75,7 @@ def _words(text: str) -> list[str]:
 
 def document_row(index: int, text: str) -> Record:
     head, _, tail = text.partition(" ")
-    return Record(id=f"doc{index}sc1", input=head, output=tail, task="document")
+    return Record(id=f"doc{index}sc1", input=head, output=tail, task=DOCUMENT_TASK)
 
 
 def cut_rows(index: int, text: str, fractions: Iterable[float] = CUT_FRACTIONS) -> list[Record]:

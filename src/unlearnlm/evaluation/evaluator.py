@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from unlearnlm.data.raw import RAW_TASKS
 from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import ensure_pad_token
+from unlearnlm.data.windows import last_tokens
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.generation import MAX_NEW_TOKENS, generate_texts
 from unlearnlm.evaluation.likelihood import Progress, TokenCache, encode_texts
@@ -26,6 +28,7 @@ from unlearnlm.evaluation.mmlu import DEFAULT_SHOTS, Subject, evaluate_mmlu, loa
 from unlearnlm.evaluation.scoring import aggregated_terms, headline, official_results, score_rows
 from unlearnlm.evaluation.utility import utility_score
 from unlearnlm.hub import LoadedModel, ModelSource, resolve_model
+from unlearnlm.model import model_context
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -71,6 +74,10 @@ def generation_rows(
     """One scored row per forget and retain item, forget first, in file order."""
     records = [(record, "forget") for record in data.forget] + [(record, "retain") for record in data.retain]
     prompts = encode_texts(tokenizer, [record.input for record, _ in records], data.cache)
+    context = model_context(model)
+    if context:  # a long raw document's cut keeps the prompt's end, leaving room for the generation
+        room = max(1, context - settings.max_new_tokens)
+        prompts = [last_tokens(ids, room) if record.task in RAW_TASKS else ids for ids, (record, _) in zip(prompts, records)]
     generations = generate_texts(
         model, tokenizer, prompts, settings.official, settings.batch_size, settings.max_new_tokens,
         _phase(reporter, "generation", len(prompts)),

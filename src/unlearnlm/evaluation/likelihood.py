@@ -82,6 +82,15 @@ class TokenStats:
         return float(-self.logprobs.mean())
 
 
+def joined(parts: Sequence[TokenStats]) -> TokenStats:
+    """One document's statistics from those of its windows, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    def concatenated(name: str) -> np.ndarray | None:
+        return None if getattr(parts[0], name) is None else np.concatenate([getattr(part, name) for part in parts])
+    return TokenStats(concatenated("logprobs"), concatenated("mu"), concatenated("sigma"))
+
+
 def stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_distribution: bool) -> TokenStats:
     """``logits[t]`` predicts ``targets[t]``; upcast to float32 as transformers' own loss does."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -21,9 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from unlearnlm.data.tokenize import Example
+from unlearnlm.data.windows import window_examples
 from unlearnlm.errors import UserError
-from unlearnlm.evaluation.likelihood import Progress, TokenCache, TokenStats, encode_texts, token_statistics
+from unlearnlm.evaluation.likelihood import Progress, TokenCache, TokenStats, encode_texts, joined, token_statistics
 from unlearnlm.evaluation.scoring import mia_score, roc_auc
+from unlearnlm.model import model_context
 
 DEFAULT_K = 0.2
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -40,16 +42,21 @@ def document_statistics(
 ) -> list[TokenStats]:
     """Token statistics of each whole document (right-padded batches), labels = input ids.
 
-    Documents are cut only where the model must, at ``max_position_embeddings``.
+    A document longer than the model's context is scored window by window (data/windows.py), each
+    token once; its statistics are those of all its scored tokens, so its loss is their mean.
     """
-    max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    examples = []
+    context = model_context(model)
+    examples, counts = [], []
     for index, ids in enumerate(encode_texts(tokenizer, documents, cache)):
         if len(ids) < 2:
             raise UserError(f"MIA document {index + 1} has fewer than 2 tokens, so it has no loss")
-        examples.append(Example(ids[:max_length], ids[:max_length]))
+        parts = window_examples(Example(ids, ids), context or len(ids))
+        examples += parts
+        counts.append(len(parts))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return token_statistics(model, examples, pad_id, batch_size, with_distribution, progress)
+    stats = token_statistics(model, examples, pad_id, batch_size, with_distribution, progress)
+    starts = np.cumsum([0, *counts])
+    return [joined(stats[start:end]) for start, end in zip(starts[:-1], starts[1:])]
 
 
 def mean_document_loss(model, tokenizer, documents: Sequence[str], batch_size: int = 8) -> float:
