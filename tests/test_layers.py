@@ -26,7 +26,7 @@ LAYERS = [
     # api: the Python API (unlearn, evaluate) that the CLI calls
     {"audit", "bench.fitting", "bench.base", "bench.calibration", "bench.target", "bench.report", "api"},
     {"bench", "demo", "ledger"},  # ledger: requests over time, on the API and the audit
-    {"cli", "__main__"},
+    {"cli", "__main__", "boundary"},  # boundary: the error boundary every command runs inside
 ]
 
 # The package's ``__init__`` hands out the Python API on first use (``unlearnlm.unlearn``, a lazy import
