@@ -106,7 +106,9 @@ def claim_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path |
     can be writing there: the lock is taken when the writer has made it.)"""
     out = check_output_dir(out, overwrite, inputs)
     target = resolved_output(out)
-    if target.parent.is_dir():
+    # Under torchrun or accelerate launch only the first process writes, so only it holds the lock
+    # (the others would find it taken); RANK is read from the launcher before torch is imported.
+    if target.parent.is_dir() and os.environ.get("RANK", "0") == "0":
         lock_output(target)
     return out
 

@@ -137,14 +137,19 @@ def read_rows(value: RowsInput, split: str = "forget", text_key: str = DEFAULT_T
     return rows
 
 
+def _row_keys(rows: Rows) -> list[tuple[str, str, str]]:
+    return [(record.id, record.input, record.output) for record in rows.records]
+
+
 def refuse_shared_rows(forget: Rows, retain: Rows) -> None:
     """Forget and retain sets that share data ask for the impossible: to forget and keep the same text."""
-    if forget.sha256 == retain.sha256:
-        raise UserError(f"the forget and retain sets are the same data ({forget.source}, {retain.source})")
     shared = set(forget.documents) & set(retain.documents)
     if shared:
         raise UserError(f"the forget and retain sets share {len(shared)} document(s), e.g. "
                         f"{next(iter(shared))[:60]!r}; a text cannot be forgotten and kept")
+    # Rows, not sources: one SemEval snapshot directory rightly serves as both (its forget and retain files).
+    if _row_keys(forget) == _row_keys(retain):
+        raise UserError(f"the forget and retain sets are the same data ({forget.source}, {retain.source})")
     texts = {(record.input, record.output): record.id for record in retain.records}
     ids = {record.id for record in retain.records}
     both = [record.id for record in forget.records if record.id in ids or (record.input, record.output) in texts]
