@@ -148,7 +148,7 @@ def refuse_shared_rows(forget: Rows, retain: Rows) -> None:
         raise UserError(f"the forget and retain sets share {len(shared)} document(s), e.g. "
                         f"{next(iter(shared))[:60]!r}; a text cannot be forgotten and kept")
     # Rows, not sources: one SemEval snapshot directory rightly serves as both (its forget and retain files).
-    if _row_keys(forget) == _row_keys(retain):
+    if _row_keys(forget) == _row_keys(retain) and list(forget.documents) == list(retain.documents):
         raise UserError(f"the forget and retain sets are the same data ({forget.source}, {retain.source})")
     texts = {(record.input, record.output): record.id for record in retain.records}
     ids = {record.id for record in retain.records}
