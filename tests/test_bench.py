@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from unlearnlm.bench.report import goal_checks
+from unlearnlm.bench.report import auto_section, goal_checks
 from unlearnlm.bench.run import BenchOptions, run_bench
 from unlearnlm.bench.statistics import summarize
 from unlearnlm.errors import UserError
@@ -121,6 +121,33 @@ def test_goal_checks_say_when_a_goal_is_missed() -> None:
     # 0.6 / 0.7 = 0.857 < 0.9.
     assert verdicts["the best SUGD variant's mean final at least 0.9 of the oracle's"] == "**no**"
     assert verdicts["SUGD unlearning time at most gd's (same passes over the forget set)"] == "**no**"
+
+
+def test_auto_section_reads_agreement_and_cost_draw_by_draw() -> None:
+    def run(method, draw, final, seconds, auc=0.9, forgotten=None, auto_seconds=None):
+        entry = {"method": method, "draw": draw, "seed": 0, "wall_seconds": seconds,
+                 "scores": {"final": final, "mia_auc": auc}}
+        if forgotten is not None:
+            entry.update(verdict={"forgotten": forgotten}, auto_seconds=auto_seconds)
+        return entry
+
+    # Draw 0: "forgotten" and the evaluation's AUC 0.60 lies in 0.5 +- 0.15: agree. Draw 1: "forgotten" but
+    # AUC 0.70: disagree. Costs 30/10 = 3x and 20/20 = 1x: mean 2x, which the goal allows.
+    reported = [run("auto", 0, 0.8, 12.0, 0.60, True, 30.0), run("sugd-level", 0, 0.7, 10.0),
+                run("auto", 1, 0.6, 8.0, 0.70, True, 20.0), run("sugd-level", 1, 0.5, 20.0)]
+    by_name = {"auto": {"mean": 0.7, "spread": 0.14}, "sugd-level": {"mean": 0.6, "spread": 0.14},
+               "oracle": {"mean": 0.75}}
+    results = {"options": {"seeds": [0]}, "reported": reported, "oracle_scores": [{"final": 0.8}, {"final": 0.7}],
+               "statistics": {"final": {"by_name": by_name}}}
+    text = "\n".join(auto_section(results))
+    assert "| 0 | 0.800 | 0.800 | 100% | sugd-level 0.700 | forgotten | 0.600 | yes | 30 | 10 | 3.00x |" in text
+    assert "| 1 | 0.600 | 0.700 | 86% | sugd-level 0.500 | forgotten | 0.700 | **no** | 20 | 20 | 1.00x |" in text
+    # 0.7 >= 0.9 x 0.75 = 0.675: met; 0.7 >= sugd-level's 0.6: met; 1 of 2 agree < 80%: not met.
+    assert "| auto's mean final at least 0.9 of the oracle's | 0.700 = 93.3% of 0.750 | yes |" in text
+    assert "| auto's mean final at least the best tuned method's | 0.700 against sugd-level 0.600 | yes |" in text
+    assert "| the verdict agrees with the evaluation's MIA on at least 80% of draws | 1 of 2 | **no** |" in text
+    assert "| cost at most 2x one sugd-level run | 2.00x (mean over draws; 1.00x-3.00x) | yes |" in text
+    assert auto_section({**results, "reported": reported[1::2]}) == []  # no auto run: no section
 
 
 def test_unknown_method_is_a_user_error(micro_target, tmp_path: Path, monkeypatch) -> None:

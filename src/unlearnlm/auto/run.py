@@ -150,6 +150,7 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     split = split_unseen(documents, config.seed)
     job = setup(model, forget, retain, Path(out), config, resume, overwrite, show_progress, text_key, redact)
     engine = job.engine
+    started = time.perf_counter()  # auto's whole cost: calibration, probes, run, checks
     if not hasattr(engine.settings, "forget_target"):
         raise UserError(f"--config auto holds forget rows at a level: method {config.method!r} has no forget_target "
                         "(use sugd or gd)")
@@ -178,6 +179,7 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     record["auto"] = auto_record(calibration, split, choice, lr)
     record["verdict"] = held_out.verdict(final, calibration.bounds, {"lr": lr, "chunks_run": len(summary.validations),
                                                                      "chunks": len(engine.phases)})
+    record["auto"]["seconds"] = round(time.perf_counter() - started, 2)
     save(job, record)
     if engine.accelerator.is_main_process:
         saved.unlink(missing_ok=True)  # run.json's "auto" records the rate; the file served a resume only

@@ -92,6 +92,7 @@ def report_markdown(results: dict, plots: list[Path], trajectory: Path | None) -
     if trajectory:
         parts += [f"![SUGD trajectory]({trajectory.name})", ""]
     parts += ["## Goals", "", markdown_table(["goal", "measured", "met"], goal_checks(results)), ""]
+    parts += auto_section(results)
     parts += ["## The 12 terms of each reported run", "", markdown_table(terms_headers, terms_rows), "",
               "## SemEval-2025 Task 4, OLMo-7B board, for scale", "",
               markdown_table(["system", "final", "task aggregate", "MIA score", "MMLU"],
@@ -137,6 +138,81 @@ def goal_checks(results: dict) -> list[list[str]]:
                        f"SUGD variants {min(r['wall_seconds'] for r in sugd):.1f}-{slowest['wall_seconds']:.1f} s, "
                        f"gd {rows['gd']['wall_seconds']:.1f} s",
                        _yes(slowest["wall_seconds"] <= rows["gd"]["wall_seconds"])])
+    return checks
+
+
+AUTO, LEVEL_VARIANT = "auto", "sugd-level"
+AGREEMENT_HALF_WIDTH = 0.15  # the evaluation's MIA "reads as unseen" when its AUC is within 0.5 of this
+
+
+def auto_runs(results: dict) -> dict[int, dict]:
+    """Per reported draw, the first-seed run of ``auto``, of ``sugd-level`` and of the best tuned method
+    on that draw, with the oracle's final."""
+    by_draw: dict[int, dict] = {}
+    for entry in results["reported"]:
+        if entry["seed"] == results["options"]["seeds"][0]:
+            by_draw.setdefault(entry["draw"], {})[entry["method"]] = entry
+    return {draw: runs for draw, runs in sorted(by_draw.items()) if AUTO in runs}
+
+
+def auto_seconds(entry: Mapping) -> float:
+    """auto's whole cost: calibration, probes, chunks, checks and the final check (``auto.seconds``);
+    records without it give the engine's time plus the probes'."""
+    engine = entry["wall_seconds"] + entry.get("validation_seconds", 0.0)
+    return entry.get("auto_seconds") or engine + entry.get("probe_seconds", 0.0)
+
+
+def auto_section(results: dict) -> list[str]:
+    """``--config auto`` against the oracle and the tuned methods, draw by draw: its final, whether its
+    verdict agrees with the evaluation's own MIA, and its cost against one ``sugd-level`` run."""
+    runs = auto_runs(results)
+    if not runs:
+        return []
+    rows, agreements, costs = [], [], []
+    for draw, methods in runs.items():
+        auto, oracle = methods[AUTO], results["oracle_scores"][draw]["final"]
+        tuned = {name: entry for name, entry in methods.items() if not entry.get("verdict")}
+        best = max(tuned, key=lambda name: tuned[name]["scores"]["final"], default=None)
+        forgotten, auc = auto["verdict"]["forgotten"], auto["scores"]["mia_auc"]
+        unseen_like = abs(auc - 0.5) <= AGREEMENT_HALF_WIDTH
+        agreements.append(forgotten == unseen_like)
+        level = methods.get(LEVEL_VARIANT)
+        cost = auto_seconds(auto) / level["wall_seconds"] if level else None
+        costs += [cost] if cost else []
+        rows.append([str(draw), _fmt(auto["scores"]["final"]), _fmt(oracle), f"{auto['scores']['final'] / oracle:.0%}",
+                     f"{best} {_fmt(tuned[best]['scores']['final'])}" if best else "n/a",
+                     "forgotten" if forgotten else "not forgotten", f"{auc:.3f}", _yes(agreements[-1]),
+                     f"{auto_seconds(auto):.0f}", f"{level['wall_seconds']:.0f}" if level else "n/a",
+                     f"{cost:.2f}x" if cost else "n/a"])
+    headers = ["draw", "auto final", "oracle final", "of oracle", "best tuned method", "auto's verdict",
+               "evaluation MIA AUC", "agree", "auto s", f"{LEVEL_VARIANT} s", "cost"]
+    return ["## `--config auto`, draw by draw", "",
+            "The verdict agrees with the evaluation's own MIA when it says *forgotten* exactly when the evaluation's "
+            f"MIA AUC lies within 0.5 ± {AGREEMENT_HALF_WIDTH}. auto's time is its whole run (reading the level, the "
+            f"rate probes, the chunks and every check); {LEVEL_VARIANT}'s is its unlearning time.", "",
+            markdown_table(headers, rows), "", markdown_table(["goal", "measured", "met"],
+                                                              auto_goal_checks(results, agreements, costs)), ""]
+
+
+def auto_goal_checks(results: dict, agreements: list[bool], costs: list[float]) -> list[list[str]]:
+    final = results["statistics"]["final"]["by_name"]
+    auto, oracle = final[AUTO], final["oracle"]
+    tuned = [name for name in final if name not in (AUTO, "oracle")]
+    best = max(tuned, key=lambda name: final[name]["mean"], default=None)
+    level_spread = final.get(LEVEL_VARIANT, {}).get("spread")
+    checks = [["auto's mean final at least 0.9 of the oracle's", f"{auto['mean']:.3f} = {auto['mean'] / oracle['mean']:.1%} "
+               f"of {oracle['mean']:.3f}", _yes(auto["mean"] >= 0.9 * oracle["mean"])]]
+    if best:
+        checks.append(["auto's mean final at least the best tuned method's", f"{auto['mean']:.3f} against {best} "
+                       f"{final[best]['mean']:.3f}", _yes(auto["mean"] >= final[best]["mean"])])
+    checks.append(["spread over draws (SD), beside sugd-level's", f"auto {_fmt(auto.get('spread'))}, "
+                   f"{LEVEL_VARIANT} {_fmt(level_spread)}", "-"])
+    checks.append(["the verdict agrees with the evaluation's MIA on at least 80% of draws",
+                   f"{sum(agreements)} of {len(agreements)}", _yes(sum(agreements) >= 0.8 * len(agreements))])
+    if costs:
+        mean_cost = sum(costs) / len(costs)
+        checks.append([f"cost at most 2x one {LEVEL_VARIANT} run", f"{mean_cost:.2f}x (mean over draws; "
+                       f"{min(costs):.2f}x-{max(costs):.2f}x)", _yes(mean_cost <= 2.0)])
     return checks
 
 

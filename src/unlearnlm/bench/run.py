@@ -467,7 +467,15 @@ def _run_facts(run: dict) -> dict:
     # Unlearning time only: the trajectory run's per-chunk validation is logging, not unlearning.
     return {"wall_seconds": run["wall_seconds"] - run.get("validation_seconds", 0.0), "peak_rss_mb": run.get("peak_rss_mb"),
             "peak_gpu_allocated_mb": run.get("peak_gpu_allocated_mb"), "trainable_parameters": run["trainable_parameters"],
-            "steps": run["steps"], "stopped_reason": run["stopped_reason"]}
+            "steps": run["steps"], "stopped_reason": run["stopped_reason"], **_auto_facts(run)}
+
+
+def _auto_facts(run: dict) -> dict:
+    """A calibrating run's verdict and what its calibration cost (the report's auto section)."""
+    if "verdict" not in run:
+        return {}
+    return {"verdict": run["verdict"], "validation_seconds": run.get("validation_seconds", 0.0),
+            "probe_seconds": run["auto"].get("probe_seconds", 0.0), "auto_seconds": run["auto"].get("seconds")}
 
 
 def _fmt(value) -> str:
