@@ -168,6 +168,16 @@ def run_cli(*args) -> int:
     return exit_info.value.code
 
 
+def cli_lines(argv: list, capfd) -> tuple[int, list[str]]:
+    """The command line in this process: its exit code and its non-blank stderr lines."""
+    from unlearnlm.cli import main
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    return exit_info.value.code, [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
 def unlearn_args(model: str, data: Path, out: Path) -> list:
     return ["unlearn", "--model", model, "--forget", data / "forget.jsonl", "--retain", data / "retain.jsonl",
             "--out", out, "--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]

@@ -21,9 +21,9 @@ from typing import Optional
 
 import pytest
 import torch
+from conftest import cli_lines
 from safetensors.torch import load_file
 
-from unlearnlm.cli import main
 from unlearnlm.config import load_config
 from unlearnlm.recipe import unlearn
 
@@ -34,15 +34,6 @@ def tree_digest(path: Path) -> dict[str, str]:
     """Every file under ``path`` (or the file itself) with the sha256 of its bytes."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def run_cli(argv: list[str], capfd) -> tuple[int, list[str]]:
-    """The console entry point in this process: its exit code and its stderr lines."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    err = capfd.readouterr().err
-    return exited.value.code, [line for line in err.splitlines() if line.strip()]
 
 
 # --- bad input: one line, exit code 2, nothing written -----------------------------------------------
@@ -141,7 +132,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(micro_model_dir, 
         out = tmp_path / name
         if name != "unknown-command":
             argv = [*argv, "--out", str(out)]
-        code, lines = run_cli(argv, capfd)
+        code, lines = cli_lines(argv, capfd)
         written = [p.name for p in tmp_path.iterdir() if p.name not in ("cache",)]
         if code != 2 or len(lines) != 1 or not lines[0].startswith("error: ") or written or (tmp_path / "cache").exists():
             failures.append(f"{name}: exit {code}, stderr {lines[:3]}, written {written}")
@@ -291,6 +282,12 @@ def hostile_cases(model: str, data: Path, files: dict[str, Path], scratch: Path)
         "out-locked-overwrite": Hostile([*unlearn, "--out", str(locked), "--overwrite"], "another run"),
         "out-locked-resume": Hostile([*unlearn, "--out", str(locked), "--resume"], "another run"),
         "eval-out-locked": Hostile([*evaluate, "--out", str(locked), "--overwrite"], "another run"),
+        "bench-out-locked": Hostile(["bench", "--out", str(locked), "--size", "micro"], "another run"),
+        "bench-out-locked-jobs": Hostile(["bench", "--out", str(locked), "--size", "micro", "--jobs", "2", "--grid", "1",
+                                          "--no-audit"], "another run"),
+        "demo-out-locked": Hostile(["demo", "--out", str(locked)], "another run"),
+        "demo-out-locked-other-flags": Hostile(["demo", "--out", str(locked), "--size", "micro", "--config", "gd",
+                                                "--redact"], "another run"),
         # faults while writing: the start that failed leaves nothing behind
         "disk-full-at-the-first-checkpoint": Hostile([*unlearn, "--out", out], "no space left",
                                                      fault=fail_for(runstate, "save_file", disk_full)),
@@ -394,7 +391,7 @@ def test_every_hostile_input_or_fault_is_one_line_and_loses_nothing(micro_model_
             with pytest.MonkeyPatch.context() as patch:
                 if case.fault:
                     case.fault(patch)
-                code, lines = run_cli(case.argv, capfd)
+                code, lines = cli_lines(case.argv, capfd)
             after = tree_digest(scratch)
             changed = sorted(set(before.items()) ^ set(after.items()))
             if (code != case.code or len(lines) != 1 or not lines[0].startswith("error: ")
@@ -444,7 +441,7 @@ def overlap_cases(nest: Path) -> dict[str, list[str]]:
 def test_an_output_that_overlaps_an_input_is_refused_and_the_input_survives(overwrite, nest, capfd):
     before = tree_digest(nest)
     for name, argv in overlap_cases(nest).items():
-        code, lines = run_cli([*argv, *(["--overwrite"] if overwrite else [])], capfd)
+        code, lines = cli_lines([*argv, *(["--overwrite"] if overwrite else [])], capfd)
         assert code == 2 and len(lines) == 1 and "overlaps the input" in lines[0], (name, lines)
         assert tree_digest(nest) == before, name
     assert sorted(p.name for p in nest.parent.iterdir()) == ["D"]  # no partial or staging directory either
@@ -455,7 +452,7 @@ def test_the_demo_refuses_an_output_that_holds_the_model_cache(tmp_path, capfd, 
     cache.mkdir(parents=True)
     (cache / "keep").write_text("x")
     monkeypatch.setenv("UNLEARNLM_CACHE", str(cache))
-    code, lines = run_cli(["demo", "--out", str(tmp_path / "work")], capfd)
+    code, lines = cli_lines(["demo", "--out", str(tmp_path / "work")], capfd)
     assert code == 2 and len(lines) == 1 and "overlaps the input" in lines[0]
     assert (cache / "keep").read_text() == "x"
 
@@ -611,10 +608,10 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_the_uninterrupted_one(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Engine, "_optimizer_step", interrupted_at_step_ten)
-        code, lines = run_cli(command, capfd)
+        code, lines = cli_lines(command, capfd)
     assert code == 130 and len(lines) == 1 and lines[0].startswith("error: interrupted") and "--resume" in lines[0]
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
-    code, lines = run_cli([*command, "--resume"], capfd)
+    code, lines = cli_lines([*command, "--resume"], capfd)
     assert code == 0
     assert same_weights(tmp_path / "out", straight)
     assert log_losses(tmp_path / "out") == log_losses(straight)
@@ -628,11 +625,11 @@ def test_a_failure_after_training_keeps_the_model_and_resume_publishes_it(micro_
     busy = OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(tmp_path / "out"))
     with pytest.MonkeyPatch.context() as patch:
         fail_for(recipe, "finalize_output", busy)(patch)  # the rename into place fails: a busy mount point
-        code, lines = run_cli(command, capfd)
+        code, lines = cli_lines(command, capfd)
     assert code == 2 and len(lines) == 1 and "busy" in lines[0] and "finished model" in lines[0] and "--resume" in lines[0]
     partial = tmp_path / ".out.partial"
     assert (partial / "run.json").is_file() and (partial / "model.safetensors").is_file()
-    code, lines = run_cli([*command, "--resume"], capfd)
+    code, lines = cli_lines([*command, "--resume"], capfd)
     assert code == 0 and not partial.exists()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["steps"] == 3
     unlearn_in_process(micro_model_dir, micro_data_dir, tmp_path / "straight", extra=("optim.max_steps=3",))

@@ -94,3 +94,33 @@ def test_unlearning_a_document_longer_than_the_context(short_context, lume_rows,
     config = load_config(None, ["optim.max_steps=3", "optim.batch_size=2"])
     unlearn(model_dir, tmp_path / "forget.jsonl", tmp_path / "retain.jsonl", tmp_path / "out", config, show_progress=False)
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_long_documents_cut_prompt_keeps_its_last_tokens(short_context, monkeypatch):
+    from unlearnlm.data.raw import cut_rows
+    from unlearnlm.data.records import Record
+    from unlearnlm.evaluation import evaluator
+
+    model, tokenizer = short_context
+    max_new_tokens = 4
+    room = POSITIONS - max_new_tokens
+    words = [f"word{number}" for number in range(80)]
+    semeval = Record(id="r1sc1", input=" ".join(words), output="x", task="Task1")  # not a raw cut: never trimmed
+    prompts = []
+
+    def generate(model, tokenizer, asked, *settings):  # records the prompts the model would get
+        prompts.extend(asked)
+        return [""] * len(asked)
+
+    monkeypatch.setattr(evaluator, "generate_texts", generate)
+    data = evaluator.EvalData(cut_rows(0, " ".join(words)), [semeval])
+    evaluator.generation_rows(model, tokenizer, data, evaluator.EvalSettings(max_new_tokens=max_new_tokens))
+    # By hand: the cuts at a quarter, half and three quarters of 80 words are 20, 40 and 60 words;
+    # each prompt, tokenized whole, keeps its last POSITIONS - max_new_tokens tokens.
+    expected = []
+    for cut in (20, 40, 60):
+        ids = tokenizer(" ".join(words[:cut]))["input_ids"]
+        assert len(ids) > room
+        expected.append(ids[len(ids) - room:])
+    assert prompts[:3] == expected and all(len(prompt) == room for prompt in prompts[:3])
+    assert prompts[3] == tokenizer(semeval.input)["input_ids"]

@@ -315,14 +315,14 @@ def demo(
     of the base, target, oracle and unlearned model."""
     from unlearnlm.bench.base import cache_root
     from unlearnlm.config import load_config
-    from unlearnlm.demo import check_demo_dir, run_demo
+    from unlearnlm.demo import claim_demo_dir, run_demo
     from unlearnlm.paths import refuse_overlap
 
-    # Checked before the demo touches its output or starts building a target.
+    # Checked, and the output locked, before the demo touches it or starts building a target.
     load_config(config)
     chosen = get_size(size)
     refuse_overlap(out, [cache_root()])
-    check_demo_dir(out)
+    claim_demo_dir(out)
     run_demo(out, size=chosen, seed=seed, config=config, redact=redact)
 
 
@@ -356,9 +356,8 @@ def bench(
     """Compare every method on the tiny LUME benchmark with equal tuning effort; write tables and plots."""
     from unlearnlm.bench.base import cache_root
     from unlearnlm.bench.run import BenchOptions, run_bench
-    from unlearnlm.paths import refuse_overlap, refuse_unsafe_output
+    from unlearnlm.paths import claim_place, refuse_overlap
 
-    refuse_unsafe_output(out)
     try:
         grid_values = [float(x) for x in grid.split(",") if x.strip()]
         seed_values = [int(x) for x in seeds.split(",") if x.strip()]
@@ -369,6 +368,7 @@ def bench(
     if any(value <= 0 for value in grid_values):
         raise UserError("--grid multiplies learning rates: its values must be positive")
     refuse_overlap(out, [cache_root()])
+    claim_place(out)  # here, once: the workers of --jobs write into the same output under this lock
     run_bench(BenchOptions(out=out, size=size, methods=list(method or []), grid=grid_values, seeds=seed_values,
                            target_seed=target_seed, time_budget_s=time_budget, trajectory=trajectory, audit=audit,
                            jobs=jobs, draws=draws, audit_draws=audit_draws))

@@ -33,6 +33,14 @@ def check_demo_dir(out: Path) -> None:
         raise UserError(f"{out}: exists, is not empty and is not an earlier demo output; choose another --out")
 
 
+def claim_demo_dir(out: Path) -> None:
+    """``check_demo_dir``, then the output's lock (``paths.lock_writer``) for as long as the demo runs."""
+    from unlearnlm.paths import lock_writer, resolved_output
+
+    check_demo_dir(out)
+    lock_writer(resolved_output(out))
+
+
 def prepare_demo_dir(out: Path) -> None:
     check_demo_dir(out)
     if out.exists():

@@ -101,21 +101,33 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Pa
 
 
 def claim_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """``check_output_dir``, then this process's lock on the output (``lock_output``) until it is
-    released: what a command does before it writes. (With no parent directory yet, no other run
-    can be writing there: the lock is taken when the writer has made it.)"""
+    """``check_output_dir``, then this process's lock on the output (``lock_writer``) until it is
+    released: what a command does before it writes."""
     out = check_output_dir(out, overwrite, inputs)
-    target = resolved_output(out)
-    # Under torchrun or accelerate launch only the first process writes, so only it holds the lock
-    # (the others would find it taken); RANK is read from the launcher before torch is imported.
-    if target.parent.is_dir() and os.environ.get("RANK", "0") == "0":
-        lock_output(target)
+    lock_writer(resolved_output(out))
     return out
+
+
+def claim_place(out: str | Path) -> Path:
+    """``refuse_unsafe_output``, then the lock (``lock_writer``): for a command that keeps and reuses
+    what it finds in its output (``bench`` resumes its finished runs). Returns the resolved output."""
+    target = refuse_unsafe_output(out)
+    lock_writer(target)
+    return target
+
+
+def lock_writer(target: Path) -> None:
+    """``lock_output`` in the process that writes: under torchrun or accelerate launch only the first
+    process writes, so only it holds the lock (the others would find it taken); RANK is read from the
+    launcher before torch is imported."""
+    if os.environ.get("RANK", "0") == "0":
+        lock_output(target)
 
 
 # --- one writer per output --------------------------------------------------------------------------
 
 _HELD: dict[Path, int] = {}  # output directory -> descriptor of its lock file, for this process
+_MADE: dict[Path, list[Path]] = {}  # output directory -> the missing parents its lock created, outermost first
 
 
 def lock_path_for(out_dir: Path) -> Path:
@@ -128,10 +140,50 @@ def lock_output(out_dir: Path) -> None:
 
     The lock is an ``flock`` on the file, which the system drops when its holder dies, so a lock file
     left by a killed run is taken over; the process id in it names the holder in the refusal.
+
+    Parent directories that do not exist yet are made first, so that every run on the output meets
+    at the same lock file from its start (a lock beside the nearest existing ancestor would change
+    name once the parents exist, and two runs could each hold their own). The parents made here are
+    removed again on release if the run left them empty (a refused or failed start writes nothing).
     """
     out_dir = out_dir.resolve()
     if out_dir in _HELD:
         return
+    made = _make_parents(out_dir)
+    try:
+        _HELD[out_dir] = _take_lock(out_dir)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    _MADE[out_dir] = made
+
+
+def _make_parents(out_dir: Path) -> list[Path]:
+    """Make ``out_dir``'s missing parents; return the ones this call made, outermost first."""
+    missing = [place for place in (out_dir.parent, *out_dir.parent.parents) if not place.exists()][::-1]
+    made = []
+    for place in missing:
+        try:
+            place.mkdir()
+        except FileExistsError:  # another run made it meanwhile: theirs, not ours to remove
+            continue
+        except OSError as err:
+            _remove_empty(made)
+            raise UserError(f"--out {out_dir}: cannot create its directory {place} ({err.strerror})") from None
+        made.append(place)
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the directories ``_make_parents`` made, innermost first, as long as they are empty."""
+    for place in reversed(made):
+        try:
+            place.rmdir()
+        except OSError:  # not empty (the run wrote there) or gone: keep the rest too
+            return
+
+
+def _take_lock(out_dir: Path) -> int:
     path = lock_path_for(out_dir)
     while True:
         try:
@@ -152,7 +204,7 @@ def lock_output(out_dir: Path) -> None:
         os.close(descriptor)
     os.ftruncate(descriptor, 0)
     os.write(descriptor, f"{os.getpid()}\n".encode())
-    _HELD[out_dir] = descriptor
+    return descriptor
 
 
 def _holder(path: Path) -> str:
@@ -167,7 +219,8 @@ def holds_output(out_dir: Path) -> bool:
 
 
 def release_output(out_dir: str | Path) -> None:
-    """Drop this process's lock of ``out_dir``, if it holds one (the lock file is removed, then unlocked)."""
+    """Drop this process's lock of ``out_dir``, if it holds one (the lock file is removed, then unlocked,
+    then the parents its lock made, if they are empty)."""
     try:
         out_dir = Path(out_dir).expanduser().resolve()
     except (OSError, RuntimeError):  # a link loop was never locked
@@ -176,6 +229,7 @@ def release_output(out_dir: str | Path) -> None:
     if descriptor is not None:
         lock_path_for(out_dir).unlink(missing_ok=True)
         os.close(descriptor)
+        _remove_empty(_MADE.pop(out_dir, []))
 
 
 def release_outputs() -> None:
