@@ -40,6 +40,8 @@ COMMON = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chun
 LAYERS_KL = COMMON + ["method=kl", "layers.last_k=1", "optim.optimizer_reset=never", "validation.select=false"]
 LORA_NPO = COMMON + ["method=npo", "lora.enabled=true", "optim.grad_accum=2", "gradient_checkpointing=true",
                      "validation.metric=task_aggregate"]
+# --config auto on the memorized micro target with full weights: probes, checks and the verdict under FSDP.
+AUTO = ["max_length=48"]
 KILL_AT_STEP = 11  # chunk 1 has 8 steps of the global batch of 2; the micro target's 10 rows make 3 chunks
 
 
@@ -56,7 +58,10 @@ def validation_of(data_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fsdp_processes(micro_target, micro_model_dir, micro_data_dir, tmp_path_factory) -> Path:
+    from unlearnlm.data.sets import write_unseen
+
     out = tmp_path_factory.mktemp("fsdp")
+    write_unseen(micro_target[0] / "benchmark")  # as unlearnlm target does; the auto run reads it
     env = {**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
                "--num_processes", "2", "--main_process_port", "0", __file__,
@@ -118,7 +123,25 @@ def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one
     assert two["best"]["step"] == one["best"]["step"] == 4
     assert_same_update(two_dir, one_dir, load_file(str(micro_model_dir / "model.safetensors")))
     # Only the main process wrote, and nothing was left behind.
-    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["killed.json", "layers", "lora"]
+    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["auto", "killed.json", "layers", "lora"]
+
+
+def test_fsdp_auto_run_calibrates_stops_and_judges_as_one_process_does(fsdp_processes, micro_target, tmp_path):
+    """The rate probes, the held-out checks and the verdict read sharded weights: the same probes, rate,
+    stopping point and verdict as one process (sums over the processes' shares differ from whole sums
+    by float rounding only)."""
+    from unlearnlm.api import unlearn as api_unlearn
+
+    sets = micro_target[0] / "benchmark"
+    api_unlearn(micro_target[0], sets / "forget.jsonl", sets / "retain.jsonl", tmp_path / "one", "auto",
+                overrides=AUTO + ["optim.batch_size=2"], unseen=sets / "unseen.jsonl", show_progress=False)
+    two, one = (json.loads((path / "run.json").read_text()) for path in (fsdp_processes / "auto", tmp_path / "one"))
+    assert two["world_size"] == 2 and two["sharded_weights"] and one["world_size"] == 1
+    assert [probe["lr"] for probe in two["auto"]["probes"]] == [probe["lr"] for probe in one["auto"]["probes"]]
+    assert two["auto"]["lr"] == pytest.approx(one["auto"]["lr"], rel=1e-3)
+    assert (two["stopped_reason"], two["verdict"]["forgotten"]) == (one["stopped_reason"], one["verdict"]["forgotten"])
+    for key in ("forget_loss", "unseen_loss", "retain_loss"):
+        assert two["verdict"][key] == pytest.approx(one["verdict"][key], rel=1e-2)
 
 
 def test_fsdp_version_1_is_refused(monkeypatch):
@@ -156,12 +179,14 @@ def enable_fsdp_on_cpu() -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-def cli_unlearn(model_dir: str, data_dir: str, out: str, settings: list[str], resume: bool = False) -> None:
+def cli_unlearn(model_dir: str, data_dir: str, out: str, settings: list[str], resume: bool = False,
+                options: tuple[str, ...] = ()) -> None:
     from unlearnlm.cli import app
 
     paths = ["--model", model_dir, "--forget", f"{data_dir}/forget.jsonl", "--retain", f"{data_dir}/retain.jsonl"]
     overrides = [arg for setting in settings + ["optim.batch_size=1"] for arg in ("--set", setting)]
-    code = app(["unlearn", *paths, "--out", out, *overrides, *(["--resume"] if resume else [])], standalone_mode=False)
+    code = app(["unlearn", *paths, "--out", out, *overrides, *options, *(["--resume"] if resume else [])],
+               standalone_mode=False)
     assert code in (None, 0), f"unlearn exited with {code}"
 
 
@@ -192,6 +217,7 @@ def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
     Engine._optimizer_step = original_step
     cli_unlearn(target, sets, f"{out}/layers", settings, resume=True)
     cli_unlearn(model_dir, data_dir, f"{out}/lora", LORA_NPO + validation_of(Path(data_dir)))
+    cli_unlearn(target, sets, f"{out}/auto", AUTO, options=("--unseen", f"{sets}/unseen.jsonl", "--config", "auto"))
 
 
 if __name__ == "__main__":
