@@ -183,7 +183,7 @@ def test_bad_bench_flags_are_one_line_and_exit_code_2(flags, tmp_path: Path) -> 
 
 def test_forget_level_reads_pool_text_outside_every_set(micro_target, monkeypatch) -> None:
     import unlearnlm.evaluation.mia as mia
-    from unlearnlm.bench.run import LEVEL_DOCUMENTS, forget_level
+    from unlearnlm.bench.scoring import LEVEL_DOCUMENTS, forget_level
     from unlearnlm.evaluation.likelihood import TokenStats
 
     target, _ = micro_target
@@ -342,7 +342,7 @@ def test_kept_results_are_what_the_audit_would_compute(micro_target, tmp_path: P
     from dataclasses import replace
 
     from unlearnlm.audit.run import AuditSettings
-    from unlearnlm.bench.run import evaluation_data, score
+    from unlearnlm.bench.scoring import evaluation_data, score
     from unlearnlm.evaluation.evaluator import EvalSettings, load_model, run_evaluation
 
     target = micro_target[0]

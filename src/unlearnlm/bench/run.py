@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unlearnlm.bench.scoring import audited, cached, evaluation_data, forget_level, retain_set, score
 from unlearnlm.bench.sizes import get_size
 from unlearnlm.bench.variants import Variant, variants
 from unlearnlm.errors import UserError
@@ -49,33 +50,9 @@ class BenchOptions:
     audit_draws: int = 1  # the first reported draws whose models are attacked
 
 
-LEVEL_DOCUMENTS = 32
 # The SUGD variants whose reported run logs validation scores after every chunk (the trajectory
 # plot): the authors' recipe and this project's preset. Each logged chunk costs a full evaluation.
 TRAJECTORY_VARIANTS = ("sugd", "sugd-level")
-
-
-def forget_level(target: Path, batch_size: int, model: Path | None = None) -> float:
-    """The target's (or ``model``'s) mean loss per token on pretraining text that none of the
-    target's sets holds: the level of text it has seen only in pretraining, as the MIA nonmembers,
-    and so where a forgotten document should end.
-
-    Read from a seeded sample of the pool's Task3 biographies outside every set (Task1 and Task2
-    pool rows are too few and too repetitive to stand for unseen text); no set, and not the oracle,
-    is used.
-    """
-    import random
-
-    from unlearnlm.data.sets import MIA_TASK, pretraining_pool
-    from unlearnlm.evaluation import mia
-    from unlearnlm.model import load_model_and_tokenizer
-
-    manifest = json.loads((target / "benchmark" / "manifest.json").read_text())
-    in_sets = {doc for entry in manifest["files"].values() for doc in entry["documents"]}
-    outside = [doc.text() for doc in pretraining_pool() if doc.task == MIA_TASK and doc.id not in in_sets]
-    sample = random.Random("forget-level").sample(outside, min(LEVEL_DOCUMENTS, len(outside)))
-    loaded, tokenizer = load_model_and_tokenizer(model or target)
-    return mia.mean_document_loss(loaded, tokenizer, sample, batch_size)
 
 
 def run_unlearn(model: Path, forget: Path, retain: Path, out: Path, overrides: list[str], log: Path) -> dict:
@@ -162,38 +139,6 @@ def settle_run(target: Path, forget: Path, run_dir: Path, overrides: list[str], 
     return record
 
 
-def retain_set(target: Path) -> Path:
-    """The retain set a bench target was built with, which every unlearning run of that target uses."""
-    return target / "benchmark" / "retain.jsonl"
-
-
-def evaluation_data(target: Path):
-    from unlearnlm.data.records import load_documents, load_records
-    from unlearnlm.evaluation.evaluator import EvalData
-
-    sets = target / "benchmark"
-    return EvalData(load_records(sets / "forget.jsonl", "forget"), load_records(retain_set(target), "retain"),
-                    load_documents(sets / "mia_members.jsonl"), load_documents(sets / "mia_nonmembers.jsonl"),
-                    load_records(sets / "general.jsonl", "retain"))
-
-
-def score(model_dir: Path, data, batch_size: int, full: bool, keep: Path | None = None) -> dict:
-    """Headline scores and the 12 terms; ``full`` adds the MIA attack suite and what the bootstrap needs.
-    ``keep``: where to write the whole results (generations included), which the audit starts from."""
-    from unlearnlm.evaluation.bootstrap import bootstrap_inputs
-    from unlearnlm.evaluation.evaluator import EvalSettings, evaluate_paths
-    from unlearnlm.evaluation.scoring import headline
-
-    (_, results), = evaluate_paths([model_dir], data, EvalSettings(batch_size=batch_size, mia_suite=full))
-    scores = {**headline(results), "terms": dict(zip(results["aggregated-term-labels"], results["aggregated-terms"])),
-              "mia_auc": results.get("mia_loss_acc")}
-    if full:
-        scores["bootstrap"] = bootstrap_inputs(results)
-    if keep is not None:
-        _write_aside(keep, json.dumps(results))
-    return scores
-
-
 @dataclass
 class Stage:
     """What every method's runs share: the options, the targets by draw, their evaluation data and
@@ -214,6 +159,11 @@ class Stage:
 
     def forget(self, draw: str | int) -> Path:
         return self.targets[draw] / "benchmark" / "forget.jsonl"
+
+    def full_score(self, model_dir: Path, draw: str | int, name: str) -> dict:
+        """Every score of a target or an oracle, with the bootstrap's inputs, computed once."""
+        return cached(self.runs_dir / f"{name}.scores.json", {"model": str(model_dir)},
+                      lambda: score(model_dir, self.data[draw], self.options.batch_size, full=True))
 
 
 def draw_specs(options: BenchOptions, tuned: bool) -> dict[str | int, dict]:
@@ -238,50 +188,35 @@ def run_bench(options: BenchOptions) -> dict:
 
     console = Console()
     started = time.perf_counter()
-    known = variants(n_layers=1)  # the names do not depend on the depth
-    chosen = options.methods or [name for name, variant in known.items() if variant.default]
-    unknown = [name for name in chosen if name not in known]
-    if unknown:
-        raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
+    chosen, calibrating = chosen_methods(options)
     # No tuning draw when there is nothing to tune: one rate, or only variants that calibrate themselves (auto).
-    specs = draw_specs(options, tunes(options.grid) and not all(known[name].calibrates for name in chosen))
+    specs = draw_specs(options, tunes(options.grid) and not calibrating)
     reported = range(options.draws)
     if options.jobs > 1:
         in_processes(options, [{"target": spec} for spec in specs.values()], "targets")
     targets = {key: cached_target(**spec)[0] for key, spec in specs.items()}
     oracles = {draw: targets[draw] / ORACLE_DIR for draw in reported}
     timings = {"models": time.perf_counter() - started}
-    table = variants(json.loads((targets[0] / "config.json").read_text())["num_hidden_layers"])
     runs_dir = options.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    data = {key: evaluation_data(path) for key, path in targets.items()}
-
-    def full_score(model_dir: Path, draw: str | int, name: str) -> dict:
-        return cached(runs_dir / f"{name}.scores.json", {"model": str(model_dir)},
-                      lambda: score(model_dir, data[draw], options.batch_size, full=True))
-
+    stage = Stage(options, targets, {key: evaluation_data(path) for key, path in targets.items()}, {}, runs_dir, console)
     results: dict = {
         "options": _jsonable(options), "kernels": kernels(), "targets": {str(key): str(path) for key, path in targets.items()},
         "draws": [{"seed": specs[draw]["seed"], "draw": REPORT_DRAW, "target": str(targets[draw]),
                    "oracle": str(oracles[draw])} for draw in reported],
         "tuning_draw": {"seed": specs[TUNE]["seed"], "draw": TUNE_DRAW, "target": str(targets[TUNE])} if TUNE in specs else None,
-        "target_scores": {str(key): full_score(path, key, f"target-{key}") for key, path in targets.items()},
-        "oracle_scores": [full_score(oracles[draw], draw, f"oracle-{draw}") for draw in reported],
+        "target_scores": {str(key): stage.full_score(path, key, f"target-{key}") for key, path in targets.items()},
+        "oracle_scores": [stage.full_score(oracles[draw], draw, f"oracle-{draw}") for draw in reported],
         "tuning": [], "reported": []}
-    levels = {key: cached(runs_dir / f"level-{key}.json", {"target": str(path)},
-                          lambda path=path: {"level": forget_level(path, options.batch_size)})["level"]
-              for key, path in targets.items()}
-    results["forget_levels"] = {str(key): level for key, level in levels.items()}
+    stage.levels.update({key: cached(runs_dir / f"level-{key}.json", {"target": str(path)},
+                                     lambda path=path: {"level": forget_level(path, options.batch_size)})["level"]
+                         for key, path in targets.items()})
+    results["forget_levels"] = {str(key): level for key, level in stage.levels.items()}
     timings["scoring the targets and oracles"] = time.perf_counter() - started - timings["models"]
     audit_draws = range(min(options.audit_draws, options.draws)) if options.audit else range(0)
     if options.jobs > 1:  # the workers read the scores and levels above from their records
-        tasks = [{"bench": {**_jsonable(options), "methods": [name], "jobs": 1, "audit_oracle": False}} for name in chosen]
-        if options.audit_oracle:
-            tasks += [{"audit": {"model": str(oracles[draw]), "target": str(targets[draw]),
-                                 "record": str(runs_dir / f"oracle-{draw}.audit.json"), "batch_size": options.batch_size}}
-                      for draw in audit_draws]
-        in_processes(options, tasks, "methods")
-    stage = Stage(options, targets, data, levels, runs_dir, console)
+        in_processes(options, worker_tasks(options, chosen, oracles, targets, audit_draws), "methods")
+    table = variants(json.loads((targets[0] / "config.json").read_text())["num_hidden_layers"])
     for name in chosen:
         tried, runs = method_runs(stage, table[name])
         results["tuning"] += tried
@@ -296,6 +231,26 @@ def run_bench(options: BenchOptions) -> dict:
     (options.out / "results.json").write_text(json.dumps(results, indent=2))
     write_bench_report(results, options.out)
     return results
+
+
+def chosen_methods(options: BenchOptions) -> tuple[list[str], bool]:
+    """``(the variants to run, whether every one of them calibrates itself)``."""
+    known = variants(n_layers=1)  # the names do not depend on the depth
+    chosen = options.methods or [name for name, variant in known.items() if variant.default]
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise UserError(f"unknown bench method {unknown[0]!r} (known: {', '.join(known)})")
+    return chosen, all(known[name].calibrates for name in chosen)
+
+
+def worker_tasks(options: BenchOptions, chosen: list[str], oracles: dict, targets: dict, audit_draws: range) -> list[dict]:
+    """The methods stage's tasks for ``in_processes``: one bench of each method, and the oracles' audits."""
+    tasks = [{"bench": {**_jsonable(options), "methods": [name], "jobs": 1, "audit_oracle": False}} for name in chosen]
+    if options.audit_oracle:
+        tasks += [{"audit": {"model": str(oracles[draw]), "target": str(targets[draw]),
+                             "record": str(options.out / "runs" / f"oracle-{draw}.audit.json"), "batch_size": options.batch_size}}
+                  for draw in audit_draws]
+    return tasks
 
 
 def method_runs(stage: Stage, variant: Variant) -> tuple[list[dict], list[dict]]:
@@ -342,47 +297,6 @@ def reported_dir(runs_dir: Path, method: str, draw: int, seed: int) -> Path:
 def tunes(grid: list[float]) -> bool:
     """Whether the bench tunes on the tuning draw: only when there is more than one configuration to try."""
     return len(grid) > 1
-
-
-def cached(record_path: Path, key: dict, compute: Callable[[], dict]) -> dict:
-    """``compute()``, or what a record at ``record_path`` with the same ``key`` holds; written aside and
-    renamed, since bench processes share the directory."""
-    key = json.loads(json.dumps(key))  # as JSON reads it back (tuples become lists), so keys compare equal
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record["key"] == key:
-            return record["value"]
-    value = compute()
-    _write_aside(record_path, json.dumps({"key": key, "value": value}))
-    return value
-
-
-def _write_aside(path: Path, text: str) -> None:
-    """``path`` written whole or not at all: bench processes share the directory and may be killed."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-def audited(model_dir: Path, data, record_path: Path, batch_size: int, kept: Path | None = None) -> dict:
-    """``unlearnlm audit``'s attacks on one model, as its per-attack forget scores and its worst case;
-    reused from ``record_path`` when that model was audited already. The un-attacked results are read
-    from ``kept`` when the reported scoring left them there (same rows, batch size and decoding)."""
-    from unlearnlm.audit.run import NO_ATTACK, AuditSettings, audit_one, split_documents, worst_case
-
-    settings = AuditSettings(batch_size=batch_size)
-
-    def attack() -> dict:
-        train_half, held_out = split_documents(data.forget, settings.seed)
-        started = time.perf_counter()
-        base = json.loads(kept.read_text()) if kept is not None and kept.is_file() else None
-        attacks = audit_one(model_dir, data, train_half, held_out, settings, base=base)
-        return {"attacks": {name: {"forget_score": attack["forget_score"], "recovery": attack["recovery"],
-                                   "final": attack["scores"]["final"], "scored_on": attack["scored_on"]}
-                            for name, attack in attacks.items() if name != NO_ATTACK},
-                "worst_case": worst_case(attacks), "seconds": time.perf_counter() - started}
-
-    return cached(record_path, {"model": str(model_dir), "settings": settings.to_dict()}, attack)
 
 
 def audit_models(results: dict, oracle: Path | None, draw: int, stage: Stage) -> dict:
