@@ -1,11 +1,16 @@
 """The deletion ledger's goals, measured: F split into requests made in sequence through a ledger,
 against one-shot unlearning of all of F and against the oracle (retrained without F).
 
-    UNLEARNLM_CACHE=/work/cache-demo python scripts/ledger_goals.py --size mini --config demo --out ledger-goals
+    UNLEARNLM_CACHE=/work/cache-demo python scripts/ledger_goals.py --size mini --config auto --out ledger-goals
 
-The target and its oracle come from the cache (built there first when missing). F's documents are
-cut, in file order, into ``--requests`` groups, one request each. Prints, and writes to OUT
-(``results.json``, ``goals.md``, ``forget_scores.png``):
+The target (``--size``: mini, bench...) and its oracle come from the cache, ``$UNLEARNLM_CACHE`` or
+``~/.cache/unlearnlm`` (built there first when missing). F's documents are cut, in file order, into
+``--requests`` groups, one request each. The ledger's unseen documents U (read by ``--config auto``,
+in the ledger and in the one-shot run alike) are the bench's pool documents
+(``benchmark/unseen.jsonl``, sharing nothing with the evaluation sets; ``--unseen pool``) or, as
+first measured, the evaluation's MIA nonmembers (``--unseen nonmembers``). With auto, request 1
+probes the rate and later requests reuse it; each request settles and checks every earlier one.
+Prints, and writes to OUT (``results.json``, ``goals.md``, ``forget_scores.png``):
 
 - each request's forget terms after the last request against right after its own (goal: every
   term within 0.05);
@@ -44,22 +49,35 @@ def split_forget(forget: Path, parts: int, out: Path) -> list[Path]:
     return files
 
 
-def run_ledger(target: Path, sets: Path, files: list[Path], config: str, out: Path) -> dict:
+def run_ledger(target: Path, sets: Path, unseen: Path, files: list[Path], config: str, out: Path) -> dict:
     import unlearnlm.ledger
 
     started = time.perf_counter()
-    unlearnlm.ledger.init(target, sets / "retain.jsonl", sets / "mia_nonmembers.jsonl", out,
-                          utility=sets / "general.jsonl")
+    unlearnlm.ledger.init(target, sets / "retain.jsonl", unseen, out, utility=sets / "general.jsonl")
     init_seconds = time.perf_counter() - started
     receipts, add_seconds = [], []
     for file in files:
         started = time.perf_counter()
         receipts.append(unlearnlm.ledger.add(out, file, config, show_progress=False))
         add_seconds.append(time.perf_counter() - started)
+        rate = receipts[-1]["calibration"]
         print(f"request {len(receipts)}: {add_seconds[-1]:.1f}s, forget score "
-              f"{receipts[-1]['scores']['own']['forget_score']:.3f}", flush=True)
+              f"{receipts[-1]['scores']['own']['forget_score']:.3f}"
+              + (f", rate {rate['lr']:.3g} ({rate['source']}), settled with {receipts[-1]['settling']['earlier_requests']}"
+                 if rate else ""), flush=True)
     unlearnlm.ledger.verify(out)
     return {"init_seconds": init_seconds, "add_seconds": add_seconds, "receipts": receipts}
+
+
+def run_one_shot(target: Path, sets: Path, unseen: Path, config: str, out: Path) -> tuple[dict, float]:
+    """All of F in one run, with the same configuration; auto reads U, as the ledger's requests do."""
+    from unlearnlm.api import unlearn
+    from unlearnlm.config import load_config
+
+    started = time.perf_counter()
+    record = unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", out, config,
+                     unseen=unseen if load_config(config).auto.enabled else None, show_progress=False)
+    return record, time.perf_counter() - started
 
 
 def per_request_scores(models: dict[str, Path], files: list[Path], settings: dict) -> dict[str, list[float]]:
@@ -153,30 +171,28 @@ def evaluate_goals(results: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="mini", help="target size (the demo's: mini)")
+    parser.add_argument("--size", default="mini", help="target size (the demo's: mini; the benchmark's: bench)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default="demo",
+    parser.add_argument("--unseen", choices=["pool", "nonmembers"], default="pool",
+                        help="U: the bench's pool documents, or the evaluation's MIA nonmembers")
+    parser.add_argument("--config", default="auto",
                         help="unlearning preset (or auto), the same for the ledger and one-shot")
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("ledger-goals"))
     args = parser.parse_args()
 
-    from unlearnlm.api import evaluate_models, unlearn
+    from unlearnlm.api import evaluate_models
     from unlearnlm.bench.target import ORACLE_DIR, cached_target
-    from unlearnlm.config import load_config
+    from unlearnlm.data.sets import write_unseen
     from unlearnlm.paths import check_output_dir
 
     check_output_dir(args.out, False)
     target, _ = cached_target(args.size, args.seed)
     sets = target / "benchmark"
+    unseen = write_unseen(sets) if args.unseen == "pool" else sets / "mia_nonmembers.jsonl"
     files = split_forget(sets / "forget.jsonl", args.requests, args.out / "requests")
-    ledger = run_ledger(target, sets, files, args.config, args.out / "ledger")
-    started = time.perf_counter()
-    # auto reads the unseen documents, as the ledger's requests do.
-    unseen = sets / "mia_nonmembers.jsonl" if load_config(args.config).auto.enabled else None
-    one_shot = unlearn(target, sets / "forget.jsonl", sets / "retain.jsonl", args.out / "one-shot", args.config,
-                       unseen=unseen, show_progress=False)
-    one_shot_call = time.perf_counter() - started
+    ledger = run_ledger(target, sets, unseen, files, args.config, args.out / "ledger")
+    one_shot, one_shot_call = run_one_shot(target, sets, unseen, args.config, args.out / "one-shot")
     current = args.out / "ledger" / "requests" / f"{args.requests:04d}" / "model"
     paths = {"target": target, "oracle": target / ORACLE_DIR, "one-shot": args.out / "one-shot", "ledger": current}
     from unlearnlm.evaluation.scoring import headline
@@ -187,7 +203,9 @@ def main() -> None:
     receipts = ledger["receipts"]
     settings = json.loads((args.out / "ledger" / "ledger.json").read_text())["evaluation"]
     results = {
-        "target": str(target), "config": args.config,
+        "target": str(target), "config": args.config, "unseen": str(unseen),
+        "calibration": [receipt["calibration"] for receipt in receipts],
+        "settling": [receipt["settling"] for receipt in receipts],
         "rows": [receipt["forget"]["rows"] for receipt in receipts],
         "trajectories": trajectories(receipts),
         "term_changes": [entry["largest_term_change"] for entry in receipts[-1]["earlier_requests"]] + [None],

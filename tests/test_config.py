@@ -21,6 +21,7 @@ def test_method_defaults_then_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("optim.lrr=1", "optim.lrr"), ("bogus=1", "bogus"), ("method_args.gamma=1", "method_args.gamma"),
     ("schedule.ratio=abc", "schedule.ratio"), ("optim.optimizer_reset=sometimes", "optim.optimizer_reset"),
+    ("auto.rate=0", "auto.rate"), ("auto.rate=-1e-4", "auto.rate"), ("auto.rate=.inf", "auto.rate"),
 ])
 def test_bad_keys_and_values_are_named(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):

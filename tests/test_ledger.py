@@ -18,6 +18,7 @@ from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 ADD_SETTINGS = ["--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]
+AUTO_SETTINGS = ["--set", "max_length=32"]  # --config auto, the default
 
 
 def split_by_document(rows: list[dict], parts: int) -> list[list[dict]]:
@@ -49,13 +50,13 @@ def init_args(model: Path, inputs: dict[str, Path], out: Path) -> list:
 
 @pytest.fixture(scope="module")
 def two_requests(tmp_path_factory, micro_model_dir, ledger_inputs) -> Path:
-    """A ledger with two requests, made through the command line once: the first with a preset, the
-    second with the default, ``--config auto`` (calibrated with the ledger's unseen documents); tests
-    work on copies."""
+    """A ledger with two requests, made through the command line once, both with the default,
+    ``--config auto`` (calibrated with the ledger's unseen documents): the first probes the rate, the
+    second reuses it; tests work on copies."""
     ledger = tmp_path_factory.mktemp("ledger") / "L"
     assert run_cli(*init_args(micro_model_dir, ledger_inputs, ledger)) == 0
-    assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs["forget1"], *ADD_SETTINGS) == 0
-    assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs["forget2"], "--set", "max_length=32") == 0
+    for name in ("forget1", "forget2"):
+        assert run_cli("ledger", "add", ledger, "--forget", ledger_inputs[name], *AUTO_SETTINGS) == 0
     return ledger
 
 
@@ -104,11 +105,41 @@ def test_verify_passes_on_an_untouched_ledger_and_the_receipts_chain(ledger, mic
 
 
 def test_a_self_calibrating_request_puts_its_verdict_in_the_receipt(ledger):
-    assert receipt(ledger, 1)["verdict"] is None and receipt(ledger, 1)["settings"]["config"] == "demo"
     second = receipt(ledger, 2)
     assert second["settings"]["config"] == "auto" and second["settings"]["resolved"]["auto"]["enabled"]
     assert isinstance(second["verdict"]["forgotten"], bool)
     assert second["verdict"]["summary"] in (ledger / "requests" / "0002" / "receipt.md").read_text()
+
+
+def run_record(ledger: Path, number: int) -> dict:
+    """The unlearning's ``run.json``, beside the model the request made (only the current one is kept)."""
+    return json.loads((ledger / "requests" / f"{number:04d}" / "model" / "run.json").read_text())
+
+
+def rows_in(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_the_second_request_reuses_the_rate_the_first_probed_and_settles_and_checks_its_rows(ledger, ledger_inputs):
+    from unlearnlm.data.raw import read_rows
+    from unlearnlm.evaluation.inputs import documents_from_rows
+
+    first, second, run = receipt(ledger, 1), receipt(ledger, 2), run_record(ledger, 2)
+    assert first["calibration"]["source"] == "probed" and first["calibration"]["probes"] >= 4
+    assert first["settling"] == {"earlier_requests": [], "skipped": [], "forget_rows": rows_in(ledger_inputs["forget1"]),
+                                 "checked_forget_documents": first["settling"]["checked_forget_documents"]}
+    # No probe ran: the run trained at request 1's rate, given to it.
+    assert run["auto"]["probes"] == [] and run["auto"]["lr_source"] == "given"
+    assert run["auto"]["lr"] == run["config"]["optim"]["lr"] == run["config"]["auto"]["rate"] == first["calibration"]["lr"]
+    assert second["calibration"] == {"lr": first["calibration"]["lr"], "source": "request 1", "probes": 0,
+                                     "probe_seconds": 0}
+    # The settling pass trained request 2's rows and request 1's; the check read both sets' documents.
+    assert second["settling"]["earlier_requests"] == [1] and second["settling"]["skipped"] == []
+    assert run["auto"]["settle_forget_rows"] == rows_in(ledger_inputs["forget1"]) + rows_in(ledger_inputs["forget2"])
+    documents = [len(documents_from_rows(read_rows(ledger_inputs[name]).records)) for name in ("forget1", "forget2")]
+    assert run["auto"]["earlier_forget_documents"] == documents[0]
+    assert run["auto"]["forget_documents"] == sum(documents) == second["settling"]["checked_forget_documents"]
+    assert "rate" in (ledger / "requests" / "0002" / "receipt.md").read_text()
 
 
 def test_a_later_receipt_rescores_every_earlier_request_and_records_drift_and_the_light_audit(ledger):
@@ -126,18 +157,26 @@ def test_a_later_receipt_rescores_every_earlier_request_and_records_drift_and_th
     assert {"none", "sampled", "prompt-cut", "context", "extraction-any"} <= attacks
 
 
-def test_an_earlier_forget_set_its_owner_deleted_is_listed_as_unavailable(ledger, ledger_inputs, tmp_path):
+def test_an_earlier_forget_set_its_owner_deleted_is_unavailable_and_skipped_and_recalibrate_probes_again(
+        ledger, ledger_inputs, tmp_path):
     import unlearnlm.ledger
 
     moved = tmp_path / "forget1.jsonl"
     shutil.copy(ledger_inputs["forget1"], moved)
     (ledger / "requests" / "0001" / "forget_reference.json").write_text(json.dumps({"forget": str(tmp_path / "gone")}))
-    third = unlearnlm.ledger.add(ledger, moved, "demo", overrides=["optim.max_steps=1", "max_length=32"])
+    third = unlearnlm.ledger.add(ledger, moved, overrides=["max_length=32"], recalibrate=True)
     assert unlearnlm.ledger.show(ledger)[-1] == third
     unavailable, available = third["earlier_requests"]
     assert "unavailable" in unavailable and "forget_score" not in unavailable
     assert "forget_score" in available
     assert unlearnlm.ledger.verify(ledger)["requests"] == 3  # the locator is outside the chain
+    # --recalibrate: probed again; request 1 is skipped by the settling pass and named, request 2 is in it.
+    run = run_record(ledger, 3)
+    assert third["calibration"]["source"] == "probed" and run["auto"]["lr_source"] == "probed"
+    assert len(run["auto"]["probes"]) == third["calibration"]["probes"] >= 4
+    assert third["settling"]["earlier_requests"] == [2] and third["settling"]["skipped"] == [1]
+    assert run["auto"]["settle_forget_rows"] == rows_in(moved) + rows_in(ledger_inputs["forget2"])
+    assert "skipped (unavailable): 1" in (ledger / "requests" / "0003" / "receipt.md").read_text()
 
 
 @pytest.mark.parametrize("number", [1, 2])  # the last receipt has no later one chained to it
@@ -201,12 +240,17 @@ def test_show_lists_every_request(ledger, capsys):
     assert receipt(ledger, 1)["forget"]["sha256"][:12] in out and receipt(ledger, 2)["forget"]["sha256"][:12] in out
 
 
-@pytest.mark.parametrize("case", ["no model", "not a ledger", "missing forget", "unknown setting"])
+@pytest.mark.parametrize("case", ["no model", "not a ledger", "missing forget", "unknown setting", "recalibrate a preset",
+                                  "recalibrate a given rate"])
 def test_bad_input_is_one_line_exit_2(case, ledger, ledger_inputs, tmp_path, capsys):
     args = {"no model": init_args(tmp_path / "absent", ledger_inputs, tmp_path / "new"),
             "not a ledger": ["ledger", "add", tmp_path, "--forget", ledger_inputs["forget1"]],
             "missing forget": ["ledger", "add", ledger, "--forget", tmp_path / "absent.jsonl"],
-            "unknown setting": ["ledger", "add", ledger, "--forget", ledger_inputs["forget1"], "--set", "no_such_key=1"]}[case]
+            "unknown setting": ["ledger", "add", ledger, "--forget", ledger_inputs["forget1"], "--set", "no_such_key=1"],
+            "recalibrate a preset": ["ledger", "add", ledger, "--forget", ledger_inputs["forget1"], "--config", "demo",
+                                     "--recalibrate"],
+            "recalibrate a given rate": ["ledger", "add", ledger, "--forget", ledger_inputs["forget1"], "--set",
+                                         "auto.rate=1e-3", "--recalibrate"]}[case]
     capsys.readouterr()
     assert run_cli(*args) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

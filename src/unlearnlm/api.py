@@ -38,6 +38,7 @@ def unlearn(
     config: str | UnlearnConfig | None = None,
     *,
     unseen: RowsInput | None = None,
+    forgotten_before: Sequence[RowsInput] = (),
     overrides: Sequence[str] = (),
     tokenizer: Any = None,
     text_key: str = DEFAULT_TEXT_KEY,
@@ -53,7 +54,9 @@ def unlearn(
     ``config`` is a preset name, a YAML file or an ``UnlearnConfig``; ``overrides`` are ``key=value``
     settings applied on top of a name or file. ``config="auto"`` calibrates the run on the model itself
     and needs ``unseen``: documents of the forget set's kind the model was not fine-tuned on (raw
-    ``{text}``, MIA ``{document}`` or SemEval rows); ``run.json`` then carries a ``verdict``. A loaded
+    ``{text}``, MIA ``{document}`` or SemEval rows); ``run.json`` then carries a ``verdict``. With auto,
+    ``forgotten_before`` names forget sets unlearned before from this model (a ledger's earlier
+    requests): its settling pass and its check cover them with ``forget``. A loaded
     model is trained in place. ``redact`` keeps data file names and model paths out of the card;
     ``push_to_hub`` names a repository ``ORG/NAME`` to publish the saved directory to (``private`` when
     created). Returns the contents of ``run.json`` (with ``pushed``, the commit URL, when published).
@@ -73,11 +76,14 @@ def unlearn(
     if resolved.auto.enabled != (unseen is not None):
         raise UserError("--config auto needs --unseen U (unseen documents of the forget set's kind)" if unseen is None
                         else "--unseen is read by --config auto only (auto.enabled=true)")
+    if forgotten_before and unseen is None:
+        raise UserError("forgotten_before is settled and checked by --config auto only")
     options = dict(resume=resume, overwrite=overwrite, show_progress=show_progress, text_key=text_key, redact=redact)
     if unseen is not None:
         from unlearnlm.auto.run import unlearn_auto
 
-        report = unlearn_auto(_model_input(model, tokenizer), forget, retain, unseen, out, resolved, **options)
+        report = unlearn_auto(_model_input(model, tokenizer), forget, retain, unseen, out, resolved,
+                              forgotten_before=forgotten_before, **options)
     else:
         report = run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, **options)
     if push_to_hub is not None and _is_main_process():

@@ -116,6 +116,9 @@ class AutoSettings:
     regurgitation_margin: float = bounded(0.1, at_least=0, below=1)
     # R's answers must keep this fraction of their score before unlearning.
     retain_kept: float = bounded(0.9, above=0)
+    # The learning rate to train at, instead of probing for one (a ledger passes on the rate its first
+    # request probed, docs/ledger.md); None: probe.
+    rate: Optional[float] = bounded(None, above=0)
 
 
 @dataclass

@@ -72,19 +72,9 @@ class RunSummary:
 class Engine:
     """Runs a method's schedule on a model. Build it once; ``run`` resumes from ``state/`` if asked."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        forget: list[Record],
-        retain: list[Record],
-        config: UnlearnConfig,
-        work_dir: Path,
-        validator: Optional[Callable[[torch.nn.Module], dict]] = None,
-        accelerator: Optional[Accelerator] = None,
-        show_progress: bool = True,
-        made_from: Optional[dict] = None,
-    ):
+    def __init__(self, model: torch.nn.Module, tokenizer, forget: list[Record], retain: list[Record],
+                 config: UnlearnConfig, work_dir: Path, validator: Optional[Callable[[torch.nn.Module], dict]] = None,
+                 accelerator: Optional[Accelerator] = None, show_progress: bool = True, made_from: Optional[dict] = None):
         self.config = config
         self.made_from = made_from or {}  # what the run is made from (runstate.run_identity), kept in checkpoints
         self.method = get_method(config.method)
@@ -141,6 +131,15 @@ class Engine:
         self.phases.append(phase)
         self.steps_per_epoch.append(optimizer_steps(len(phase.items), self._global_batch(phase), self.config.optim.grad_accum))
 
+    def add_forget_rows(self, rows: list[Record]) -> range:
+        """Forget rows outside the method's schedule, for a phase added after it (auto's settling pass
+        over earlier requests); returns their indices."""
+        rows = [whole_document(row) for row in rows] if self.config.forget_whole_documents else rows
+        start, first_row = len(self.examples[FORGET]), len(self.rows[FORGET])
+        self.rows[FORGET] = self.rows[FORGET] + rows
+        self.examples[FORGET] += self._encode(rows, "f", model_context(self.unwrapped), first_row)
+        return range(start, len(self.examples[FORGET]))
+
     def train_phase(self, phase_index: int) -> None:
         """Train one phase of the schedule, logging nothing to the run's log (a probe, not the run)."""
         self.model.train()
@@ -157,7 +156,7 @@ class Engine:
         load_trainable(self.unwrapped, self.work_dir / "origin")
         self.accelerator.wait_for_everyone()
 
-    def _encode(self, rows: list[Record], prefix: str, context: Optional[int]) -> list[Example]:
+    def _encode(self, rows: list[Record], prefix: str, context: Optional[int], first: int = 0) -> list[Example]:
         """The training rows; each keeps its key (role initial and index) for the reference cache.
 
         A raw document longer than the context (or ``max_length``) becomes one row per window, each
@@ -165,7 +164,7 @@ class Engine:
         model's context is refused unless ``max_length`` says where to cut it."""
         config = self.config
         examples = []
-        for index, row in enumerate(rows):
+        for index, row in enumerate(rows, start=first):
             if row.task == DOCUMENT_TASK:
                 whole = encode_example(self.tokenizer, row.input, row.output, append_eos=config.append_eos)
                 limits = [limit for limit in (config.max_length, context) if limit]

@@ -36,15 +36,22 @@ class CheckData:
     cache: TokenCache = field(default_factory=TokenCache)
 
 
+def whole_documents(rows: Rows) -> list[str]:
+    """A set's documents as the loss attack reads them: whole, or (SemEval rows without sentence
+    completions) each row's prompt and answer joined."""
+    return list(rows.documents) or documents_from_rows(rows.records) or [row.input + " " + row.output
+                                                                          for row in rows.records]
+
+
 def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check_documents: Sequence[str],
-               seed: int) -> CheckData:
-    forget_documents = list(forget.documents) or documents_from_rows(forget.records)
-    if not forget_documents:  # SemEval rows without sentence completions: their rows joined
-        forget_documents = [row.input + " " + row.output for row in forget.records]
+               seed: int, earlier: Sequence[Rows] = ()) -> CheckData:
+    """What the check reads; ``earlier`` forget sets (unlearned before from this model) are checked with F."""
+    forget_documents = [text for rows in (forget, *earlier) for text in whole_documents(rows)]
     picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
     retain_eval, retain_train = retain.for_evaluation(), retain.for_training()
     per_row = len(retain_eval) // max(1, len(retain_train))  # a raw document gives one evaluation row per cut
-    return CheckData(forget_documents, list(level_documents), list(check_documents), forget.for_evaluation(),
+    return CheckData(forget_documents, list(level_documents), list(check_documents),
+                     [row for rows in (forget, *earlier) for row in rows.for_evaluation()],
                      [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)],
                      [retain_train[index] for index in picked],
                      unseen_rows(check_documents, forget.for_evaluation()))

@@ -4,14 +4,18 @@
 2. On the original model: the level (mean loss per token on U's level part), the retain answers'
    loss and score, and how much of the held-out unseen documents the model regurgitates; these fix
    the check's bounds (``check.make_bounds``).
-3. The rate probe on the first chunk (``rate``), each probe from the original weights.
+3. The rate probe on the first chunk (``rate``), each probe from the original weights; or the rate
+   given (``auto.rate``: a ledger passes on the rate its first request probed).
 4. The run at that rate, each forget row held at the level from both sides (``forget_target``), with
    the held-out check after every chunk: the level is read again from U's level part (the model's
    loss on unseen text drifts as it changes, and a forgotten document should read like unseen text
    now, not before), the run stops when the check is met, and the best state by the check is kept.
    After the chunks, one settling pass over all of F at once with retain rows (as ``sugd-settle``)
-   brings back to the level the documents of early chunks, which later chunks' training moved.
-5. The check on the state kept, stages 1 and 2, gives ``run.json``'s verdict.
+   brings back to the level the documents of early chunks, which later chunks' training moved; it
+   also covers the forget sets unlearned before from this model (``forgotten_before``: a ledger's
+   earlier requests), which this run's training moves as well.
+5. The check on the state kept, stages 1 and 2, gives ``run.json``'s verdict. The earlier forget sets
+   are in every check with F (never in the probe or the level), so the verdict covers them too.
 
 Nothing else is read: no evaluation set, no oracle, no grid.
 """
@@ -20,14 +24,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from unlearnlm.auto import check as held_out
-from unlearnlm.auto.measure import CheckData, answer_losses, answer_scores, check_data, document_losses, mean
+from unlearnlm.auto.measure import (
+    CheckData,
+    answer_losses,
+    answer_scores,
+    check_data,
+    document_losses,
+    mean,
+    whole_documents,
+)
 from unlearnlm.auto.rate import Probe, RateChoice, choose_rate
 from unlearnlm.auto.unseen import read_unseen, refuse_overlap, split_unseen
 from unlearnlm.config import UnlearnConfig
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, RowsInput, read_rows
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows
+from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, RETAIN, CyclicSampler, Phase, interleave
 from unlearnlm.engine import Engine
 from unlearnlm.errors import UserError
@@ -126,27 +140,48 @@ def hold(engine: Engine, level: float) -> None:
     engine.settings.forget_ceiling, engine.settings.forget_target = None, level
 
 
-def settle_phase(engine: Engine) -> Phase:
-    """One epoch over every forget row, interleaved with retain rows at the schedule's ratio."""
-    ratio, n_forget = engine.config.schedule.ratio, len(engine.rows[FORGET])
-    retain = CyclicSampler(len(engine.rows[RETAIN])).take(n_forget * ratio) if ratio else []
+def settle_phase(engine: Engine, earlier: list[Record]) -> Phase:
+    """One epoch over every forget row, F's and the earlier forget sets' (added to the engine's rows,
+    outside the method's chunks), interleaved with retain rows at the schedule's ratio."""
+    engine.add_forget_rows(earlier)
+    ratio, n_forget = engine.config.schedule.ratio, len(engine.examples[FORGET])
+    retain = CyclicSampler(len(engine.examples[RETAIN])).take(n_forget * ratio) if ratio else []
     return Phase("settle", len(engine.phases), interleave(list(range(n_forget)), retain, ratio), epochs=1)
 
 
-def read_inputs(forget: RowsInput, retain: RowsInput, unseen: RowsInput, text_key: str) -> list[str]:
-    """U, checked against F and R before any model loads."""
+def read_inputs(forget: RowsInput, retain: RowsInput, unseen: RowsInput, text_key: str,
+                earlier: Sequence[RowsInput] = ()) -> tuple[list[str], list[Rows]]:
+    """U, checked against F, R and the earlier forget sets before any model loads; and those sets."""
     documents = read_unseen(unseen, text_key)
-    refuse_overlap(documents, read_rows(forget, "forget", text_key), read_rows(retain, "retain", text_key))
-    return documents
+    earlier_rows = [read_rows(value, "forget", text_key) for value in earlier]
+    refuse_overlap(documents, read_rows(forget, "forget", text_key), read_rows(retain, "retain", text_key), earlier_rows)
+    return documents, earlier_rows
+
+
+def pick_rate(calibration: Calibration, work_dir: Path, resume: bool) -> tuple[float, RateChoice | None]:
+    """The rate given (``auto.rate``), the one probed before an interruption, or a new probe's."""
+    engine = calibration.engine
+    if engine.config.auto.rate is not None:
+        return engine.config.auto.rate, None
+    saved = work_dir / CALIBRATION_FILE
+    if resume and saved.is_file():
+        return json.loads(saved.read_text())["lr"], None
+    engine.save_origin()
+    choice = calibration.choose_rate()
+    if engine.accelerator.is_main_process:
+        saved.write_text(json.dumps({"lr": choice.lr}))
+    return choice.lr, choice
 
 
 def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput, out: str | Path,
                  config: UnlearnConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = True,
-                 text_key: str = DEFAULT_TEXT_KEY, redact: bool = False) -> dict:
-    """Calibrate, unlearn and judge; returns ``run.json`` with its ``verdict``."""
+                 text_key: str = DEFAULT_TEXT_KEY, redact: bool = False,
+                 forgotten_before: Sequence[RowsInput] = ()) -> dict:
+    """Calibrate, unlearn and judge; returns ``run.json`` with its ``verdict``. ``forgotten_before``:
+    forget sets unlearned before from this model, settled and checked with F."""
     if config.validation.enabled:
         raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
-    documents = read_inputs(forget, retain, unseen, text_key)
+    documents, earlier = read_inputs(forget, retain, unseen, text_key, forgotten_before)
     split = split_unseen(documents, config.seed)
     job = setup(model, forget, retain, Path(out), config, resume, overwrite, show_progress, text_key, redact)
     engine = job.engine
@@ -154,20 +189,12 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     if not hasattr(engine.settings, "forget_target"):
         raise UserError(f"--config auto holds forget rows at a level: method {config.method!r} has no forget_target "
                         "(use sugd or gd)")
-    calibration = Calibration(engine, job.tokenizer,
-                              check_data(job.forget_rows, job.retain_rows, split.level, split.check, config.seed))
+    calibration = Calibration(engine, job.tokenizer, check_data(job.forget_rows, job.retain_rows, split.level,
+                                                                split.check, config.seed, earlier))
     calibration.measure_before()
-    engine.save_origin()
-    saved = job.work_dir / CALIBRATION_FILE
-    if resume and saved.is_file():
-        lr = json.loads(saved.read_text())["lr"]
-        choice = None
-    else:
-        choice = calibration.choose_rate()
-        lr = choice.lr
-        if engine.accelerator.is_main_process:
-            saved.write_text(json.dumps({"lr": lr}))
-    engine.add_phase(settle_phase(engine))
+    lr, choice = pick_rate(calibration, job.work_dir, resume)
+    settle = settle_phase(engine, [row for rows in earlier for row in rows.for_training()])
+    engine.add_phase(settle)
     engine.restart(lr)
     hold(engine, resumed_level(job.work_dir) or calibration.before["level"])
     engine.validator, engine.selection = calibration.check, calibration.selection()
@@ -176,13 +203,13 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
         final = calibration.check(engine.unwrapped, answers=True)
     finish_trackers(engine.accelerator)
     record = build_record(job, summary)
-    record["auto"] = auto_record(calibration, split, choice, lr)
+    record["auto"] = auto_record(calibration, split, choice, lr, settle, earlier)
     record["verdict"] = held_out.verdict(final, calibration.bounds, {"lr": lr, "chunks_run": len(summary.validations),
                                                                      "chunks": len(engine.phases)})
     record["auto"]["seconds"] = round(time.perf_counter() - started, 2)
     save(job, record)
     if engine.accelerator.is_main_process:
-        saved.unlink(missing_ok=True)  # run.json's "auto" records the rate; the file served a resume only
+        (job.work_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # run.json's "auto" records the rate
     cleanup(job)
     return record
 
@@ -194,13 +221,18 @@ def resumed_level(work_dir: Path) -> float | None:
     return validations[-1]["level"] if validations else None
 
 
-def auto_record(calibration: Calibration, split, choice: RateChoice | None, lr: float) -> dict:
-    """How the run calibrated itself: U's split, the original model's numbers and the probes."""
+def auto_record(calibration: Calibration, split, choice: RateChoice | None, lr: float, settle: Phase,
+                earlier: Sequence[Rows]) -> dict:
+    """How the run calibrated itself: U's split, the original model's numbers, the rate (probed or
+    given) and its probes, and what the settling pass covered."""
     probes = [{"lr": probe.lr, "forget_loss": round(probe.forget_loss, 4), "retain_loss": round(probe.retain_loss, 4),
                "seconds": round(probe.seconds, 2)} for probe in (choice.probes if choice else ())]
     return {"unseen_level_documents": len(split.level), "unseen_check_documents": len(split.check),
-            "forget_documents": len(calibration.data.forget_documents),
+            "forget_documents": len(calibration.data.forget_documents), "earlier_forget_sets": len(earlier),
+            "earlier_forget_documents": sum(len(whole_documents(rows)) for rows in earlier),
+            "settle_forget_rows": sum(item.role == FORGET for item in settle.items),
             "before": {key: round(value, 4) for key, value in calibration.before.items()},
-            "lr": lr, "probes": probes, "probe_seconds": round(sum(probe["seconds"] for probe in probes), 2),
+            "lr": lr, "lr_source": "given" if calibration.engine.config.auto.rate is not None else "probed",
+            "probes": probes, "probe_seconds": round(sum(probe["seconds"] for probe in probes), 2),
             "rate_reached_level": choice.reached if choice else None,
             "rate_kept_retain": choice.retain_ok if choice else None}

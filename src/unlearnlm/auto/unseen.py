@@ -42,8 +42,9 @@ def set_texts(rows: Rows) -> list[str]:
     return list(rows.documents) or [record.input + " " + record.output for record in rows.records]
 
 
-def refuse_overlap(unseen: Sequence[str], forget: Rows, retain: Rows) -> None:
-    for name, rows in (("forget", forget), ("retain", retain)):
+def refuse_overlap(unseen: Sequence[str], forget: Rows, retain: Rows, earlier: Sequence[Rows] = ()) -> None:
+    for name, rows in (("forget", forget), ("retain", retain), *((f"earlier forget ({rows.source})", rows)
+                                                                 for rows in earlier)):
         index = shared_text(unseen, set_texts(rows))
         if index is not None:
             raise UserError(f"--unseen document {index + 1} shares text with the {name} set ({SHARED_WORDS} words or "

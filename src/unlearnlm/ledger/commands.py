@@ -54,6 +54,9 @@ def add_command(
         help="auto (calibrated on the current model with the ledger's unseen documents; its verdict goes in the "
              "receipt), or an unlearning preset or YAML file.")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (repeatable).")] = None,
+    recalibrate: Annotated[bool, typer.Option(
+        help="auto: probe the learning rate again instead of reusing the rate the ledger's last calibration "
+             "probed.")] = False,
     redact: Annotated[bool, typer.Option(
         "--redact/--no-redact", help="Keep the forget rows out of the receipt (sha256 and count only).")] = True,
 ) -> None:
@@ -61,7 +64,7 @@ def add_command(
     from unlearnlm.ledger.requests import add_request
     from unlearnlm.ledger.store import RECEIPT_MD, open_ledger
 
-    receipt = add_request(ledger, forget, config, overrides=list(set_ or []), redact=redact,
+    receipt = add_request(ledger, forget, config, overrides=list(set_ or []), recalibrate=recalibrate, redact=redact,
                           log=lambda message: typer.echo(message, err=True))
     number = receipt["request"]
     typer.echo(f"request {number}: forget score {receipt['scores']['own']['forget_score']:.3f}, "

@@ -58,6 +58,25 @@ def _earlier(ledger, evaluated: Mapping) -> list[dict]:
     return entries
 
 
+def _calibration(key: Mapping, run: Mapping) -> dict | None:
+    """A self-calibrating run's rate and where it came from: probed by this request, reused from the
+    request named, or given in the settings."""
+    auto = run.get("auto")
+    return None if auto is None else {"lr": auto["lr"], "source": key["rate_source"], "probes": len(auto["probes"]),
+                                      "probe_seconds": auto["probe_seconds"]}
+
+
+def _settling(key: Mapping, run: Mapping) -> dict | None:
+    """Which earlier requests a self-calibrating run settled and checked with this one, which it
+    skipped (their forget sets unavailable), and how many forget rows its settling pass trained."""
+    auto = run.get("auto")
+    if auto is None:
+        return None
+    return {"earlier_requests": key["settled_with"],
+            "skipped": [number for number in range(1, key["request"]) if number not in key["settled_with"]],
+            "forget_rows": auto["settle_forget_rows"], "checked_forget_documents": auto["forget_documents"]}
+
+
 def _drift(original: Mapping, now: Mapping) -> dict:
     def pair(key: str) -> dict:
         before, after = original[key], now[key]
@@ -92,6 +111,8 @@ def build_receipt(ledger, number: int, key: Mapping, forget_rows: Rows, run: Map
         "weights_sha256": {"before": ledger.current_weights(), "after": run["output_weights_sha256"]},
         "settings": {"config": key["config"], "overrides": key["overrides"], "resolved": run["config"]},
         "verdict": run.get("verdict"),
+        "calibration": _calibration(key, run),
+        "settling": _settling(key, run),
         "unlearning": {key: run[key] for key in ("steps", "wall_seconds", "call_seconds", "stopped_reason",
                                                  "trainable_parameters")},
         "scores": {"own": evaluated["own"], **evaluated["headline"], "terms": evaluated["terms"]},
@@ -118,6 +139,7 @@ def receipt_markdown(receipt: Mapping) -> str:
             ["previous receipt sha256", receipt["previous_receipt_sha256"]],
             ["settings", f"{receipt['settings']['config'] or 'default'} {' '.join(receipt['settings']['overrides'])}"],
             ["verdict", "none (not a self-calibrating run)" if verdict is None else verdict["summary"]],
+            *_calibration_rows(receipt),
             ["unlearning", f"{receipt['unlearning']['steps']} steps, {receipt['unlearning']['wall_seconds']:.1f} s "
                            f"training, {receipt['unlearning']['call_seconds']:.1f} s in all, "
                            f"{receipt['unlearning']['stopped_reason']}"],
@@ -146,6 +168,16 @@ def receipt_markdown(receipt: Mapping) -> str:
         "## Limits", "", *(f"- {limit}" for limit in receipt["limits"]), "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_rows(receipt: Mapping) -> list[list[str]]:
+    rate, settling = receipt["calibration"], receipt["settling"]
+    if rate is None:
+        return []
+    settled = ", ".join(map(str, settling["earlier_requests"])) or "none"
+    skipped = ", ".join(map(str, settling["skipped"]))
+    return [["rate", f"{rate['lr']:.3g} ({rate['source']})"],
+            ["settled and checked with earlier requests", settled + (f"; skipped (unavailable): {skipped}" if skipped else "")]]
 
 
 def _verdict_word(verdict: Mapping | None) -> str:

@@ -7,6 +7,11 @@ forget set is the sensitive data, so the ledger keeps only where it was read
 updated) and its sha256 (in the receipt). Later requests re-read it there to check that it stays
 forgotten; once the owner deletes the file, later receipts record that request as unavailable
 instead of re-scoring it (docs/ledger.md).
+
+With ``--config auto``, a request trains at the rate the last calibration of the ledger probed (the
+model it starts from differs from the one probed by small updates only; ``recalibrate`` probes
+again), and its settling pass and held-out check cover the forget sets of every earlier request
+still available, so that what this request moves of them is pulled back to the level and judged.
 """
 
 from __future__ import annotations
@@ -179,8 +184,34 @@ def _pending(ledger: Ledger, key: dict, log: Log) -> Path:
     return pending
 
 
-def _unlearn(ledger: Ledger, pending: Path, reference: str, config: UnlearnConfig, show_progress: bool) -> dict:
-    """Unlearn into the staged request directory's ``model/``, continuing an interrupted run of the same request."""
+def _without_rate(config: dict) -> dict:
+    return {**config, "optim": {**config["optim"], "lr": None}, "auto": {**config["auto"], "rate": None}}
+
+
+def _rate_source(ledger: Ledger, config: UnlearnConfig, recalibrate: bool) -> str | None:
+    """Where a self-calibrating request's rate comes from: ``"settings"`` (``auto.rate`` given),
+    ``"request K"`` (the rate request K probed with the same settings otherwise: ``config.auto.rate``
+    is set to it) or ``"probed"``; None for a preset."""
+    if not config.auto.enabled:
+        return None
+    if config.auto.rate is not None:
+        return "settings"
+    if recalibrate:
+        return "probed"
+    wanted = _without_rate(config.to_dict())
+    for number in range(ledger.count(), 0, -1):
+        receipt = ledger.receipt(number)
+        calibration = receipt.get("calibration") or {}
+        if calibration.get("source") == "probed" and _without_rate(receipt["settings"]["resolved"]) == wanted:
+            config.auto.rate = calibration["lr"]
+            return f"request {number}"
+    return "probed"
+
+
+def _unlearn(ledger: Ledger, pending: Path, reference: str, config: UnlearnConfig, show_progress: bool,
+             earlier: Sequence[str]) -> dict:
+    """Unlearn into the staged request directory's ``model/``, continuing an interrupted run of the same
+    request; a self-calibrating run also settles and checks the ``earlier`` forget sets."""
     from unlearnlm.api import unlearn
     from unlearnlm.paths import partial_dir_for
     from unlearnlm.runstate import recover_checkpoint
@@ -193,7 +224,8 @@ def _unlearn(ledger: Ledger, pending: Path, reference: str, config: UnlearnConfi
     # A self-calibrating run reads the ledger's unseen documents U: its level, and its held-out check.
     unseen = _checked(ledger.genesis["unseen"], "unseen") if config.auto.enabled else None
     return unlearn(ledger.current_model(), reference, _checked(ledger.genesis["retain"], "retain"), out, config,
-                   unseen=unseen, text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
+                   unseen=unseen, forgotten_before=earlier if unseen else (),
+                   text_key=ledger.genesis["evaluation"]["text_key"], resume=resume,
                    overwrite=partial.exists() and not resume, show_progress=show_progress, redact=True)
 
 
@@ -239,31 +271,40 @@ def _evaluate(ledger: Ledger, model_dir: Path, forget_rows: Rows, earlier: dict[
 
 
 def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None = "auto", *,
-                overrides: Sequence[str] = (), redact: bool = True, show_progress: bool = True,
-                log: Log = lambda message: None) -> dict:
+                overrides: Sequence[str] = (), recalibrate: bool = False, redact: bool = True,
+                show_progress: bool = True, log: Log = lambda message: None) -> dict:
     """Unlearn ``forget`` from the ledger's current model, make the result current and write the
-    request's receipt; returns the receipt as written. A second ``add`` while one runs is refused; an ``add``
+    request's receipt; returns the receipt as written. With ``--config auto`` the rate the ledger's
+    last calibration probed is reused unless ``recalibrate``. A second ``add`` while one runs is refused; an ``add``
     killed midway leaves the ledger as it was, and the same ``add`` again continues its work."""
     from unlearnlm.config import load_config
 
     ledger = open_ledger(ledger_dir)
     text_key = ledger.genesis["evaluation"]["text_key"]
     resolved = load_config(config, list(overrides))  # a bad setting fails before anything is locked or read
+    if recalibrate and not resolved.auto.enabled:
+        raise UserError("--recalibrate: only --config auto calibrates a rate")
+    if recalibrate and resolved.auto.rate is not None:
+        raise UserError("--recalibrate probes the rate again: leave out auto.rate")
     reference = _reference(forget)
     forget_rows = read_rows(reference, "forget", text_key)
     with locked(ledger.root):
         remove_earlier_models(ledger)  # finishes a commit that a kill interrupted
         verify(ledger.root)  # the next receipt vouches for the weights it starts from
         number = ledger.count() + 1
+        earlier = {i: _earlier_forget_set(ledger, i, text_key) for i in range(1, number)}
+        available = [i for i, (rows, _) in earlier.items() if rows is not None]
         key = {"request": number, "forget_sha256": forget_rows.sha256, "config": config, "overrides": list(overrides),
-               "previous_receipt_sha256": ledger.last_receipt_sha256()}
+               "previous_receipt_sha256": ledger.last_receipt_sha256(),
+               "rate_source": _rate_source(ledger, resolved, recalibrate), "settled_with": available}
         pending = _pending(ledger, key, log)
-        log(f"request {number}: unlearning {len(forget_rows)} rows from {ledger.current_model()}")
+        log(f"request {number}: unlearning {len(forget_rows)} rows from {ledger.current_model()} (rate: "
+            f"{key['rate_source'] or 'the preset'}; earlier requests settled: {available or 'none'})")
         started = time.perf_counter()
         # The whole call (a calibration, loading and saving included; after a kill, the resumed part only).
-        run = {**_unlearn(ledger, pending, reference, resolved, show_progress),
+        run = {**_unlearn(ledger, pending, reference, resolved, show_progress,
+                          [earlier[i][0].source for i in available]),
                "call_seconds": round(time.perf_counter() - started, 3)}
-        earlier = {i: _earlier_forget_set(ledger, i, text_key) for i in range(1, number)}
         evaluated = _evaluate(ledger, pending / STAGED / MODEL, forget_rows, earlier, log)
         receipt = build_receipt(ledger, number, key, forget_rows, run, evaluated, redact)
         staged = pending / STAGED
