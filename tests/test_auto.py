@@ -63,19 +63,43 @@ def test_the_probe_steps_down_when_the_rate_that_reaches_the_level_damages_the_r
     assert choice.retain_ok and not choice.reached
 
 
+def test_the_rate_kept_is_halved_while_the_first_two_chunks_damage_the_retain_set():
+    """Two chunks in sequence leave a retain loss of 0.1 at 2^-10, proportional to the rate; the probe
+    keeps 2^-10.5 (as in the first test). By hand, with a bound of 0.03: 2^-10.5 gives 0.0707 and
+    2^-11.5 gives 0.0354, both above it; 2^-12.5 gives 0.0177, kept. With a bound of 0.001 no
+    halving within the three allowed is enough: the last is kept and said to break the bound."""
+    def probe(lr: float) -> Probe:
+        return Probe(lr, max(0.0, math.log2(lr) + 14), 0.0)
+
+    def confirm(lr: float) -> Probe:
+        return Probe(lr, 0.0, 0.1 * lr / 2.0 ** -10)
+
+    choice = choose_rate(probe, level=3.5, retain_bound=0.03, confirm=confirm)
+    assert [c.lr for c in choice.confirmations] == pytest.approx([2.0 ** -10.5, 2.0 ** -11.5, 2.0 ** -12.5], rel=1e-9)
+    assert choice.lr == choice.confirmations[-1].lr and choice.retain_ok and choice.reached
+    strict = choose_rate(probe, level=3.5, retain_bound=0.001, confirm=confirm)
+    assert len(strict.confirmations) == 4 and strict.lr == pytest.approx(2.0 ** -13.5, rel=1e-9)
+    assert not strict.retain_ok
+
+
 def test_the_real_probe_picks_a_rate_between_one_that_leaves_the_first_chunk_below_the_level_and_one_that_reaches_it(
         auto_run):
-    """On the micro target: the probes are the first chunk trained at each rate. Their records say where
-    the chunk's loss crosses the level; the kept rate lies between the two probes around the crossing."""
+    """On the micro target, one document per chunk: the probes are the first chunk trained at each rate.
+    Their records say where the chunk's loss crosses the level; the rate confirmed first lies between
+    the two probes around the crossing, each later confirmation halves it because the one before broke
+    the retain bound, and the run trains at the last."""
     auto = auto_run["record"]["auto"]
-    level = auto["before"]["level"]
+    level, bound = auto["before"]["level"], auto_run["record"]["verdict"]["bounds"]["retain_loss"]
     probes = sorted(auto["probes"], key=lambda probe: probe["lr"])
     below = [probe["lr"] for probe in probes if probe["forget_loss"] < level]
     above = [probe["lr"] for probe in probes if probe["forget_loss"] >= level]
     assert below and above  # the bracket 2^-20 .. 2^-6 holds the crossing on this target
-    assert max(below) < auto["lr"] <= min(above)
     assert min(above) / max(below) == 2  # the bisection narrowed the bracket to one octave
-    assert auto["lr"] == auto_run["record"]["config"]["optim"]["lr"]  # the run trained at it
+    confirmations = auto["confirmations"]
+    assert confirmations and max(below) < confirmations[0]["lr"] <= min(above)
+    for earlier, later in zip(confirmations, confirmations[1:]):
+        assert earlier["retain_loss"] > bound and later["lr"] == pytest.approx(earlier["lr"] / 2, rel=1e-12)
+    assert auto["lr"] == confirmations[-1]["lr"] == auto_run["record"]["config"]["optim"]["lr"]  # the run trained at it
 
 
 # --- the stopping rule -------------------------------------------------------------------------------
@@ -212,7 +236,8 @@ def auto_run(micro_target, tmp_path_factory) -> dict:
 
     sys.addaudithook(record)
     code = run_cli("unlearn", "--model", target, "--forget", target / "benchmark" / "forget.jsonl", "--retain",
-                   target / "benchmark" / "retain.jsonl", "--unseen", unseen, "--config", "auto", "--out", work / "out")
+                   target / "benchmark" / "retain.jsonl", "--unseen", unseen, "--config", "auto", "--out", work / "out",
+                   "--set", "schedule.chunk_size=1")  # three chunks: the rate is confirmed on the first two
     files = list(opened)
     opened.clear()  # the hook stays installed (audit hooks cannot be removed); it records into a list no one reads
     assert code == 0

@@ -114,17 +114,37 @@ class Calibration:
         engine.settings.forget_target, engine.settings.forget_ceiling = None, self.before["level"]
         engine.restart(lr)
         engine.train_phase(0)
-        chunk = [engine.rows[FORGET][item.index] for item in engine.phases[0].items if item.role == FORGET]
         with engine.evaluation_view():
-            config = engine.config
-            forget_loss = mean(answer_losses(self._model(), self.tokenizer, chunk, BATCH_SIZE, config.max_length,
-                                             config.append_eos))
-            retain_loss = self.retain_loss(self._model())
+            forget_loss, retain_loss = self.chunk_loss(0), self.retain_loss(self._model())
         engine.restore_origin()
         return Probe(lr, forget_loss, retain_loss, time.perf_counter() - started)
 
+    def confirm(self, lr: float) -> Probe:
+        """Train the first two chunks in sequence at ``lr`` from the original weights, as the run
+        trains them, and read the second's forget rows and the retain rows; everything is put back."""
+        engine = self.engine
+        started = time.perf_counter()
+        hold(engine, self.before["level"])
+        engine.restart(lr)
+        for phase in (0, 1):
+            if phase and engine.config.optim.optimizer_reset == "per_chunk":
+                engine.optimizer.state.clear()
+            engine.train_phase(phase)
+        with engine.evaluation_view():
+            forget_loss, retain_loss = self.chunk_loss(1), self.retain_loss(self._model())
+        engine.restore_origin()
+        return Probe(lr, forget_loss, retain_loss, time.perf_counter() - started)
+
+    def chunk_loss(self, phase: int) -> float:
+        """The mean answer loss of a chunk's forget rows."""
+        engine, config = self.engine, self.engine.config
+        chunk = [engine.rows[FORGET][item.index] for item in engine.phases[phase].items if item.role == FORGET]
+        return mean(answer_losses(self._model(), self.tokenizer, chunk, BATCH_SIZE, config.max_length, config.append_eos))
+
     def choose_rate(self) -> RateChoice:
-        return choose_rate(self.probe, self.before["level"], self.bounds.retain_loss)
+        two_chunks = len(self.engine.phases) > 1  # the settling pass is added after the rate is chosen
+        return choose_rate(self.probe, self.before["level"], self.bounds.retain_loss,
+                           confirm=self.confirm if two_chunks else None)
 
     def selection(self) -> Selection:
         bounds = self.bounds
@@ -225,14 +245,18 @@ def auto_record(calibration: Calibration, split, choice: RateChoice | None, lr: 
                 earlier: Sequence[Rows]) -> dict:
     """How the run calibrated itself: U's split, the original model's numbers, the rate (probed or
     given) and its probes, and what the settling pass covered."""
-    probes = [{"lr": probe.lr, "forget_loss": round(probe.forget_loss, 4), "retain_loss": round(probe.retain_loss, 4),
-               "seconds": round(probe.seconds, 2)} for probe in (choice.probes if choice else ())]
+    def listed(probes: Sequence[Probe]) -> list[dict]:
+        return [{"lr": probe.lr, "forget_loss": round(probe.forget_loss, 4), "retain_loss": round(probe.retain_loss, 4),
+                 "seconds": round(probe.seconds, 2)} for probe in probes]
+
+    probes, confirmations = listed(choice.probes if choice else ()), listed(choice.confirmations if choice else ())
     return {"unseen_level_documents": len(split.level), "unseen_check_documents": len(split.check),
             "forget_documents": len(calibration.data.forget_documents), "earlier_forget_sets": len(earlier),
             "earlier_forget_documents": sum(len(whole_documents(rows)) for rows in earlier),
             "settle_forget_rows": sum(item.role == FORGET for item in settle.items),
             "before": {key: round(value, 4) for key, value in calibration.before.items()},
             "lr": lr, "lr_source": "given" if calibration.engine.config.auto.rate is not None else "probed",
-            "probes": probes, "probe_seconds": round(sum(probe["seconds"] for probe in probes), 2),
+            "probes": probes, "confirmations": confirmations,
+            "probe_seconds": round(sum(probe["seconds"] for probe in probes + confirmations), 2),
             "rate_reached_level": choice.reached if choice else None,
             "rate_kept_retain": choice.retain_ok if choice else None}
