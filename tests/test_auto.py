@@ -82,6 +82,19 @@ def test_the_rate_kept_is_halved_while_the_first_two_chunks_damage_the_retain_se
     assert not strict.retain_ok
 
 
+def test_auto_under_fsdp_is_refused_in_one_line_before_the_model_loads(micro_model_dir, micro_data_dir, tmp_path,
+                                                                      monkeypatch):
+    from unlearnlm.api import unlearn
+    from unlearnlm.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": f"unseen document {i} " * 20} for i in range(4)])
+    with pytest.raises(UserError, match="does not run under FSDP yet"):
+        unlearn(micro_model_dir, micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl", tmp_path / "out",
+                "auto", unseen=unseen, show_progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["unseen.jsonl"]
+
+
 def test_the_real_probe_picks_a_rate_between_one_that_leaves_the_first_chunk_below_the_level_and_one_that_reaches_it(
         auto_run):
     """On the micro target, one document per chunk: the probes are the first chunk trained at each rate.

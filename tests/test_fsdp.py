@@ -28,6 +28,7 @@ from conftest import assert_same_update
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
+from unlearnlm.errors import UserError
 from unlearnlm.recipe import unlearn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -40,7 +41,7 @@ COMMON = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chun
 LAYERS_KL = COMMON + ["method=kl", "layers.last_k=1", "optim.optimizer_reset=never", "validation.select=false"]
 LORA_NPO = COMMON + ["method=npo", "lora.enabled=true", "optim.grad_accum=2", "gradient_checkpointing=true",
                      "validation.metric=task_aggregate"]
-# --config auto on the memorized micro target with full weights: probes, checks and the verdict under FSDP.
+# --config auto on the memorized micro target with full weights: refused under FSDP (see the test).
 AUTO = ["max_length=48"]
 KILL_AT_STEP = 11  # chunk 1 has 8 steps of the global batch of 2; the micro target's 10 rows make 3 chunks
 
@@ -123,25 +124,14 @@ def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one
     assert two["best"]["step"] == one["best"]["step"] == 4
     assert_same_update(two_dir, one_dir, load_file(str(micro_model_dir / "model.safetensors")))
     # Only the main process wrote, and nothing was left behind.
-    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["auto", "killed.json", "layers", "lora"]
+    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["auto_refused.txt", "killed.json", "layers", "lora"]
 
 
-def test_fsdp_auto_run_calibrates_stops_and_judges_as_one_process_does(fsdp_processes, micro_target, tmp_path):
-    """The rate probes, the held-out checks and the verdict read sharded weights: the same probes, rate,
-    stopping point and verdict as one process (sums over the processes' shares differ from whole sums
-    by float rounding only)."""
-    from unlearnlm.api import unlearn as api_unlearn
-
-    sets = micro_target[0] / "benchmark"
-    api_unlearn(micro_target[0], sets / "forget.jsonl", sets / "retain.jsonl", tmp_path / "one", "auto",
-                overrides=AUTO + ["optim.batch_size=2"], unseen=sets / "unseen.jsonl", show_progress=False)
-    two, one = (json.loads((path / "run.json").read_text()) for path in (fsdp_processes / "auto", tmp_path / "one"))
-    assert two["world_size"] == 2 and two["sharded_weights"] and one["world_size"] == 1
-    assert [probe["lr"] for probe in two["auto"]["probes"]] == [probe["lr"] for probe in one["auto"]["probes"]]
-    assert two["auto"]["lr"] == pytest.approx(one["auto"]["lr"], rel=1e-3)
-    assert (two["stopped_reason"], two["verdict"]["forgotten"]) == (one["stopped_reason"], one["verdict"]["forgotten"])
-    for key in ("forget_loss", "unseen_loss", "retain_loss"):
-        assert two["verdict"][key] == pytest.approx(one["verdict"][key], rel=1e-2)
+def test_fsdp_refuses_an_auto_run_in_one_line_before_writing_anything(fsdp_processes):
+    """--config auto under FSDP fails inside torch's optimizer-state gather after its probes; until that
+    is fixed it is refused before anything is written (the listing above has no auto output)."""
+    message = (fsdp_processes / "auto_refused.txt").read_text()
+    assert "FSDP" in message and "DDP" in message and "\n" not in message
 
 
 def test_fsdp_version_1_is_refused(monkeypatch):
@@ -217,7 +207,11 @@ def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
     Engine._optimizer_step = original_step
     cli_unlearn(target, sets, f"{out}/layers", settings, resume=True)
     cli_unlearn(model_dir, data_dir, f"{out}/lora", LORA_NPO + validation_of(Path(data_dir)))
-    cli_unlearn(target, sets, f"{out}/auto", AUTO, options=("--unseen", f"{sets}/unseen.jsonl", "--config", "auto"))
+    try:
+        cli_unlearn(target, sets, f"{out}/auto", AUTO, options=("--unseen", f"{sets}/unseen.jsonl", "--config", "auto"))
+    except UserError as error:
+        if torch.distributed.get_rank() == 0:
+            (Path(out) / "auto_refused.txt").write_text(str(error))
 
 
 if __name__ == "__main__":
