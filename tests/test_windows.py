@@ -124,3 +124,24 @@ def test_a_long_documents_cut_prompt_keeps_its_last_tokens(short_context, monkey
         expected.append(ids[len(ids) - room:])
     assert prompts[:3] == expected and all(len(prompt) == room for prompt in prompts[:3])
     assert prompts[3] == tokenizer(semeval.input)["input_ids"]
+
+
+def test_a_cut_is_scored_against_as_many_words_of_the_rest_as_the_generation_may_hold(short_context, monkeypatch):
+    """A generation of ``max_new_tokens`` tokens cannot give back more words than that: the reference of
+    a raw cut is the first ``max_new_tokens`` words of the rest. By hand, 80 words cut at 20, 40 and 60
+    with max_new_tokens 4: references word20-23, word40-43 and word60-63; a model that recalls them
+    scores recall 1 on each, and a SemEval row keeps its whole answer."""
+    from unlearnlm.data.raw import cut_rows
+    from unlearnlm.data.records import Record
+    from unlearnlm.evaluation import evaluator
+
+    model, tokenizer = short_context
+    words = [f"word{number}" for number in range(80)]
+    semeval = Record(id="r1sc1", input="a prompt", output="a whole answer of five words", task="Task1")
+    recalled = [" ".join(words[cut:cut + 4]) for cut in (20, 40, 60)]
+    monkeypatch.setattr(evaluator, "generate_texts", lambda model, tokenizer, asked, *settings: [*recalled, "a whole"])
+    data = evaluator.EvalData(cut_rows(0, " ".join(words)), [semeval])
+    rows = evaluator.generation_rows(model, tokenizer, data, evaluator.EvalSettings(max_new_tokens=4))
+    assert [row["output"] for row in rows[:3]] == recalled
+    assert [row["score"] for row in rows[:3]] == [1.0, 1.0, 1.0]
+    assert rows[3]["output"] == semeval.output and rows[3]["score"] == pytest.approx(2 / 6)
