@@ -65,14 +65,14 @@ def test_raw_documents_are_unlearned_and_scored_by_regurgitation(micro_model_dir
     assert sorted(task for task in results["forget-set"] if not task.startswith("overall")) == ["cut25", "cut50", "cut75"]
     assert len(results["mia"]["member_losses"]) == len(raw_documents(lume_rows["forget"]))
     # Each document's prompts: its first quarter, half and three quarters of words; the reference,
-    # the rest; the score, ROUGE-L recall of the generation against it.
+    # the first 8 words (--max-new-tokens) of the rest; the score, ROUGE-L recall of the generation against it.
     document = raw_documents(lume_rows["forget"])[0]["body"]
     words = document.split(" ")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     generated = [json.loads(line) for line in (report / "generations.jsonl").read_text().splitlines()]
     for percent, row in zip((25, 50, 75), generated[:3]):
         cut = round(len(words) * percent / 100)
-        assert (row["input"], row["output"]) == (" ".join(words[:cut]), " ".join(words[cut:]))
+        assert (row["input"], row["output"]) == (" ".join(words[:cut]), " ".join(words[cut:cut + 8]))
         assert row["score"] == pytest.approx(scorer.score(row["output"], row["generation"])["rougeL"].recall)
 
 
