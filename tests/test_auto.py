@@ -95,6 +95,21 @@ def test_auto_under_fsdp_is_refused_in_one_line_before_the_model_loads(micro_mod
     assert sorted(path.name for path in tmp_path.iterdir()) == ["unseen.jsonl"]
 
 
+def test_a_chunks_rows_are_read_through_its_examples_keys():
+    """A long raw document trains as several windows (examples) keyed by its row: the chunk holding
+    examples 3, 4 and 5 (windows 1 and 2 of row 1, row 2 whole) trains rows 1 and 2, by hand."""
+    from types import SimpleNamespace
+
+    from unlearnlm.auto.run import trained_rows
+    from unlearnlm.data.schedule import FORGET, RETAIN
+
+    examples = [SimpleNamespace(meta={"key": key}) for key in ("f0w0", "f0w1", "f1w0", "f1w1", "f1w2", "f2")]
+    items = [SimpleNamespace(role=FORGET, index=index) for index in (3, 4, 5)] + [SimpleNamespace(role=RETAIN, index=0)]
+    engine = SimpleNamespace(examples={FORGET: examples}, rows={FORGET: ["row 0", "row 1", "row 2"]},
+                             phases=[None, SimpleNamespace(items=items)])
+    assert trained_rows(engine, 1) == ["row 1", "row 2"]
+
+
 def test_the_real_probe_picks_a_rate_between_one_that_leaves_the_first_chunk_below_the_level_and_one_that_reaches_it(
         auto_run):
     """On the micro target, one document per chunk: the probes are the first chunk trained at each rate.

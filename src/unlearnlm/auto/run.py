@@ -138,9 +138,9 @@ class Calibration:
 
     def chunk_loss(self, phase: int) -> float:
         """The mean answer loss of a chunk's forget rows."""
-        engine, config = self.engine, self.engine.config
-        chunk = [engine.rows[FORGET][item.index] for item in engine.phases[phase].items if item.role == FORGET]
-        return mean(answer_losses(self._model(), self.tokenizer, chunk, BATCH_SIZE, config.max_length, config.append_eos))
+        config = self.engine.config
+        return mean(answer_losses(self._model(), self.tokenizer, trained_rows(self.engine, phase), BATCH_SIZE,
+                                  config.max_length, config.append_eos))
 
     def choose_rate(self) -> RateChoice:
         two_chunks = len(self.engine.phases) > 1  # the settling pass is added after the rate is chosen
@@ -152,6 +152,15 @@ class Calibration:
         return Selection(better=lambda new, old: held_out.rank(new, bounds) > held_out.rank(old, bounds),
                          done=lambda scores: held_out.met(scores, bounds),
                          stop_reason="the held-out check was met")
+
+
+def trained_rows(engine: Engine, phase: int) -> list[Record]:
+    """The forget rows a chunk trains, once each. A schedule's items index examples, and a raw document
+    longer than the context is several examples (its windows), each keyed by its row: ``f<row>`` or
+    ``f<row>w<window>`` (``Engine._encode``)."""
+    keys = (engine.examples[FORGET][item.index].meta["key"] for item in engine.phases[phase].items if item.role == FORGET)
+    rows = dict.fromkeys(int(key[1:].partition("w")[0]) for key in keys)
+    return [engine.rows[FORGET][index] for index in rows]
 
 
 def hold(engine: Engine, level: float) -> None:
