@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from unlearnlm.bench.report import auto_section, goal_checks
+from unlearnlm.bench.report import auto_section, goal_checks, plot_trajectory
 from unlearnlm.bench.run import BenchOptions, run_bench
 from unlearnlm.bench.statistics import summarize
 from unlearnlm.errors import UserError
@@ -148,6 +148,14 @@ def test_auto_section_reads_agreement_and_cost_draw_by_draw() -> None:
     assert "| the verdict agrees with the evaluation's MIA on at least 80% of draws | 1 of 2 | **no** |" in text
     assert "| cost at most 2x one sugd-level run | 2.00x (mean over draws; 1.00x-3.00x) | yes |" in text
     assert auto_section({**results, "reported": reported[1::2]}) == []  # no auto run: no section
+
+
+def test_the_trajectory_plot_leaves_out_runs_whose_log_holds_other_figures(tmp_path: Path) -> None:
+    """auto's held-out checks are logged as validations too, with none of the plotted scores: a report
+    holding only such a run has no trajectory plot (it raised in matplotlib before)."""
+    results = {"reported": [{"method": "auto", "trajectory": [{"chunk": 1, "forget_loss": 3.0, "mia_auc": 0.6}]}]}
+    assert plot_trajectory(results, tmp_path / "trajectory.png") is None
+    assert not (tmp_path / "trajectory.png").exists()
 
 
 def test_unknown_method_is_a_user_error(micro_target, tmp_path: Path, monkeypatch) -> None:

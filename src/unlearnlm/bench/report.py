@@ -278,14 +278,16 @@ def plot_time(results: dict, path: Path) -> Path:
 
 def plot_trajectory(results: dict, path: Path) -> Path | None:
     """Forget and retain scores after every chunk, one panel per SUGD variant (first seed, reported draw)."""
-    runs = [entry for entry in results["reported"] if entry.get("trajectory")]
+    series = (("forget_mean", "forget score (lower = more forgotten)"), ("retain_mean", "retain score"), ("final", "final score"))
+    # Runs whose log holds these scores: auto's held-out checks are validations too, of other figures.
+    runs = [entry for entry in results["reported"]
+            if any(key in point for point in entry.get("trajectory") or () for key, _ in series)]
     if not runs:
         return None
     plt = _pyplot()
     columns = min(2, len(runs))
     rows = -(-len(runs) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False, sharey=True)
-    series = (("forget_mean", "forget score (lower = more forgotten)"), ("retain_mean", "retain score"), ("final", "final score"))
     for axis, run in zip(axes.flat, runs):
         points = run["trajectory"]
         chunks = [point["chunk"] for point in points]
