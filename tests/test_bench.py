@@ -121,6 +121,12 @@ def test_goal_checks_say_when_a_goal_is_missed() -> None:
     # 0.6 / 0.7 = 0.857 < 0.9.
     assert verdicts["the best SUGD variant's mean final at least 0.9 of the oracle's"] == "**no**"
     assert verdicts["SUGD unlearning time at most gd's (same passes over the forget set)"] == "**no**"
+    # auto is sugd-level calibrated on the target: first, and gd resolved behind it, the family is first.
+    final = {"best": "auto", "by_name": {"oracle": {"mean": 0.7}, "auto": {"paired": {}},
+                                         "gd": {"paired": {"best": {"interval": [-0.2, -0.1]}}}}}
+    results.update(statistics={"final": final}, summary=[row("auto", 0.69, 1.0, 10.0), row("gd", 0.5, 1.0, 5.0)])
+    verdicts = {goal: met for goal, _, met in goal_checks(results)}
+    assert verdicts["a SUGD variant first, every other method behind it (paired 95% interval below 0)"] == "yes"
 
 
 def test_auto_section_reads_agreement_and_cost_draw_by_draw() -> None:
