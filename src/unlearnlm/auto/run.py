@@ -108,31 +108,28 @@ class Calibration:
     # --- the probe -------------------------------------------------------------------------------
 
     def probe(self, lr: float) -> Probe:
-        """Train the first chunk at ``lr`` from the original weights and read it; the weights, the
-        optimizer and the ceiling are put back afterwards."""
-        engine = self.engine
-        started = time.perf_counter()
-        engine.settings.forget_target, engine.settings.forget_ceiling = None, self.before["level"]
-        engine.restart(lr)
-        engine.train_phase(0)
-        with engine.evaluation_view():
-            forget_loss, retain_loss = self.chunk_loss(0), self.retain_loss(self._model())
-        engine.restore_origin()
-        return Probe(lr, forget_loss, retain_loss, time.perf_counter() - started)
+        """The first chunk at ``lr``, its forget rows pushed up to the level (one-sided ceiling)."""
+        self.engine.settings.forget_target, self.engine.settings.forget_ceiling = None, self.before["level"]
+        return self.trial(lr, chunks=1)
 
     def confirm(self, lr: float) -> Probe:
-        """Train the first two chunks in sequence at ``lr`` from the original weights, as the run
-        trains them, and read the second's forget rows and the retain rows; everything is put back."""
+        """The first two chunks at ``lr``, every forget row held at the level as the run holds it."""
+        hold(self.engine, self.before["level"])
+        return self.trial(lr, chunks=2)
+
+    def trial(self, lr: float, chunks: int) -> Probe:
+        """Train the first ``chunks`` chunks in sequence at ``lr`` from the original weights (the optimizer
+        reset between them as the run resets it), read the last one's forget rows and the retain rows,
+        and put the weights and the optimizer back."""
         engine = self.engine
         started = time.perf_counter()
-        hold(engine, self.before["level"])
         engine.restart(lr)
-        for phase in (0, 1):
+        for phase in range(chunks):
             if phase and engine.config.optim.optimizer_reset == "per_chunk":
                 engine.optimizer.state.clear()
             engine.train_phase(phase)
         with engine.evaluation_view():
-            forget_loss, retain_loss = self.chunk_loss(1), self.retain_loss(self._model())
+            forget_loss, retain_loss = self.chunk_loss(chunks - 1), self.retain_loss(self._model())
         engine.restore_origin()
         return Probe(lr, forget_loss, retain_loss, time.perf_counter() - started)
 
