@@ -170,6 +170,9 @@ def evaluate_goals(results: dict) -> dict:
 
 
 def main() -> None:
+    from unlearnlm.kernels import pin_kernels
+
+    pin_kernels()  # as the command line does: the cached targets were built with pinned kernels
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="mini", help="target size (the demo's: mini; the benchmark's: bench)")
     parser.add_argument("--seed", type=int, default=0)

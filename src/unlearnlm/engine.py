@@ -300,7 +300,9 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> RunSummary:
+    def run(self, resume: bool = False, until: Optional[int] = None) -> RunSummary:
+        """Train the schedule, or its phases before ``until`` and return as if interrupted there (the
+        checkpoint written, the best state not loaded): ``run(resume=True)`` goes on from it."""
         summary = RunSummary()
         start_phase, elapsed_before = 0, 0.0
         state_dir = self.work_dir / "state"
@@ -322,7 +324,7 @@ class Engine:
             self._checkpoint(state_dir, 0, summary, elapsed_before)
         started = time.perf_counter()
         self.model.train()
-        for phase_index in range(start_phase, len(self.phases)):
+        for phase_index in range(start_phase, len(self.phases) if until is None else min(until, len(self.phases))):
             phase = self.phases[phase_index]
             if self.config.optim.optimizer_reset == "per_chunk" and phase_index > 0:
                 self.optimizer.state.clear()
@@ -337,7 +339,7 @@ class Engine:
             if stop:
                 break
         summary.seconds = elapsed_before + time.perf_counter() - started
-        if summary.best is not None:
+        if summary.best is not None and until is None:
             load_trainable(self.unwrapped, self.work_dir / "best")
         return summary
 

@@ -297,6 +297,13 @@ def recover_checkpoint(directory: Path) -> bool:
     return _is_complete(directory)
 
 
+def discard_checkpoint(directory: Path) -> None:
+    """Remove a checkpoint, its copies first: killed half way, what is left is still the whole old
+    checkpoint or nothing (a run started again from other weights must not go on from it)."""
+    for place in (_staging_dir(directory), _previous_dir(directory), directory):
+        shutil.rmtree(place, ignore_errors=True)
+
+
 def _is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file()
 

@@ -9,29 +9,31 @@ on a row only while that row is trained, and the ascent on its neighbours goes o
 damages more. If that rate damages the retain set, the probe steps down until it does not.
 
 One chunk from the original weights does not show all the damage a rate does: on the benchmark's
-targets (16 chunks), the rate that brought the first chunk to the level kept the retain loss at
-0.02 nats after it, 0.46 after the second chunk, and wrecked the retain answers by the end, where
-half of it did not. So the rate kept is then confirmed on the first two chunks in sequence, trained
-as the run trains them (each forget row held at the level from both sides, the optimizer reset
-between them), and halved while the retain loss after the second breaks its bound. A schedule of
+targets, the rate that brought the first chunk to the level kept the retain loss at 0.02 nats after
+it, 0.46 after the second chunk, and wrecked the retain answers by the end, where half of it did not.
+So the run itself confirms the rate: its first two chunks, trained and checked as the run trains and
+checks them, are kept when the retain loss after them is within its bound; otherwise the weights go
+back to the original ones and the run starts again at half the rate (``next_rate``). A schedule of
 one chunk has nothing to confirm.
 
 The rates probed are powers of two from 2^-20 (about 1e-6, below the rates 7B models are unlearned
-with) to 2^-6 (about 1.6e-2, above the rates that wreck the tiny benchmark targets). The octave in
-which the chunk's loss crosses the level is found by bisection over those 15 octaves, in 4 probes;
-within it the rate is interpolated, the loss taken as linear in the logarithm of the rate between
-the two probes around the crossing (no fifth probe).
+with) to 2^-6 (about 1.6e-2, above the rates that wreck the tiny benchmark targets). Bisection over
+those 15 octaves narrows the crossing to two octaves in 3 probes; within them the rate is
+interpolated, the loss taken as linear in the logarithm of the rate between the two probes around
+the crossing. A fourth probe would halve the bracket, but the confirmation steps by whole octaves
+anyway, and each probe costs a chunk's training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 LOWEST_OCTAVE = -20
 HIGHEST_OCTAVE = -6
 # Steps down from the rate that reaches the level when the retain set is damaged at it.
 MAX_STEPS_DOWN = 3
+BRACKET_OCTAVES = 2  # the bisection stops at a bracket this wide
 
 
 @dataclass(frozen=True)
@@ -46,17 +48,15 @@ class Probe:
 class RateChoice:
     lr: float
     reached: bool  # the chunk reached the level at this rate
-    retain_ok: bool  # and kept the retain loss within its bound (in the confirmation, when there is one)
+    retain_ok: bool  # and kept the retain loss within its bound
     probes: tuple[Probe, ...]
-    confirmations: tuple[Probe, ...] = ()  # the first two chunks in sequence, at the rate kept and below
 
 
 def choose_rate(probe: Callable[[float], Probe], level: float, retain_bound: float,
-                lowest: int = LOWEST_OCTAVE, highest: int = HIGHEST_OCTAVE,
-                confirm: Callable[[float], Probe] | None = None) -> RateChoice:
-    """The smallest rate 2^k (``lowest <= k <= highest``) whose probe reaches ``level``, assuming the
-    forget loss grows with the rate; then down while the retain loss is above ``retain_bound``; then,
-    with ``confirm`` (the first two chunks at a rate), halved while their retain loss is above it."""
+                lowest: int = LOWEST_OCTAVE, highest: int = HIGHEST_OCTAVE) -> RateChoice:
+    """The rate at which the probe's loss crosses ``level``, assuming it grows with the rate: bisection
+    over the octaves ``lowest..highest`` down to a bracket of two, interpolated within it; then down by
+    octaves while the retain loss is above ``retain_bound``."""
     tried: dict[int, Probe] = {}
 
     def result(octave: int) -> Probe:
@@ -64,13 +64,10 @@ def choose_rate(probe: Callable[[float], Probe], level: float, retain_bound: flo
             tried[octave] = probe(2.0 ** octave)
         return tried[octave]
 
-    def reaches(octave: int) -> bool:
-        return result(octave).forget_loss >= level
-
     below, above = lowest - 1, highest + 1  # known: below does not reach; above stands for "reaches"
-    while above - below > 1:
+    while above - below > BRACKET_OCTAVES:
         middle = (below + above) // 2
-        if reaches(middle):
+        if result(middle).forget_loss >= level:
             above = middle
         else:
             below = middle
@@ -84,20 +81,16 @@ def choose_rate(probe: Callable[[float], Probe], level: float, retain_bound: flo
     if chosen == above and below in tried:  # the crossing lies in (2^below, 2^above]
         lr = crossing(tried[below], final, level)
     probes = tuple(tried[octave] for octave in sorted(tried))
-    if confirm is None:
-        return RateChoice(lr, final.forget_loss >= level, final.retain_loss <= retain_bound, probes)
-    confirmations = confirmed(confirm, lr, retain_bound)
-    last = confirmations[-1]
-    return RateChoice(last.lr, final.forget_loss >= level, last.retain_loss <= retain_bound, probes, confirmations)
+    return RateChoice(lr, final.forget_loss >= level, final.retain_loss <= retain_bound, probes)
 
 
-def confirmed(confirm: Callable[[float], Probe], lr: float, retain_bound: float) -> tuple[Probe, ...]:
-    """``confirm`` at ``lr``, then at half the rate while the retain loss is above ``retain_bound``
-    (at most ``MAX_STEPS_DOWN`` halvings); the last one is the rate kept."""
-    results = [confirm(lr)]
-    while results[-1].retain_loss > retain_bound and len(results) <= MAX_STEPS_DOWN:
-        results.append(confirm(results[-1].lr / 2))
-    return tuple(results)
+def next_rate(confirmations: Sequence[float], retain_bound: float, lr: float) -> float | None:
+    """After the run's first chunks at ``lr`` left the retain losses ``confirmations`` (this rate's
+    last): None to go on at ``lr``, or the rate to start again at (half of it), at most
+    ``MAX_STEPS_DOWN`` times."""
+    if confirmations[-1] <= retain_bound or len(confirmations) > MAX_STEPS_DOWN:
+        return None
+    return lr / 2
 
 
 def crossing(low: Probe, high: Probe, level: float) -> float:
