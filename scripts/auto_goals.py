@@ -91,7 +91,8 @@ def report(draws: list[dict]) -> list[str]:
         lines += [f"| {result['seed']} | {name} | {row['final']:.3f} | {row['task_aggregate']:.3f} | {row['mia_score']:.3f} | "
                   f"{row['mia_auc']:.3f} | {row['utility']:.3f} |" for name, row in result["scores"].items()]
     lines += ["", "| seed | auto / oracle | auto s | sugd-level s | cost | probes s | checks s | rate | verdict | "
-                  "evaluation MIA AUC | agree |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
+                  "evaluation MIA AUC | agree |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
     for result in draws:
         goals, seconds, verdict = result["goals"], result["seconds"], result["verdict"]
         lines.append(f"| {result['seed']} | {goals['final_vs_oracle']:.3f} | {seconds['auto']:.1f} | {seconds['sugd-level']:.1f} | "
@@ -104,7 +105,8 @@ def report(draws: list[dict]) -> list[str]:
               for name in NAMES}
     cost = float(np.mean([result["goals"]["cost_vs_sugd_level"] for result in draws]))
     agree = sum(result["goals"]["verdict_agrees_with_eval_mia"] for result in draws)
-    lines += ["", f"mean final: auto {means['auto']:.3f} (SD over draws {spread['auto']:.3f}), sugd-level {means['sugd-level']:.3f} "
+    lines += ["", f"mean final: auto {means['auto']:.3f} (SD over draws {spread['auto']:.3f}), "
+                  f"sugd-level {means['sugd-level']:.3f} "
                   f"(SD {spread['sugd-level']:.3f}), oracle {means['oracle']:.3f}: auto at {means['auto'] / means['oracle']:.3f} "
                   f"of the oracle (goal >= 0.9)",
               f"cost: auto at {cost:.2f}x one sugd-level run, mean over draws (goal <= {GOALS['cost_vs_sugd_level']})",

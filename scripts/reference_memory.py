@@ -86,7 +86,7 @@ def measure(setting: str, method: str, reference: str, steps: int, tokenizer_fil
         engine = SecondCopyEngine(*args, reference=second_copy, show_progress=False) if second_copy is not None \
             else Engine(*args, show_progress=False)
         summary = engine.run()
-    cache_bytes = sum(value.numel() * value.element_size() for value in engine.reference_cache.values())
+    cache_bytes = sum(value.numel() * value.element_size() for value in engine.references.logits.values())
     return {
         "setting": setting, "method": method, "reference": reference, "steps": summary.steps,
         "parameters": count_parameters(engine.unwrapped)[1],

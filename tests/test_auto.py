@@ -148,7 +148,8 @@ def figures(auc: float, ks_p: float = 0.5, retain_loss: float = 0.1, regurgitate
     (figures(0.5), True),
     (figures(0.9), False),  # the attack still tells the forget documents apart
     (figures(0.1), False),  # pushed past unseen text: told apart the other way
-    (figures(0.5, ks_p=0.01), False),  # an AUC near 0.5 from documents on both sides of unseen text
+    (figures(0.5, ks_p=0.01), True),  # losses bunched at the level: reported, not judged
+    (figures(0.5, ks_p=0.01, regurgitated=0.5), False),  # an AUC near 0.5 from documents on both sides: stage 2
     (figures(0.5, retain_loss=0.6), False),
     (figures(0.5, regurgitated=0.4), False),
     (figures(0.5, kept=0.8), False),
@@ -336,7 +337,6 @@ def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
     half = 2 * math.sqrt((len(forget) + len(check) + 1) / (12 * len(forget) * len(check)))
     assert verdict["bounds"]["auc_high"] == pytest.approx(0.5 + max(0.1, half), abs=1e-4)
     assert verdict["forgotten"] == (verdict["bounds"]["auc_low"] <= auc <= verdict["bounds"]["auc_high"]
-                                    and verdict["ks_p"] >= 0.05
                                     and verdict["retain_loss"] <= verdict["bounds"]["retain_loss"]
                                     and verdict["forget_regurgitated"] <= verdict["bounds"]["regurgitated"]
                                     and verdict["retain_kept"] >= verdict["bounds"]["retain_kept"])

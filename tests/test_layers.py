@@ -19,7 +19,7 @@ LAYERS = [
     {"config", "tracking"},  # tracking reads the config's tracking settings
     {"model"},
     {"evaluation"},  # scores a model: may read data and load models, never trains one
-    {"runstate"},
+    {"runstate", "reference"},  # reference: the original model's values, kept instead of a second model
     {"engine"},  # the training loop
     {"recipe"},  # unlearn(): setup, train, record, save, cleanup
     {"auto"},  # --config auto: calibration and the held-out check around the recipe

@@ -34,7 +34,8 @@ from unlearnlm.errors import UserError
 from unlearnlm.evaluation.metrics import metric_selection
 from unlearnlm.methods import get_method
 from unlearnlm.methods.base import Batch, forward, model_inputs
-from unlearnlm.model import count_parameters, is_peft, model_context
+from unlearnlm.model import count_parameters, model_context
+from unlearnlm.reference import ReferenceValues
 from unlearnlm.runstate import (
     is_sharded,
     load_checkpoint,
@@ -100,8 +101,7 @@ class Engine:
         self.scheduler = self._scheduler(optimizer)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.sharded = is_sharded(self.model)  # FSDP: each process holds a shard of every weight
-        self.reference_cache: dict[str, torch.Tensor] = {}
-        self.hidden_cache: dict[str, dict[int, torch.Tensor]] = {}  # key -> layer -> [real tokens, H]
+        self.references = ReferenceValues(self.method, self.layers, self.accelerator.device)
         self.log_path = work_dir / "unlearn_log.jsonl"
         if self.accelerator.log_with:
             self.accelerator.init_trackers(config.tracking.project, config=hyperparameters(config.to_dict()))
@@ -198,61 +198,14 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     def _reference_values(self, batch: Batch) -> Optional[list[torch.Tensor]]:
-        """The original model's values the loss compares against: ``reference_view``'s are returned,
-        hidden states (``reference_hidden``) go to ``batch["reference_hidden"]``."""
-        method = self.method
-        if method.reference_view is None and not method.reference_hidden:
-            return None
-        hidden_layers = self.layers if method.reference_hidden else ()
-        if is_peft(self.unwrapped):
-            # The original model is the same model with its adapters switched off.
-            with torch.no_grad(), self.unwrapped.disable_adapter():
-                logits = forward(self.unwrapped, batch, hidden_layers, key="reference_hidden")
-            return method.reference_view(logits, batch["labels"]) if method.reference_view else None
-        if hidden_layers:
-            batch["reference_hidden"] = self._cached_hidden(batch)
-        return [self.reference_cache.get(key) for key in batch["keys"]] if method.reference_view else None
+        return self.references.read(self.unwrapped, batch)
 
     def _fill_reference_cache(self) -> None:
-        """Without LoRA, compute the original model's values once, before any weight moves."""
-        method = self.method
-        needs_cache = method.reference_view is not None or method.reference_hidden
-        if not needs_cache or is_peft(self.unwrapped) or self.reference_cache or self.hidden_cache:
-            return
+        """Without LoRA, the original model's values, computed once, before any weight moves."""
         needed = {(item.role, item.index) for phase in self.phases for item in phase.items
-                  if item.role in method.reference_roles}
-        examples = [self.examples[role][index] for role, index in sorted(needed)]
-        hidden_layers = self.layers if method.reference_hidden else ()
-        self.model.eval()
-        for start in range(0, len(examples), 8):
-            chunk = examples[start:start + 8]
-            batch = self._collate(chunk)
-            with torch.no_grad():
-                logits = forward(self.model, batch, hidden_layers, key="reference_hidden")
-            # float32, as computed: a rounded copy would make the unchanged model differ from itself.
-            if method.reference_view is not None:
-                for key, value in zip(batch["keys"], method.reference_view(logits, batch["labels"])):
-                    self.reference_cache[key] = value.to("cpu", torch.float32)
-            for row, key in enumerate(batch["keys"] if hidden_layers else []):
-                length = int(batch["attention_mask"][row].sum())
-                self.hidden_cache[key] = {layer: states[row, :length].to("cpu", torch.float32)
-                                          for layer, states in batch["reference_hidden"].items()}
-        self.model.train()
-
-    def _cached_hidden(self, batch: Batch) -> dict[int, torch.Tensor]:
-        """The cached hidden states re-padded to the batch ([B, T, H] per layer); zeros on rows the
-        method reads no reference for (``reference_roles``) and on padding."""
-        rows, width = batch["attention_mask"].shape
-        size = self.unwrapped.config.hidden_size
-        padded = {}
-        for layer in self.layers:
-            states = torch.zeros(rows, width, size, device=self.accelerator.device)
-            for row, key in enumerate(batch["keys"]):
-                cached = self.hidden_cache.get(key)
-                if cached is not None:
-                    states[row, :cached[layer].shape[0]] = cached[layer].to(self.accelerator.device)
-            padded[layer] = states
-        return padded
+                  if item.role in self.method.reference_roles}
+        self.references.fill(self.model, self.unwrapped, [self.examples[role][index] for role, index in sorted(needed)],
+                             self._collate)
 
     # --- batches ---------------------------------------------------------------------------------
 

