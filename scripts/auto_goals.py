@@ -95,7 +95,8 @@ def report(draws: list[dict]) -> list[str]:
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
     for result in draws:
         goals, seconds, verdict = result["goals"], result["seconds"], result["verdict"]
-        lines.append(f"| {result['seed']} | {goals['final_vs_oracle']:.3f} | {seconds['auto']:.1f} | {seconds['sugd-level']:.1f} | "
+        lines.append(f"| {result['seed']} | {goals['final_vs_oracle']:.3f} | {seconds['auto']:.1f} | "
+                     f"{seconds['sugd-level']:.1f} | "
                      f"{goals['cost_vs_sugd_level']:.2f}x | {result['auto']['probe_seconds']:.1f} | "
                      f"{result['auto_validation_seconds']:.1f} | {result['auto']['lr']:.3g} | "
                      f"{'forgotten' if verdict['forgotten'] else 'not forgotten'} | {result['scores']['auto']['mia_auc']:.3f} | "
