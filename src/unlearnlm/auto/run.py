@@ -204,16 +204,12 @@ def calibrated_run(calibration: Calibration, work_dir: Path, resume: bool, settl
         write_state(engine, saved, state)
         resume = resume and (state_dir / "position.json").is_file()  # killed before this start's first checkpoint
         engine.restart(state["lr"])
-        hold(engine, resumed_level(work_dir) if resume else calibration.before["level"])
+        hold(engine, (resumed_level(work_dir) if resume else None) or calibration.before["level"])
         if state["confirmed"]:
             return engine.run(resume=resume), state
         started = time.perf_counter()
         summary = engine.run(resume=resume, until=CONFIRM_CHUNKS)
-        retain_loss = summary.validations[-1]["retain_loss"] if summary.stop is not Stop.DIVERGED else math.inf
-        state["confirmations"].append({"lr": state["lr"], "retain_loss": round(retain_loss, 4),
-                                       "seconds": round(time.perf_counter() - started, 2)})
-        lower = None if summary.stop is not Stop.COMPLETED else next_rate(
-            [entry["retain_loss"] for entry in state["confirmations"]], calibration.bounds.retain_loss, state["lr"])
+        lower = judged_start(state, summary, calibration.bounds.retain_loss, time.perf_counter() - started)
         if lower is None:  # kept: the run goes on from its checkpoint after these chunks
             state["confirmed"], resume = True, True
         else:
@@ -222,6 +218,20 @@ def calibrated_run(calibration: Calibration, work_dir: Path, resume: bool, settl
                 discard_checkpoint(state_dir)
             engine.accelerator.wait_for_everyone()
             state["lr"], resume = lower, False
+
+
+def judged_start(state: dict, summary: RunSummary, retain_bound: float, seconds: float) -> float | None:
+    """Record a start of the run (its first chunks) in ``state``; the rate to start again at, or None to
+    go on. A start that met the check, or reached max_steps or the time budget, is kept; one that
+    diverged (its retain loss counted as infinite) starts again at half the rate, as one that damaged
+    R does."""
+    diverged = summary.stop is Stop.DIVERGED
+    state["confirmations"].append({"lr": state["lr"], "seconds": round(seconds, 2),
+                                   "retain_loss": None if diverged else round(summary.validations[-1]["retain_loss"], 4)})
+    if summary.stop not in (Stop.COMPLETED, Stop.DIVERGED):
+        return None
+    losses = [math.inf if entry["retain_loss"] is None else entry["retain_loss"] for entry in state["confirmations"]]
+    return next_rate(losses, retain_bound, state["lr"])
 
 
 def write_state(engine: Engine, path: Path, state: dict) -> None:
