@@ -84,6 +84,23 @@ def test_the_run_starts_again_at_half_the_rate_while_its_first_chunks_damage_the
     assert starts(0.001) == pytest.approx([2.0 ** -10.5, 2.0 ** -11.5, 2.0 ** -12.5, 2.0 ** -13.5], rel=1e-12)
 
 
+@pytest.mark.parametrize(("stop", "retain_loss", "again"), [
+    ("completed", 0.02, None),  # retain kept: go on
+    ("completed", 0.5, 2.0 ** -11),  # retain damaged: half the rate
+    ("diverged", None, 2.0 ** -11),  # diverged: as damaged, recorded with no loss
+    ("selected", 0.5, None),  # the check was met: kept
+    ("max_steps", 0.5, None),  # a limit reached: nothing left to train
+])
+def test_a_start_of_the_run_is_kept_or_started_again_at_half_the_rate(stop, retain_loss, again):
+    from unlearnlm.auto.run import judged_start
+    from unlearnlm.engine import RunSummary, Stop
+
+    summary = RunSummary(stop=Stop(stop), validations=[] if retain_loss is None else [{"retain_loss": retain_loss}])
+    state = {"lr": 2.0 ** -10, "confirmations": []}
+    assert judged_start(state, summary, retain_bound=0.1, seconds=1.0) == again
+    assert state["confirmations"] == [{"lr": 2.0 ** -10, "seconds": 1.0, "retain_loss": retain_loss}]
+
+
 def test_auto_under_fsdp_is_refused_in_one_line_before_the_model_loads(micro_model_dir, micro_data_dir, tmp_path,
                                                                       monkeypatch):
     from unlearnlm.api import unlearn
