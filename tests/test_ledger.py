@@ -125,7 +125,7 @@ def test_the_second_request_reuses_the_rate_the_first_probed_and_settles_and_che
     from unlearnlm.evaluation.inputs import documents_from_rows
 
     first, second, run = receipt(ledger, 1), receipt(ledger, 2), run_record(ledger, 2)
-    assert first["calibration"]["source"] == "probed" and first["calibration"]["probes"] >= 4
+    assert first["calibration"]["source"] == "probed" and first["calibration"]["probes"] >= 3
     assert first["settling"] == {"earlier_requests": [], "skipped": [], "forget_rows": rows_in(ledger_inputs["forget1"]),
                                  "checked_forget_documents": first["settling"]["checked_forget_documents"]}
     # No probe ran: the run trained at request 1's rate, given to it.
