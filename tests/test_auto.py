@@ -437,3 +437,54 @@ def test_the_bench_runs_auto_with_no_tuning_run_whatever_the_grid(tmp_path, monk
     calls.clear()
     tried, _ = bench_run.method_runs(stage, table["sugd"])
     assert len(tried) == 3 and len(calls) == 4
+
+
+# --- a kill, then --resume ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", [2, 3, 6])
+def test_a_killed_auto_run_resumes_to_the_uninterrupted_model(micro_target, tmp_path, checkpoint):
+    """Killed at its 2nd checkpoint write (after the first chunk of the first start), its 3rd (after
+    chunk 2: where the start is judged) and its 6th (later in the run, or in a start at half the rate),
+    then resumed: the same rate, steps, log and weights as a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    target = micro_target[0]
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": text} for text in unseen_documents(target, 8)])
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path, *flags: str) -> list[str]:
+        return [sys.executable, "-m", "unlearnlm", "unlearn", "--model", str(target), "--forget",
+                str(target / "benchmark" / "forget.jsonl"), "--retain", str(target / "benchmark" / "retain.jsonl"),
+                "--unseen", str(unseen), "--config", "auto", "--set", "schedule.chunk_size=1", "--out", str(out), *flags]
+
+    paused = tmp_path / "paused"
+    killed = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**env, "UNLEARNLM_TEST_PAUSE_AT": f"written:{checkpoint}",
+                                   "UNLEARNLM_TEST_PAUSE_FILE": str(paused)})
+    deadline = time.monotonic() + 300
+    while not paused.exists():
+        assert killed.poll() is None, f"the run ended before pausing: {killed.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached the pause"
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    for out, flags in ((tmp_path / "killed", ("--resume",)), (tmp_path / "straight", ())):
+        done = subprocess.run(command(out, *flags), env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    resumed, straight = (json.loads((tmp_path / name / "run.json").read_text()) for name in ("killed", "straight"))
+    assert resumed["auto"]["lr"] == straight["auto"]["lr"] and resumed["steps"] == straight["steps"]
+    assert [entry["lr"] for entry in resumed["auto"]["confirmations"]] == \
+        [entry["lr"] for entry in straight["auto"]["confirmations"]]
+    logs = [[(row.get("step"), row.get("loss"), row.get("mia_auc")) for row in
+             map(json.loads, (tmp_path / run / "unlearn_log.jsonl").read_text().splitlines())] for run in ("killed", "straight")]
+    assert logs[0] == logs[1]
+    first, second = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("killed", "straight"))
+    assert sorted(first) == sorted(second) and all(torch.equal(first[key], second[key]) for key in first)
