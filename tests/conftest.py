@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +184,14 @@ def cli_lines(argv: list, capfd) -> tuple[int, list[str]]:
 def unlearn_args(model: str, data: Path, out: Path) -> list:
     return ["unlearn", "--model", model, "--forget", data / "forget.jsonl", "--retain", data / "retain.jsonl",
             "--out", out, "--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]
+
+
+def kill_when_paused(process: subprocess.Popen, signal_file: Path, timeout: float = 300) -> None:
+    """SIGKILL a run started with ``UNLEARNLM_TEST_PAUSE_AT`` once it announces its pause in ``signal_file``."""
+    deadline = time.monotonic() + timeout
+    while not signal_file.exists():
+        assert process.poll() is None, f"the run ended before pausing: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached the pause"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

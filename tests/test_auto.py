@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import kill_when_paused, run_cli
 
 from unlearnlm.auto import check as held_out
 from unlearnlm.auto.rate import Probe, choose_rate, next_rate
@@ -449,9 +449,7 @@ def test_a_killed_auto_run_resumes_to_the_uninterrupted_model(micro_target, tmp_
     chunk 2: where the start is judged) and its 6th (later in the run, or in a start at half the rate),
     then resumed: the same rate, steps, log and weights as a run never killed."""
     import os
-    import signal
     import subprocess
-    import time
 
     from safetensors.torch import load_file
 
@@ -469,13 +467,7 @@ def test_a_killed_auto_run_resumes_to_the_uninterrupted_model(micro_target, tmp_
     killed = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**env, "UNLEARNLM_TEST_PAUSE_AT": f"written:{checkpoint}",
                                    "UNLEARNLM_TEST_PAUSE_FILE": str(paused)})
-    deadline = time.monotonic() + 300
-    while not paused.exists():
-        assert killed.poll() is None, f"the run ended before pausing: {killed.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "the run never reached the pause"
-        time.sleep(0.2)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_when_paused(killed, paused)
     for out, flags in ((tmp_path / "killed", ("--resume",)), (tmp_path / "straight", ())):
         done = subprocess.run(command(out, *flags), env=env, capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr[-3000:]

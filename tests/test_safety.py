@@ -21,7 +21,7 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import cli_lines
+from conftest import cli_lines, kill_when_paused
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
@@ -496,16 +496,6 @@ def start_paused_run(model_dir: Path, data_dir: Path, out: Path, stage: str, sig
                          UNLEARNLM_TEST_PAUSE_FILE=str(signal_file))
     return subprocess.Popen(unlearn_command(model_dir, data_dir, out, extra), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-
-
-def kill_when_paused(process: subprocess.Popen, signal_file: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not signal_file.exists():
-        assert process.poll() is None, f"the run ended before pausing: {process.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "the run never reached the pause"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
 
 
 @pytest.mark.slow
