@@ -264,3 +264,11 @@ def replace_dir(new: Path, out: Path, aside: Path | None = None,
     if on_stage is not None:
         on_stage("renamed")
     shutil.rmtree(holder if holder is not None else aside, ignore_errors=True)
+
+
+def write_aside(path: Path, text: str) -> None:
+    """``path`` written whole or not at all: written beside it under this process's name, then
+    renamed, so that a kill leaves the old file and processes sharing a directory never mix."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(path)

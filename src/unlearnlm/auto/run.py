@@ -5,7 +5,9 @@
    loss and score, and how much of the held-out unseen documents the model regurgitates; these fix
    the check's bounds (``check.make_bounds``).
 3. The rate probe on the first chunk (``rate``), each probe from the original weights; or the rate
-   given (``auto.rate``: a ledger passes on the rate its first request probed).
+   given (``auto.rate``: a ledger passes on the rate its first request probed). A probed rate is
+   confirmed by the run's first two chunks (``calibrated_run``): the run goes on from them while the
+   retain loss after them is within its bound, and starts again at half the rate otherwise.
 4. The run at that rate, each forget row held at the level from both sides (``forget_target``), with
    the held-out check after every chunk: the level is read again from U's level part (the model's
    loss on unseen text drifts as it changes, and a forgotten document should read like unseen text
@@ -50,6 +52,7 @@ from unlearnlm.data.schedule import FORGET, RETAIN, CyclicSampler, Phase, interl
 from unlearnlm.engine import Engine, RunSummary, Stop
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.metrics import Selection
+from unlearnlm.paths import write_aside
 from unlearnlm.recipe import build_record, cleanup, save, setup
 from unlearnlm.runstate import discard_checkpoint
 from unlearnlm.tracking import finish_trackers
@@ -236,9 +239,7 @@ def judged_start(state: dict, summary: RunSummary, retain_bound: float, seconds:
 
 def write_state(engine: Engine, path: Path, state: dict) -> None:
     if engine.accelerator.is_main_process:
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(state))
-        partial.replace(path)
+        write_aside(path, json.dumps(state))
     engine.accelerator.wait_for_everyone()
 
 

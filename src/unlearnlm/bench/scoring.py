@@ -5,10 +5,11 @@ scores with the bootstrap's inputs, the forget level (the loss on text seen only
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from unlearnlm.paths import write_aside
 
 LEVEL_DOCUMENTS = 32
 
@@ -79,13 +80,6 @@ def cached(record_path: Path, key: dict, compute: Callable[[], dict]) -> dict:
     value = compute()
     write_aside(record_path, json.dumps({"key": key, "value": value}))
     return value
-
-
-def write_aside(path: Path, text: str) -> None:
-    """``path`` written whole or not at all: bench processes share the directory and may be killed."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def audited(model_dir: Path, data, record_path: Path, batch_size: int, kept: Path | None = None) -> dict:
