@@ -186,12 +186,16 @@ def unlearn_args(model: str, data: Path, out: Path) -> list:
             "--out", out, "--config", "demo", "--set", "optim.max_steps=1", "--set", "max_length=32"]
 
 
-def kill_when_paused(process: subprocess.Popen, signal_file: Path, timeout: float = 300) -> None:
-    """SIGKILL a run started with ``UNLEARNLM_TEST_PAUSE_AT`` once it announces its pause in ``signal_file``."""
+def kill_when_paused(process: subprocess.Popen, signal_file: Path, timeout: float = 300, kill=None) -> None:
+    """SIGKILL a run started with ``UNLEARNLM_TEST_PAUSE_AT`` once it announces its pause in ``signal_file``
+    (``kill``: how, when the run is more than its own process)."""
     deadline = time.monotonic() + timeout
     while not signal_file.exists():
         assert process.poll() is None, f"the run ended before pausing: {process.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "the run never reached the pause"
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
+    if kill is None:
+        process.send_signal(signal.SIGKILL)
+    else:
+        kill()
     process.wait()

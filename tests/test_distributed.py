@@ -7,15 +7,18 @@ model inside the process group the run set up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_update
+from conftest import assert_same_update, kill_when_paused
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
@@ -106,6 +109,49 @@ def test_the_eval_command_on_two_processes_writes_what_one_process_writes(two_pr
     del two["timings"], one["timings"]
     assert two == one and "harmonic-mean-task-aggregate" in one
     assert (two_processes / "eval" / "generations.jsonl").read_text() == (tmp_path / "eval" / "generations.jsonl").read_text()
+
+
+@pytest.mark.parametrize("pause", ["written:2", "saving:1"])
+def test_two_processes_killed_then_resumed_give_the_uninterrupted_model(two_processes, micro_model_dir, micro_data_dir,
+                                                                         tmp_path, pause):
+    """A SIGKILL to the whole torchrun job (both processes) after its 2nd checkpoint, or during the final
+    save (weights written, run.json not), then ``--resume`` under torchrun: the published model is the
+    one the uninterrupted two-process run published."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    signal_file = tmp_path / "paused"
+    overrides = [arg for setting in SETTINGS + ["optim.batch_size=1"] for arg in ("--set", setting)]
+    command = [*TORCHRUN, "-m", "unlearnlm", "unlearn", "--model", str(micro_model_dir), *data_args(micro_data_dir),
+               "--out", str(tmp_path / "model"), *overrides]
+    paused = {**env, "UNLEARNLM_TEST_PAUSE_AT": pause, "UNLEARNLM_TEST_PAUSE_FILE": str(signal_file)}
+    job = subprocess.Popen(command, env=paused, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        kill_when_paused(job, signal_file, kill=lambda: kill_tree(job.pid))
+    finally:
+        kill_tree(job.pid)
+    assert not (tmp_path / "model").exists()
+    done = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted, resumed = two_processes / "model", tmp_path / "model"
+    assert (resumed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert log_steps(resumed) == log_steps(uninterrupted)
+    record = json.loads((resumed / "run.json").read_text())
+    assert (record["steps"], record["stopped_reason"], record["world_size"]) == (24, "completed", 2)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a job scheduler ends a job: torchrun starts
+    its workers in sessions of their own, so a kill of torchrun's process group would miss them."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        children = Path(f"/proc/{tree[index]}/task/{tree[index]}/children")
+        tree += [int(child) for child in children.read_text().split()] if children.exists() else []
+        index += 1
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    for member in tree[1:]:
+        while Path(f"/proc/{member}").exists() and "zombie" not in Path(f"/proc/{member}/status").read_text():
+            time.sleep(0.1)
 
 
 def test_shipped_accelerate_configs_are_data_parallel():

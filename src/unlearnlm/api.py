@@ -92,9 +92,9 @@ def unlearn(
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
+    from unlearnlm.distributed import join_launched_processes
 
-    return PartialState().is_main_process
+    return join_launched_processes()
 
 
 def evaluate_models(

@@ -216,9 +216,8 @@ def unlearn(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Unlearn the forget set from a model (SUGD by default) and save the result."""
-    from accelerate import PartialState
-
     from unlearnlm.api import unlearn as run_unlearning
+    from unlearnlm.distributed import join_launched_processes
 
     overrides = list(set_ or [])
     if method:
@@ -232,7 +231,7 @@ def unlearn(
     report = run_unlearning(model, forget, retain, out, config, unseen=unseen, overrides=overrides, tokenizer=tokenizer,
                             text_key=text_key, resume=resume, overwrite=overwrite, redact=redact,
                             push_to_hub=push_to_hub, private=private)
-    if PartialState().is_main_process:  # one summary per run, not one per process
+    if join_launched_processes():  # one summary per run, not one per process
         _print_run_summary(report, out)
 
 

@@ -13,13 +13,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
 from unlearnlm import __version__
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows, refuse_shared_rows
-from unlearnlm.distributed import build_accelerator
+from unlearnlm.distributed import build_accelerator, join_launched_processes
 from unlearnlm.engine import Engine, RunSummary
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.evaluator import EvalData, quick_scores
@@ -197,7 +197,7 @@ def save(job: Unlearning, record: dict) -> None:
 def publish_finished(out_dir: Path, overwrite: bool) -> dict | None:
     """``--resume`` of a run that finished but was not moved to ``out_dir`` (a kill or an error after
     ``run.json`` was written): move it now and return its record; None when there is no such run."""
-    if not PartialState().is_main_process:
+    if not join_launched_processes():  # before any Accelerator: the first shared state decides the process count
         return None
     claim_output(out_dir, overwrite)
     partial = partial_dir_for(resolved_output(out_dir))

@@ -36,8 +36,14 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def token_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``text``'s token ids, without transformers' warning that they outnumber the model's positions:
+    every caller cuts or windows them to the context itself."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return list(tokenizer(prompt)["input_ids"])
+    return token_ids(tokenizer, prompt)
 
 
 def encode_example(
@@ -45,7 +51,7 @@ def encode_example(
 ) -> Example:
     """``prompt`` + " " + ``answer`` (+ EOS with ``append_eos``), labels on the answer (and EOS) only."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    answer_ids = token_ids(tokenizer, " " + answer, add_special_tokens=False)
     if append_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token")
@@ -61,7 +67,7 @@ def encode_example(
 
 def encode_document(tokenizer, document: str, max_length: int | None = None) -> Example:
     """A whole document with labels on every token (the official MIA loss)."""
-    ids = list(tokenizer(document)["input_ids"])
+    ids = token_ids(tokenizer, document)
     if max_length is not None:
         ids = ids[:max_length]
     return Example(input_ids=ids, labels=list(ids))

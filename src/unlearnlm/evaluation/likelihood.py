@@ -36,7 +36,8 @@ class TokenCache:
         """``tokenizer(text, add_special_tokens=...)["input_ids"]`` for each text."""
         key = (_fingerprint(tokenizer), add_special_tokens, tuple(texts))
         if key not in self._entries:
-            encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+            # Not verbose: documents longer than the context are windowed, so transformers' warning is noise.
+            encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, verbose=False)["input_ids"] if texts else []
             self._entries[key] = [list(ids) for ids in encoded]
         return self._entries[key]
 
@@ -91,16 +92,36 @@ def joined(parts: Sequence[TokenStats]) -> TokenStats:
     return TokenStats(concatenated("logprobs"), concatenated("mu"), concatenated("sigma"))
 
 
+class StatsBuffer:
+    """The statistics of many examples in one preallocated array per quantity, each example a slice.
+
+    Keeping one small array per window instead leaves each between the freed blocks of the
+    vocabulary-sized temporaries, and the C allocator then takes fresh memory for every window: a
+    5 MB document's evaluation grew past 24 GB that way."""
+
+    def __init__(self, counts: Sequence[int], with_distribution: bool) -> None:
+        self.offsets = np.cumsum([0, *counts])
+        names = ("logprobs", "mu", "sigma") if with_distribution else ("logprobs",)
+        self.arrays = {name: np.empty(int(self.offsets[-1]), dtype=np.float32) for name in names}
+
+    def fill(self, index: int, logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+        """Example ``index``'s statistics (``logits[t]`` predicts ``targets[t]``), upcast to float32
+        as transformers' own loss does."""
+        start, end = self.offsets[index], self.offsets[index + 1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        values = {"logprobs": log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}
+        if "mu" in self.arrays:
+            probs = log_probs.exp()
+            values["mu"] = (probs * log_probs).sum(-1)
+            values["sigma"] = ((probs * log_probs.square()).sum(-1) - values["mu"].square()).clamp(min=0).sqrt()
+        for name, value in values.items():
+            self.arrays[name][start:end] = value.cpu().numpy()
+        return TokenStats(**{name: array[start:end] for name, array in self.arrays.items()})
+
+
 def stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_distribution: bool) -> TokenStats:
-    """``logits[t]`` predicts ``targets[t]``; upcast to float32 as transformers' own loss does."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    target_logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_distribution:
-        return TokenStats(target_logprobs.cpu().numpy())
-    probs = log_probs.exp()
-    mu = (probs * log_probs).sum(-1)
-    variance = (probs * log_probs.square()).sum(-1) - mu.square()
-    return TokenStats(target_logprobs.cpu().numpy(), mu.cpu().numpy(), variance.clamp(min=0).sqrt().cpu().numpy())
+    """The statistics of one sequence: ``logits[t]`` predicts ``targets[t]``."""
+    return StatsBuffer([len(targets)], with_distribution).fill(0, logits, targets)
 
 
 def token_statistics(
@@ -119,6 +140,7 @@ def token_statistics(
     """
     device = model_device(model)
     results: list[TokenStats | None] = [None] * len(examples)
+    buffer = StatsBuffer([sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples], with_distribution)
     with evaluation_mode(model):
         for batch_indices in process_share(length_sorted_batches([len(example.input_ids) for example in examples], batch_size)):
             batch = collate([examples[index] for index in batch_indices], pad_id, padding_side="right")
@@ -126,7 +148,7 @@ def token_statistics(
             for row, index in enumerate(batch_indices):
                 labels = batch["labels"][row, 1:].to(device)
                 scored = labels != IGNORE_INDEX
-                results[index] = stats_from_logits(logits[row, :-1][scored], labels[scored], with_distribution)
+                results[index] = buffer.fill(index, logits[row, :-1][scored], labels[scored])
             if progress is not None:
                 progress(len(batch_indices))
     return gather_in_order(results)
