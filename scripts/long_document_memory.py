@@ -5,7 +5,7 @@
 Builds a forget set whose first document is MEGABYTES of LUME text (the bundled retain documents,
 repeated and numbered so that no two copies are the same) beside three short forget documents, a
 retain set and MIA nonmembers, then runs, each in its own process on the bundled ``standard`` base
-model (a 2,048-token context, so a 5 MB document is about 850 windows):
+model (a 2,048-token context, so a 5 MB document, 1.75 million tokens, is about 1,140 windows):
 
 - ``unlearnlm unlearn --config gd`` for ``--steps`` optimizer steps (0: the whole run);
 - ``unlearnlm eval`` with the forget documents as MIA members (regurgitation cuts and the MIA suite).
