@@ -4,10 +4,11 @@
 
 Builds a forget set whose first document is MEGABYTES of LUME text (the bundled retain documents,
 repeated and numbered so that no two copies are the same) beside three short forget documents, a
-retain set and MIA nonmembers, then runs, each in its own process on the bundled ``standard`` base
-model (a 2,048-token context, so a 5 MB document, 1.75 million tokens, is about 1,140 windows):
+retain set and MIA nonmembers, then runs, each in its own process on a bundled base model (``--base``;
+both have a 2,048-token context, so a 5 MB document, 1.75 million tokens, is about 1,140 windows):
 
-- ``unlearnlm unlearn --config gd`` for ``--steps`` optimizer steps (0: the whole run);
+- ``unlearnlm unlearn --config gd`` for ``--steps`` optimizer steps (0: the whole run; ``--epochs``
+  shortens it);
 - ``unlearnlm eval`` with the forget documents as MIA members (regurgitation cuts and the MIA suite).
 
 and prints each command's wall time and peak resident memory (the kernel's ``ru_maxrss`` of the
@@ -70,13 +71,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of the unlearning run (0: all)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the unlearning run (default: gd's 5)")
+    parser.add_argument("--base", choices=("standard", "micro"), default="standard", help="the bundled base model")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     forget, retain, members, nonmembers = write_sets(args.out, args.megabytes)
-    model = str(SHIPPED_BASES / "standard")
+    model = str(SHIPPED_BASES / args.base)
     cli = [sys.executable, "-m", "unlearnlm"]
     limit = ["--set", f"optim.max_steps={args.steps}"] if args.steps else []
+    limit += ["--set", f"schedule.epochs_per_chunk={args.epochs}"] if args.epochs else []
     runs = {
         "unlearn": [*cli, "unlearn", "--model", model, "--forget", forget, "--retain", retain, "--config", "gd",
                     "--out", args.out / "unlearned", "--overwrite", *limit],
