@@ -101,19 +101,6 @@ def test_a_start_of_the_run_is_kept_or_started_again_at_half_the_rate(stop, reta
     assert state["confirmations"] == [{"lr": 2.0 ** -10, "seconds": 1.0, "retain_loss": retain_loss}]
 
 
-def test_auto_under_fsdp_is_refused_in_one_line_before_the_model_loads(micro_model_dir, micro_data_dir, tmp_path,
-                                                                      monkeypatch):
-    from unlearnlm.api import unlearn
-    from unlearnlm.errors import UserError
-
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
-    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": f"unseen document {i} " * 20} for i in range(4)])
-    with pytest.raises(UserError, match="does not run under FSDP yet"):
-        unlearn(micro_model_dir, micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl", tmp_path / "out",
-                "auto", unseen=unseen, show_progress=False)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["unseen.jsonl"]
-
-
 def test_a_chunks_rows_are_read_through_its_examples_keys():
     """A long raw document trains as several windows (examples) keyed by its row: the chunk holding
     examples 3, 4 and 5 (windows 1 and 2 of row 1, row 2 whole) trains rows 1 and 2, by hand."""

@@ -28,7 +28,6 @@ from conftest import assert_same_update
 from safetensors.torch import load_file
 
 from unlearnlm.config import load_config
-from unlearnlm.errors import UserError
 from unlearnlm.recipe import unlearn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -41,7 +40,7 @@ COMMON = ["schedule.chunk_size=4", "schedule.ratio=1", "schedule.epochs_per_chun
 LAYERS_KL = COMMON + ["method=kl", "layers.last_k=1", "optim.optimizer_reset=never", "validation.select=false"]
 LORA_NPO = COMMON + ["method=npo", "lora.enabled=true", "optim.grad_accum=2", "gradient_checkpointing=true",
                      "validation.metric=task_aggregate"]
-# --config auto on the memorized micro target with full weights: refused under FSDP (see the test).
+# --config auto on the memorized micro target with full weights (probes, checks, the settling pass).
 AUTO = ["max_length=48"]
 KILL_AT_STEP = 11  # chunk 1 has 8 steps of the global batch of 2; the micro target's 10 rows make 3 chunks
 
@@ -124,14 +123,29 @@ def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one
     assert two["best"]["step"] == one["best"]["step"] == 4
     assert_same_update(two_dir, one_dir, load_file(str(micro_model_dir / "model.safetensors")))
     # Only the main process wrote, and nothing was left behind.
-    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["auto_refused.txt", "killed.json", "layers", "lora"]
+    assert sorted(path.name for path in fsdp_processes.iterdir()) == ["auto", "killed.json", "layers", "lora"]
 
 
-def test_fsdp_refuses_an_auto_run_in_one_line_before_writing_anything(fsdp_processes):
-    """--config auto under FSDP fails inside torch's optimizer-state gather after its probes; until that
-    is fixed it is refused before anything is written (the listing above has no auto output)."""
-    message = (fsdp_processes / "auto_refused.txt").read_text()
-    assert "FSDP" in message and "DDP" in message and "\n" not in message
+def test_fsdp_auto_run_gives_the_rate_verdict_and_model_of_one_process(fsdp_processes, one_process, micro_target,
+                                                                      tmp_path):
+    """--config auto under FSDP: the probes, the held-out check after every chunk and the final save
+    run sharded. Its checks had left the tied embedding's unit unsharded (it forwards with no backward
+    after it), so the optimizer's sharded weights were no longer the model's and the first
+    checkpoint's optimizer gather failed; every unit is resharded after a check now."""
+    from unlearnlm.api import unlearn as unlearn_api
+
+    target, sets = micro_target[0], micro_target[0] / "benchmark"
+    one = unlearn_api(target, sets / "forget.jsonl", sets / "retain.jsonl", tmp_path / "one", "auto",
+                      unseen=sets / "unseen.jsonl", overrides=AUTO + ["optim.batch_size=2"], show_progress=False)
+    two_dir = fsdp_processes / "auto"
+    two = json.loads((two_dir / "run.json").read_text())
+    assert two["sharded_weights"] and two["world_size"] == 2 and two["steps"] == one["steps"]
+    assert [probe["lr"] for probe in two["auto"]["probes"]] == [probe["lr"] for probe in one["auto"]["probes"]]
+    assert two["auto"]["lr"] == pytest.approx(one["auto"]["lr"], rel=1e-4)
+    assert two["verdict"]["forgotten"] == one["verdict"]["forgotten"]
+    for figure in ("forget_loss", "unseen_loss", "mia_auc", "retain_loss", "level", "forget_regurgitated", "retain_kept"):
+        assert two["verdict"][figure] == pytest.approx(one["verdict"][figure], abs=2e-3)
+    assert_same_update(two_dir, tmp_path / "one", load_file(str(target / "model.safetensors")))
 
 
 def test_fsdp_version_1_is_refused(monkeypatch):
@@ -207,11 +221,7 @@ def worker(target: str, model_dir: str, data_dir: str, out: str) -> None:
     Engine._optimizer_step = original_step
     cli_unlearn(target, sets, f"{out}/layers", settings, resume=True)
     cli_unlearn(model_dir, data_dir, f"{out}/lora", LORA_NPO + validation_of(Path(data_dir)))
-    try:
-        cli_unlearn(target, sets, f"{out}/auto", AUTO, options=("--unseen", f"{sets}/unseen.jsonl", "--config", "auto"))
-    except UserError as error:
-        if torch.distributed.get_rank() == 0:
-            (Path(out) / "auto_refused.txt").write_text(str(error))
+    cli_unlearn(target, sets, f"{out}/auto", AUTO, options=("--unseen", f"{sets}/unseen.jsonl", "--config", "auto"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.distributed.fsdp import FSDPModule
 
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.raw import DOCUMENT_TASK
@@ -408,7 +409,12 @@ class Engine:
             with in_lockstep():
                 yield
         finally:
-            self.unwrapped.reshard()
+            # Every sharded module, not the root alone: one that forwarded without a backward after it
+            # (the tied embedding's unit keeps its weights after forward) would otherwise stay whole, and
+            # the optimizer's sharded weights would no longer be the model's.
+            for module in self.unwrapped.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     def _checkpoint(self, state_dir: Path, next_phase: int, summary: RunSummary, seconds: float) -> None:
         main = self.accelerator.is_main_process

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,12 +250,6 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     forget sets unlearned before from this model, settled and checked with F."""
     if config.validation.enabled:
         raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        # Found by tests/test_fsdp.py: after the probes put the weights back, gathering the optimizer's
-        # state for the first checkpoint fails inside torch (an optimizer parameter no longer maps to a
-        # weight name), so the run is refused before anything is written.
-        raise UserError("--config auto does not run under FSDP yet: launch it with DDP (torchrun, or accelerate "
-                        "launch without an FSDP config), or on one process")
     documents, earlier = read_inputs(forget, retain, unseen, text_key, forgotten_before)
     split = split_unseen(documents, config.seed)
     job = setup(model, forget, retain, Path(out), config, resume, overwrite, show_progress, text_key, redact)
