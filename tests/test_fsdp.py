@@ -129,7 +129,7 @@ def test_fsdp_lora_run_gives_the_merged_model_of_one_process(fsdp_processes, one
 def test_fsdp_auto_run_gives_the_rate_verdict_and_model_of_one_process(fsdp_processes, one_process, micro_target,
                                                                       tmp_path):
     """--config auto under FSDP: the probes, the held-out check after every chunk and the final save
-    run sharded. Its checks had left the tied embedding's unit unsharded (it forwards with no backward
+    run sharded. Its checks had left the embedding and the final norm unsharded (they forward with no backward
     after it), so the optimizer's sharded weights were no longer the model's and the first
     checkpoint's optimizer gather failed; every unit is resharded after a check now."""
     from unlearnlm.api import unlearn as unlearn_api

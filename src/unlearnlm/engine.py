@@ -410,7 +410,7 @@ class Engine:
                 yield
         finally:
             # Every sharded module, not the root alone: one that forwarded without a backward after it
-            # (the tied embedding's unit keeps its weights after forward) would otherwise stay whole, and
+            # (the embedding and final norm, on the micro target, stayed whole) would otherwise stay whole, and
             # the optimizer's sharded weights would no longer be the model's.
             for module in self.unwrapped.modules():
                 if isinstance(module, FSDPModule):
