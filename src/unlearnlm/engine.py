@@ -409,9 +409,9 @@ class Engine:
             with in_lockstep():
                 yield
         finally:
-            # Every sharded module, not the root alone: one that forwarded without a backward after it
-            # (the embedding and final norm, on the micro target, stayed whole) would otherwise stay whole, and
-            # the optimizer's sharded weights would no longer be the model's.
+            # Every sharded module, not the root alone: a module that forwarded with no backward after it
+            # stays whole (the embedding and final norm did, on the micro target), and the optimizer's
+            # sharded weights would then no longer be the model's.
             for module in self.unwrapped.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
