@@ -14,7 +14,7 @@ from conftest import make_micro_model
 
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.inputs import load_mia_documents
-from unlearnlm.evaluation.likelihood import TokenStats, stats_from_logits
+from unlearnlm.evaluation.likelihood import StatsBuffer, TokenStats
 from unlearnlm.evaluation.mia import (
     attack_report,
     attack_scores,
@@ -99,12 +99,13 @@ def test_min_k_plus_plus_statistics_from_logits():
     # Next-token probabilities (1/4, 1/2, 1/4): mu = 1.5 ln(1/2), sigma = 0.5 ln 2, so the likely
     # token standardizes to +1 and an unlikely one to -1.
     logits = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 2.0, 1.0]]))
-    result = stats_from_logits(logits, torch.tensor([1, 0]), with_distribution=True)
+    buffer = StatsBuffer([2, 2, 2], with_distribution=True)  # three examples, each a slice of one array
+    result = buffer.fill(0, logits, torch.tensor([1, 0]))
     assert result.mu == pytest.approx([1.5 * math.log(0.5)] * 2, abs=1e-6)
     assert result.sigma == pytest.approx([0.5 * math.log(2)] * 2, abs=1e-6)
     assert (result.logprobs - result.mu) / result.sigma == pytest.approx([1.0, -1.0], abs=1e-5)
-    member = stats_from_logits(logits, torch.tensor([1, 1]), True)
-    nonmember = stats_from_logits(logits, torch.tensor([0, 0]), True)
+    member = buffer.fill(1, logits, torch.tensor([1, 1]))
+    nonmember = buffer.fill(2, logits, torch.tensor([0, 0]))
     assert min_k_plus_plus_score(member) == pytest.approx(1.0, abs=1e-5)
     assert min_k_plus_plus_score(nonmember) == pytest.approx(-1.0, abs=1e-5)
     assert report([member] * 2, [nonmember] * 2)["min_k_plus_plus"]["auc"] == 1.0

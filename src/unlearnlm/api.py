@@ -61,6 +61,7 @@ def unlearn(
     ``push_to_hub`` names a repository ``ORG/NAME`` to publish the saved directory to (``private`` when
     created). Returns the contents of ``run.json`` (with ``pushed``, the commit URL, when published).
     """
+    from unlearnlm.distributed import join_launched_processes
     from unlearnlm.modelcard import check_push_target, publish
     from unlearnlm.recipe import unlearn as run_unlearning
 
@@ -86,15 +87,9 @@ def unlearn(
                               forgotten_before=forgotten_before, **options)
     else:
         report = run_unlearning(_model_input(model, tokenizer), forget, retain, out, resolved, **options)
-    if push_to_hub is not None and _is_main_process():
+    if push_to_hub is not None and join_launched_processes():
         report["pushed"] = publish(Path(out), push_to_hub, private)
     return report
-
-
-def _is_main_process() -> bool:
-    from unlearnlm.distributed import join_launched_processes
-
-    return join_launched_processes()
 
 
 def evaluate_models(

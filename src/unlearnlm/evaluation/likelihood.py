@@ -119,11 +119,6 @@ class StatsBuffer:
         return TokenStats(**{name: array[start:end] for name, array in self.arrays.items()})
 
 
-def stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_distribution: bool) -> TokenStats:
-    """The statistics of one sequence: ``logits[t]`` predicts ``targets[t]``."""
-    return StatsBuffer([len(targets)], with_distribution).fill(0, logits, targets)
-
-
 def token_statistics(
     model: torch.nn.Module,
     examples: Sequence[Example],
