@@ -188,6 +188,41 @@ def test_the_run_stops_at_the_first_chunk_whose_check_is_met_and_keeps_that_stat
     assert summary.best["chunk"] == 2
 
 
+def test_settling_passes_each_cover_every_forget_row_and_fresh_retain_rows_and_stop_at_the_first_met(
+        micro_model_dir, micro_data_dir, tmp_path):
+    """12 forget rows in one chunk, then 3 settling passes at 1:3 over 24 retain rows: each pass holds the
+    12 forget rows once and 36 retain rows, cyclically (0..23, 0..11), the second pass's going on from
+    where the first's ended (12..23, 0..23); a check met after the second pass stops the run there."""
+    from unlearnlm.auto.run import settle_phases
+    from unlearnlm.config import load_config
+    from unlearnlm.data.schedule import FORGET, RETAIN
+    from unlearnlm.recipe import setup
+
+    config = load_config("auto", ["schedule.chunk_size=12", "max_length=32", "auto.settle_passes=3"])
+    run = setup(micro_model_dir, micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl", tmp_path / "out", config,
+                False, False, False)
+    engine = run.engine
+    assert len(engine.examples[FORGET]) == 12 and len(engine.examples[RETAIN]) == 24
+    passes = settle_phases(engine, [])
+    assert [phase.name for phase in passes] == ["settle 1", "settle 2", "settle 3"]
+    for phase in passes:
+        assert sorted(item.index for item in phase.items if item.role == FORGET) == list(range(12))
+    retain = [[item.index for item in phase.items if item.role == RETAIN] for phase in passes]
+    assert retain[0] == [*range(24), *range(12)] and retain[1] == [*range(12, 24), *range(24)]
+    for phase in passes:
+        engine.add_phase(phase)
+    checked = []
+
+    def validator(model) -> dict:
+        checked.append(len(checked) + 1)
+        return figures(0.2) if len(checked) < 3 else figures(0.5)  # met after the chunk and two passes
+
+    engine.validator, engine.selection = validator, held_out_selection()
+    summary = engine.run()
+    assert checked == [1, 2, 3] and summary.best["phase"] == "settle 2"
+    assert "after settle 2" in summary.stopped_reason
+
+
 def held_out_selection():
     from unlearnlm.evaluation.metrics import Selection
 
@@ -295,16 +330,21 @@ def test_auto_reads_only_the_model_the_forget_and_retain_sets_and_the_unseen_doc
 
 def test_the_start_that_confirmed_the_rate_is_the_run_and_no_chunk_trains_twice(auto_run):
     """The first two chunks that confirm the rate are kept as the run's: the published log is one pass
-    over the schedule (steps 1..N, chunks in order, one check after each of the 10 chunks and the
-    settling pass), and the run trained as many steps as the schedule has, by hand: 10 chunks of one
-    forget row and 3 retain rows (one batch of 4) for 3 epochs, then the settling pass over the 10
-    forget rows with 30 retain rows (10 batches) once: 10 * 3 + 10 = 40."""
+    over the schedule (steps 1..N, chunks in order, one check after each of the 10 chunks and after each
+    settling pass run, at most 3, none after the first met), and the run trained as many steps as that
+    much of the schedule has, by hand: 10 chunks of one forget row and 3 retain rows (one batch of 4)
+    for 3 epochs, then each settling pass over the 10 forget rows with 30 retain rows (10 batches)
+    once: 10 * 3 + 10 per pass."""
     rows = [json.loads(line) for line in (auto_run["out"] / "unlearn_log.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "event" not in row]
     checks = [row for row in rows if row.get("event") == "validation"]
+    passes = len(checks) - 10
+    assert 1 <= passes <= 3
     assert [row["step"] for row in steps] == list(range(1, len(steps) + 1))
-    assert [row["phase"] for row in checks] == [f"chunk {index}" for index in range(1, 11)] + ["settle"]
-    assert auto_run["record"]["steps"] == len(steps) == 40
+    assert [row["phase"] for row in checks] == ([f"chunk {index}" for index in range(1, 11)]
+                                                + [f"settle {number}" for number in range(1, passes + 1)])
+    assert passes == 3 or auto_run["record"]["verdict"]["forgotten"]
+    assert auto_run["record"]["steps"] == len(steps) == 30 + 10 * passes
     assert auto_run["record"]["auto"]["confirmations"][-1]["lr"] == auto_run["record"]["auto"]["lr"]
 
 

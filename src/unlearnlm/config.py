@@ -119,6 +119,9 @@ class AutoSettings:
     # The learning rate to train at, instead of probing for one (a ledger passes on the rate its first
     # request probed, docs/ledger.md); None: probe.
     rate: Optional[float] = bounded(None, above=0)
+    # At most this many settling passes over all of F after the chunks, each followed by the check: the
+    # run stops after the first one whose check is met (docs/methods.md, "Auto").
+    settle_passes: int = bounded(3, at_least=1)
 
 
 @dataclass

@@ -136,10 +136,12 @@ def advice(figures: Mapping, bounds: Bounds) -> list[str]:
         tips.append("some forget documents are still recognised while others were pushed past unseen text: "
                     "smaller chunks (--set schedule.chunk_size=N) spread the ascent more evenly")
     if figures["mia_auc"] > bounds.auc_high:
-        tips.append("the forget documents still read as seen: give more epochs per chunk (--set schedule.epochs_per_chunk=N) "
-                    "or train more weights (full weights rather than LoRA, more layers)")
+        tips.append("the forget documents still read as seen: more settling passes (--set auto.settle_passes=N), more "
+                    "epochs per chunk (--set schedule.epochs_per_chunk=N) or more weights trained (full weights rather "
+                    "than LoRA, more layers)")
     if figures["mia_auc"] < bounds.auc_low:
-        tips.append("the forget documents were pushed past unseen text: fewer epochs per chunk, or smaller chunks")
+        tips.append("the forget documents were pushed past unseen text: more settling passes (--set auto.settle_passes=N), "
+                    "which pull them back to the level, fewer epochs per chunk, or smaller chunks")
     if figures["retain_loss"] > bounds.retain_loss or figures.get("retain_kept", 1.0) < bounds.retain_kept:
         tips.append("the retain set was damaged: more retain rows per forget row (--set schedule.ratio=N) or a larger retain set")
     if figures.get("forget_regurgitated", 0.0) > bounds.regurgitated:

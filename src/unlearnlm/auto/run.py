@@ -166,13 +166,16 @@ def hold(engine: Engine, level: float) -> None:
     engine.settings.forget_ceiling, engine.settings.forget_target = None, level
 
 
-def settle_phase(engine: Engine, earlier: list[Record]) -> Phase:
-    """One epoch over every forget row, F's and the earlier forget sets' (added to the engine's rows,
-    outside the method's chunks), interleaved with retain rows at the schedule's ratio."""
+def settle_phases(engine: Engine, earlier: list[Record]) -> list[Phase]:
+    """``auto.settle_passes`` epochs, each a phase of its own (a check follows each), over every forget
+    row, F's and the earlier forget sets' (added to the engine's rows, outside the method's chunks),
+    interleaved with retain rows at the schedule's ratio, the retain rows going on cyclically."""
     engine.add_forget_rows(earlier)
     ratio, n_forget = engine.config.schedule.ratio, len(engine.examples[FORGET])
-    retain = CyclicSampler(len(engine.examples[RETAIN])).take(n_forget * ratio) if ratio else []
-    return Phase("settle", len(engine.phases), interleave(list(range(n_forget)), retain, ratio), epochs=1)
+    sampler, passes = CyclicSampler(len(engine.examples[RETAIN])), engine.config.auto.settle_passes
+    return [Phase("settle" if passes == 1 else f"settle {number}", len(engine.phases) + number - 1,
+                  interleave(list(range(n_forget)), sampler.take(n_forget * ratio) if ratio else [], ratio), epochs=1)
+            for number in range(1, passes + 1)]
 
 
 def read_inputs(forget: RowsInput, retain: RowsInput, unseen: RowsInput, text_key: str,
@@ -184,7 +187,7 @@ def read_inputs(forget: RowsInput, retain: RowsInput, unseen: RowsInput, text_ke
     return documents, earlier_rows
 
 
-def calibrated_run(calibration: Calibration, work_dir: Path, resume: bool, settle: Phase) -> tuple[RunSummary, dict]:
+def calibrated_run(calibration: Calibration, work_dir: Path, resume: bool, settle: list[Phase]) -> tuple[RunSummary, dict]:
     """The rate (given as ``auto.rate``, or probed), then the run, whose first ``CONFIRM_CHUNKS`` chunks
     confirm it: while the retain loss after them breaks its bound, the weights go back to the original
     ones and the run starts again at half the rate (``rate.next_rate``). What was decided is kept in
@@ -200,7 +203,8 @@ def calibrated_run(calibration: Calibration, work_dir: Path, resume: bool, settl
                  "probes": listed(choice.probes) if choice else [], "reached": choice.reached if choice else None,
                  "retain_ok": choice.retain_ok if choice else None, "confirmations": [],
                  "confirmed": choice is None or len(engine.phases) < CONFIRM_CHUNKS}
-    engine.add_phase(settle)
+    for phase in settle:
+        engine.add_phase(phase)
     state_dir = work_dir / "state"
     while True:
         write_state(engine, saved, state)
@@ -262,7 +266,7 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
                                                                 split.check, config.seed, earlier))
     calibration.measure_before()
     engine.validator, engine.selection = calibration.check, calibration.selection()
-    settle = settle_phase(engine, [row for rows in earlier for row in rows.for_training()])
+    settle = settle_phases(engine, [row for rows in earlier for row in rows.for_training()])
     summary, state = calibrated_run(calibration, job.work_dir, resume, settle)
     final = kept_figures(summary.best)
     if final is None:
@@ -302,13 +306,13 @@ def listed(probes: Sequence[Probe]) -> list[dict]:
              "seconds": round(probe.seconds, 2)} for probe in probes]
 
 
-def auto_record(calibration: Calibration, split, state: dict, settle: Phase, earlier: Sequence[Rows]) -> dict:
+def auto_record(calibration: Calibration, split, state: dict, settle: list[Phase], earlier: Sequence[Rows]) -> dict:
     """How the run calibrated itself: U's split, the original model's numbers, the rate (probed or
     given), its probes and the starts that confirmed it, and what the settling pass covered."""
     return {"unseen_level_documents": len(split.level), "unseen_check_documents": len(split.check),
             "forget_documents": len(calibration.data.forget_documents), "earlier_forget_sets": len(earlier),
             "earlier_forget_documents": sum(len(whole_documents(rows)) for rows in earlier),
-            "settle_forget_rows": sum(item.role == FORGET for item in settle.items),
+            "settle_forget_rows": sum(item.role == FORGET for item in settle[0].items),
             "before": {key: round(value, 4) for key, value in calibration.before.items()},
             "lr": state["lr"], "lr_source": state["source"], "probes": state["probes"],
             "confirmations": state["confirmations"],
