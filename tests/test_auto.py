@@ -17,7 +17,8 @@ from unlearnlm.auto.rate import Probe, choose_rate, next_rate
 from unlearnlm.auto.unseen import split_unseen
 from unlearnlm.data.overlap import shared_text, sharing_indices
 
-BOUNDS = held_out.Bounds(auc_low=0.3, auc_high=0.7, retain_loss=0.5, regurgitated=0.3, retain_kept=0.9)
+BOUNDS = held_out.Bounds(auc_low=0.3, auc_high=0.7, retain_loss=0.5, regurgitated=0.3, retain_kept=0.9,
+                         request_auc_low=0.2, request_auc_high=0.8)
 
 
 def unseen_documents(target: Path, count: int) -> list[str]:
@@ -161,6 +162,27 @@ def figures(auc: float, ks_p: float = 0.5, retain_loss: float = 0.1, regurgitate
 ])
 def test_the_check_is_met_only_when_every_part_of_it_is(state, met):
     assert held_out.met(state, BOUNDS) is met
+
+
+@pytest.mark.parametrize(("request_figures", "met"), [
+    ({"request_mia_auc": 0.75, "request_regurgitated": 0.2}, True),  # inside the request's wider bound
+    ({"request_mia_auc": 0.85, "request_regurgitated": 0.2}, False),  # the request's own documents still seen
+    ({"request_mia_auc": 0.15, "request_regurgitated": 0.2}, False),  # pushed past unseen text
+    ({"request_mia_auc": 0.5, "request_regurgitated": 0.4}, False),  # its own answers still regurgitated
+])
+def test_with_earlier_forget_sets_the_requests_own_documents_must_pass_too(request_figures, met):
+    """All the checked documents together pass (AUC 0.5, regurgitated 0.1); a request's own may not."""
+    assert held_out.met({**figures(0.5), **request_figures}, BOUNDS) is met
+
+
+def test_the_requests_own_auc_bound_is_wider_by_its_fewer_documents():
+    """36 documents checked against 32 held-out ones, 12 of them the request's: half-widths
+    2 sqrt(69 / (12 * 36 * 32)) = 0.14130 and 2 sqrt(45 / (12 * 12 * 32)) = 0.19764 (Hanley and McNeil)."""
+    bounds = held_out.make_bounds(36, 32, 0.1, 3.0, 0.05, 0.1, 0.1, 0.9, n_request=12)
+    assert bounds.auc_high - 0.5 == pytest.approx(0.14130, abs=1e-5)
+    assert bounds.request_auc_high - 0.5 == pytest.approx(0.19764, abs=1e-5)
+    alone = held_out.make_bounds(36, 32, 0.1, 3.0, 0.05, 0.1, 0.1, 0.9)
+    assert (alone.request_auc_low, alone.request_auc_high) == (alone.auc_low, alone.auc_high)
 
 
 def test_the_run_stops_at_the_first_chunk_whose_check_is_met_and_keeps_that_state(micro_model_dir, micro_data_dir, tmp_path):
@@ -344,6 +366,7 @@ def test_the_start_that_confirmed_the_rate_is_the_run_and_no_chunk_trains_twice(
     assert [row["phase"] for row in checks] == ([f"chunk {index}" for index in range(1, 11)]
                                                 + [f"settle {number}" for number in range(1, passes + 1)])
     assert passes == 3 or auto_run["record"]["verdict"]["forgotten"]
+    assert auto_run["record"]["auto"]["settle_passes_run"] == passes
     assert auto_run["record"]["steps"] == len(steps) == 30 + 10 * passes
     assert auto_run["record"]["auto"]["confirmations"][-1]["lr"] == auto_run["record"]["auto"]["lr"]
 

@@ -59,16 +59,22 @@ class Bounds:
     retain_loss: float  # the retain answers' loss may rise up to this
     regurgitated: float  # F's answers may be regurgitated up to this
     retain_kept: float  # of R's answers' score before unlearning
+    # F alone, when earlier forget sets are checked with it: its fewer documents widen the AUC's bound.
+    request_auc_low: float
+    request_auc_high: float
 
 
 def make_bounds(n_forget: int, n_check: int, retain_loss_before: float, level: float, unseen_regurgitated: float,
-                retain_tolerance: float, regurgitation_margin: float, retain_kept: float) -> Bounds:
+                retain_tolerance: float, regurgitation_margin: float, retain_kept: float,
+                n_request: int | None = None) -> Bounds:
     """The retain loss may rise by ``retain_tolerance`` of its distance to the level (a retain answer
     that moved that far towards unseen text is being forgotten too); F's answers may be regurgitated
-    as much as the model completes the held-out unseen documents, plus ``regurgitation_margin``."""
+    as much as the model completes the held-out unseen documents, plus ``regurgitation_margin``.
+    ``n_request``: F's own documents among the ``n_forget`` checked (all of them by default)."""
     half = auc_half_width(n_forget, n_check)
+    request_half = auc_half_width(n_request or n_forget, n_check)
     return Bounds(0.5 - half, 0.5 + half, retain_loss_before + retain_tolerance * max(0.0, level - retain_loss_before),
-                  min(1.0, unseen_regurgitated + regurgitation_margin), retain_kept)
+                  min(1.0, unseen_regurgitated + regurgitation_margin), retain_kept, 0.5 - request_half, 0.5 + request_half)
 
 
 def loss_figures(forget_losses: Sequence[float], unseen_losses: Sequence[float], retain_loss: float,
@@ -88,13 +94,16 @@ def answer_figures(forget_scores: Sequence[float], retain_scores: Sequence[float
 
 
 def loss_stage_met(figures: Mapping, bounds: Bounds) -> bool:
-    return bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high and figures["retain_loss"] <= bounds.retain_loss
+    return (bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high and figures["retain_loss"] <= bounds.retain_loss
+            and bounds.request_auc_low <= figures.get("request_mia_auc", 0.5) <= bounds.request_auc_high)
 
 
 def met(figures: Mapping, bounds: Bounds) -> bool:
-    """The stopping rule: F cannot be told from held-out unseen text, and R is kept."""
+    """The stopping rule: F (with the earlier forget sets, and alone) cannot be told from held-out
+    unseen text, and R is kept."""
     return (loss_stage_met(figures, bounds) and "forget_regurgitated" in figures
-            and figures["forget_regurgitated"] <= bounds.regurgitated and figures["retain_kept"] >= bounds.retain_kept)
+            and max(figures["forget_regurgitated"], figures.get("request_regurgitated", 0.0)) <= bounds.regurgitated
+            and figures["retain_kept"] >= bounds.retain_kept)
 
 
 def rank(figures: Mapping, bounds: Bounds) -> tuple:
@@ -125,6 +134,10 @@ def summary(record: Mapping) -> str:
     if "forget_regurgitated" in record:
         text += (f"; forget answers regurgitated {record['forget_regurgitated']:.0%} (bound {bounds['regurgitated']:.0%}); "
                  f"retain answers kept {record['retain_kept']:.0%} (bound {bounds['retain_kept']:.0%})")
+    if "request_mia_auc" in record:
+        request_half = (bounds["request_auc_high"] - bounds["request_auc_low"]) / 2
+        text += (f"; this request's documents alone: MIA AUC {record['request_mia_auc']:.2f} (bound 0.5 ± {request_half:.2f})"
+                 + (f", answers regurgitated {record['request_regurgitated']:.0%}" if "request_regurgitated" in record else ""))
     return text
 
 
@@ -135,6 +148,9 @@ def advice(figures: Mapping, bounds: Bounds) -> list[str]:
             and bounds.auc_low <= figures["mia_auc"] <= bounds.auc_high):
         tips.append("some forget documents are still recognised while others were pushed past unseen text: "
                     "smaller chunks (--set schedule.chunk_size=N) spread the ascent more evenly")
+    if figures.get("request_mia_auc", 0.5) > bounds.request_auc_high:
+        tips.append("this request's documents still read as seen, though the earlier requests' do not: more settling "
+                    "passes (--set auto.settle_passes=N) or more epochs per chunk")
     if figures["mia_auc"] > bounds.auc_high:
         tips.append("the forget documents still read as seen: more settling passes (--set auto.settle_passes=N), more "
                     "epochs per chunk (--set schedule.epochs_per_chunk=N) or more weights trained (full weights rather "

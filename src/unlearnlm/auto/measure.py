@@ -33,7 +33,16 @@ class CheckData:
     retain_rows: list[Record]  # a sample of R's answers, as the evaluation asks them
     retain_training: list[Record]  # the same rows as unlearning trains on them (for their loss)
     unseen_rows: list[Record]  # the held-out unseen documents, cut to leave answers as long as F's
+    # F's own documents and rows come first in forget_documents and forget_rows, the earlier forget
+    # sets' after them: the check judges F alone too, or a request's documents would pass among
+    # earlier ones already forgotten.
+    own_documents: int = 0
+    own_rows: int = 0
     cache: TokenCache = field(default_factory=TokenCache)
+
+    @property
+    def has_earlier(self) -> bool:
+        return self.own_documents < len(self.forget_documents)
 
 
 def whole_documents(rows: Rows) -> list[str]:
@@ -54,7 +63,8 @@ def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check
                      [row for rows in (forget, *earlier) for row in rows.for_evaluation()],
                      [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)],
                      [retain_train[index] for index in picked],
-                     unseen_rows(check_documents, forget.for_evaluation()))
+                     unseen_rows(check_documents, forget.for_evaluation()),
+                     len(whole_documents(forget)), len(forget.for_evaluation()))
 
 
 def unseen_rows(documents: Sequence[str], forget_rows: Sequence[Record]) -> list[Record]:

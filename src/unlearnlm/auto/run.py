@@ -12,10 +12,11 @@
    the held-out check after every chunk: the level is read again from U's level part (the model's
    loss on unseen text drifts as it changes, and a forgotten document should read like unseen text
    now, not before), the run stops when the check is met, and the best state by the check is kept.
-   After the chunks, one settling pass over all of F at once with retain rows (as ``sugd-settle``)
-   brings back to the level the documents of early chunks, which later chunks' training moved; it
-   also covers the forget sets unlearned before from this model (``forgotten_before``: a ledger's
-   earlier requests), which this run's training moves as well.
+   After the chunks, settling passes over all of F at once with retain rows (as ``sugd-settle``),
+   each checked, until one meets the check (at most ``auto.settle_passes``), bring back to the level
+   the documents of early chunks, which later chunks' training moved, and the next pass pulls back
+   what one pushed past it; they also cover the forget sets unlearned before from this model
+   (``forgotten_before``: a ledger's earlier requests), which this run's training moves as well.
 5. The check on the state kept, stages 1 and 2, gives ``run.json``'s verdict. The earlier forget sets
    are in every check with F (never in the probe or the level), so the verdict covers them too.
 
@@ -97,7 +98,7 @@ class Calibration:
                        "unseen_regurgitated": unseen_regurgitated}
         self.bounds = held_out.make_bounds(len(self.data.forget_documents), len(self.data.check_documents), retain_loss,
                                            level, unseen_regurgitated, settings.retain_tolerance,
-                                           settings.regurgitation_margin, settings.retain_kept)
+                                           settings.regurgitation_margin, settings.retain_kept, self.data.own_documents)
         return self.before
 
     def check(self, model, answers: bool = False) -> dict:
@@ -110,12 +111,17 @@ class Calibration:
                                  DOCUMENT_BATCH_SIZE)
         ends = np.cumsum([len(part) for part in parts])
         level = mean(losses[:ends[0]])
-        figures = held_out.loss_figures(losses[ends[0]:ends[1]], losses[ends[1]:], self.retain_loss(model), level)
+        forget_losses, unseen_losses = losses[ends[0]:ends[1]], losses[ends[1]:]
+        figures = held_out.loss_figures(forget_losses, unseen_losses, self.retain_loss(model), level)
+        if data.has_earlier:
+            figures["request_mia_auc"] = held_out.loss_auc(forget_losses[:data.own_documents], unseen_losses)
         if answers or held_out.loss_stage_met(figures, self.bounds):
+            forget_scores = answer_scores(model, self.tokenizer, data.forget_rows, data.cache, BATCH_SIZE)
             figures.update(held_out.answer_figures(
-                answer_scores(model, self.tokenizer, data.forget_rows, data.cache, BATCH_SIZE),
-                answer_scores(model, self.tokenizer, data.retain_rows, data.cache, BATCH_SIZE),
+                forget_scores, answer_scores(model, self.tokenizer, data.retain_rows, data.cache, BATCH_SIZE),
                 self.before["retain_score"]))
+            if data.has_earlier:
+                figures["request_regurgitated"] = mean(forget_scores[:data.own_rows])
         hold(self.engine, level)
         return figures
 
@@ -275,6 +281,7 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     finish_trackers(engine.accelerator)
     record = build_record(job, summary)
     record["auto"] = auto_record(calibration, split, state, settle, earlier)
+    record["auto"]["settle_passes_run"] = sum(entry["phase"].startswith("settle") for entry in summary.validations)
     record["verdict"] = held_out.verdict(final, calibration.bounds, {"lr": state["lr"],
                                                                      "chunks_run": len(summary.validations),
                                                                      "chunks": len(engine.phases)})
@@ -308,7 +315,7 @@ def listed(probes: Sequence[Probe]) -> list[dict]:
 
 def auto_record(calibration: Calibration, split, state: dict, settle: list[Phase], earlier: Sequence[Rows]) -> dict:
     """How the run calibrated itself: U's split, the original model's numbers, the rate (probed or
-    given), its probes and the starts that confirmed it, and what the settling pass covered."""
+    given), its probes and the starts that confirmed it, and what each settling pass covers."""
     return {"unseen_level_documents": len(split.level), "unseen_check_documents": len(split.check),
             "forget_documents": len(calibration.data.forget_documents), "earlier_forget_sets": len(earlier),
             "earlier_forget_documents": sum(len(whole_documents(rows)) for rows in earlier),

@@ -68,7 +68,7 @@ def _calibration(key: Mapping, run: Mapping) -> dict | None:
 
 def _settling(key: Mapping, run: Mapping) -> dict | None:
     """Which earlier requests a self-calibrating run settled and checked with this one, which it
-    skipped (their forget sets unavailable), and how many forget rows its settling pass trained."""
+    skipped (their forget sets unavailable), and how many forget rows each of its settling passes trained."""
     auto = run.get("auto")
     if auto is None:
         return None

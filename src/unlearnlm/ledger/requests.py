@@ -10,7 +10,7 @@ instead of re-scoring it (docs/ledger.md).
 
 With ``--config auto``, a request trains at the rate the last calibration of the ledger probed (the
 model it starts from differs from the one probed by small updates only; ``recalibrate`` probes
-again), and its settling pass and held-out check cover the forget sets of every earlier request
+again), and its settling passes and held-out check cover the forget sets of every earlier request
 still available, so that what this request moves of them is pulled back to the level and judged.
 """
 
