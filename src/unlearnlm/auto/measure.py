@@ -36,8 +36,8 @@ class CheckData:
     # F's own documents and rows come first in forget_documents and forget_rows, the earlier forget
     # sets' after them: the check judges F alone too, or a request's documents would pass among
     # earlier ones already forgotten.
-    own_documents: int = 0
-    own_rows: int = 0
+    own_documents: int
+    own_rows: int
     cache: TokenCache = field(default_factory=TokenCache)
 
     @property
@@ -55,16 +55,16 @@ def whole_documents(rows: Rows) -> list[str]:
 def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check_documents: Sequence[str],
                seed: int, earlier: Sequence[Rows] = ()) -> CheckData:
     """What the check reads; ``earlier`` forget sets (unlearned before from this model) are checked with F."""
-    forget_documents = [text for rows in (forget, *earlier) for text in whole_documents(rows)]
+    own_documents, own_rows = whole_documents(forget), forget.for_evaluation()
+    forget_documents = own_documents + [text for rows in earlier for text in whole_documents(rows)]
     picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
     retain_eval, retain_train = retain.for_evaluation(), retain.for_training()
     per_row = len(retain_eval) // max(1, len(retain_train))  # a raw document gives one evaluation row per cut
     return CheckData(forget_documents, list(level_documents), list(check_documents),
-                     [row for rows in (forget, *earlier) for row in rows.for_evaluation()],
+                     own_rows + [row for rows in earlier for row in rows.for_evaluation()],
                      [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)],
                      [retain_train[index] for index in picked],
-                     unseen_rows(check_documents, forget.for_evaluation()),
-                     len(whole_documents(forget)), len(forget.for_evaluation()))
+                     unseen_rows(check_documents, own_rows), len(own_documents), len(own_rows))
 
 
 def unseen_rows(documents: Sequence[str], forget_rows: Sequence[Record]) -> list[Record]:

@@ -179,7 +179,7 @@ def settle_phases(engine: Engine, earlier: list[Record]) -> list[Phase]:
     engine.add_forget_rows(earlier)
     ratio, n_forget = engine.config.schedule.ratio, len(engine.examples[FORGET])
     sampler, passes = CyclicSampler(len(engine.examples[RETAIN])), engine.config.auto.settle_passes
-    return [Phase("settle" if passes == 1 else f"settle {number}", len(engine.phases) + number - 1,
+    return [Phase(f"settle {number}", len(engine.phases) + number - 1,
                   interleave(list(range(n_forget)), sampler.take(n_forget * ratio) if ratio else [], ratio), epochs=1)
             for number in range(1, passes + 1)]
 
