@@ -18,7 +18,7 @@ from unlearnlm.auto.unseen import split_unseen
 from unlearnlm.data.overlap import shared_text, sharing_indices
 
 BOUNDS = held_out.Bounds(auc_low=0.3, auc_high=0.7, retain_loss=0.5, regurgitated=0.3, retain_kept=0.9,
-                         request_auc_low=0.2, request_auc_high=0.8)
+                         group_half_widths={held_out.REQUEST_GROUP: 0.3, "Task3": 0.2})
 
 
 def unseen_documents(target: Path, count: int) -> list[str]:
@@ -164,25 +164,79 @@ def test_the_check_is_met_only_when_every_part_of_it_is(state, met):
     assert held_out.met(state, BOUNDS) is met
 
 
-@pytest.mark.parametrize(("request_figures", "met"), [
-    ({"request_mia_auc": 0.75, "request_regurgitated": 0.2}, True),  # inside the request's wider bound
-    ({"request_mia_auc": 0.85, "request_regurgitated": 0.2}, False),  # the request's own documents still seen
-    ({"request_mia_auc": 0.15, "request_regurgitated": 0.2}, False),  # pushed past unseen text
-    ({"request_mia_auc": 0.5, "request_regurgitated": 0.4}, False),  # its own answers still regurgitated
+@pytest.mark.parametrize(("group_figures", "met"), [
+    ({"group_mia_auc": {held_out.REQUEST_GROUP: 0.75, "Task3": 0.6}, "request_regurgitated": 0.2}, True),  # wider bounds
+    ({"group_mia_auc": {held_out.REQUEST_GROUP: 0.85, "Task3": 0.6}, "request_regurgitated": 0.2}, False),  # still seen
+    ({"group_mia_auc": {held_out.REQUEST_GROUP: 0.15, "Task3": 0.6}, "request_regurgitated": 0.2}, False),  # pushed past
+    ({"group_mia_auc": {held_out.REQUEST_GROUP: 0.5, "Task3": 0.75}, "request_regurgitated": 0.2}, False),  # one kind seen
+    ({"group_mia_auc": {held_out.REQUEST_GROUP: 0.5, "Task3": 0.25}, "request_regurgitated": 0.2}, True),  # a kind past U
+    ({"group_mia_auc": {held_out.REQUEST_GROUP: 0.5, "Task3": 0.5}, "request_regurgitated": 0.4}, False),  # own answers
 ])
-def test_with_earlier_forget_sets_the_requests_own_documents_must_pass_too(request_figures, met):
-    """All the checked documents together pass (AUC 0.5, regurgitated 0.1); a request's own may not."""
-    assert held_out.met({**figures(0.5), **request_figures}, BOUNDS) is met
+def test_each_group_of_forget_documents_must_pass_alone_too(group_figures, met):
+    """All the checked documents together pass (AUC 0.5, regurgitated 0.1); a group of them may not:
+    a ledger request's own documents (bound 0.5 +- 0.3 here, either side) or one kind of document
+    (0.5 +- 0.2, still seen only: a kind other than U's reads as past U after retraining too)."""
+    assert held_out.met({**figures(0.5), **group_figures}, BOUNDS) is met
 
 
-def test_the_requests_own_auc_bound_is_wider_by_its_fewer_documents():
-    """36 documents checked against 32 held-out ones, 12 of them the request's: half-widths
+def test_a_groups_auc_bound_is_wider_by_its_fewer_documents():
+    """36 documents checked against 32 held-out ones, 12 of them in a group: half-widths
     2 sqrt(69 / (12 * 36 * 32)) = 0.14130 and 2 sqrt(45 / (12 * 12 * 32)) = 0.19764 (Hanley and McNeil)."""
-    bounds = held_out.make_bounds(36, 32, 0.1, 3.0, 0.05, 0.1, 0.1, 0.9, n_request=12)
+    bounds = held_out.make_bounds(36, 32, 0.1, 3.0, 0.05, 0.1, 0.1, 0.9, groups={"Task3": 12})
     assert bounds.auc_high - 0.5 == pytest.approx(0.14130, abs=1e-5)
-    assert bounds.request_auc_high - 0.5 == pytest.approx(0.19764, abs=1e-5)
-    alone = held_out.make_bounds(36, 32, 0.1, 3.0, 0.05, 0.1, 0.1, 0.9)
-    assert (alone.request_auc_low, alone.request_auc_high) == (alone.auc_low, alone.auc_high)
+    assert bounds.group_half_widths["Task3"] == pytest.approx(0.19764, abs=1e-5)
+
+
+def test_the_groups_are_a_requests_own_documents_and_each_kind_when_there_are_several():
+    """SemEval rows: one document per sentence completion, of its task; raw documents: one kind, no
+    kind group; earlier forget sets: the request's own documents come first and form a group."""
+    from unlearnlm.auto.measure import check_data
+    from unlearnlm.data.raw import Rows
+    from unlearnlm.data.records import Record
+
+    def semeval(tasks: str) -> Rows:
+        return Rows("x", "0", tuple(Record(id=f"{task}-{number}{kind}1", input=f"{task} {number} {kind} a b", output="c d",
+                                           task=task) for number, task in enumerate(tasks.split()) for kind in ("sc", "qa")))
+
+    mixed, raw = semeval("Task1 Task3 Task3"), Rows("y", "1", documents=("one two three", "four five six"))
+    data = check_data(mixed, raw, ["u v"], ["w x"], 0)
+    assert data.forget_kinds == ["Task1", "Task3", "Task3"]
+    assert data.groups == {"Task1": [0], "Task3": [1, 2]}
+    assert check_data(raw, mixed, ["u v"], ["w x"], 0).groups == {}
+    ledger = check_data(semeval("Task3"), raw, ["u v"], ["w x"], 0, earlier=[semeval("Task1 Task3")])
+    assert ledger.forget_kinds == ["Task3", "Task1", "Task3"]
+    assert ledger.groups == {held_out.REQUEST_GROUP: [0], "Task3": [0, 2], "Task1": [1]}
+
+
+def test_group_aucs_read_each_group_alone():
+    """Forget losses 1, 2, 9 against unseen 5, 6: the first two are below both unseen losses (AUC 1),
+    the third above both (AUC 0); together 4 of 6 pairs, 2/3."""
+    aucs = held_out.group_aucs([1.0, 2.0, 9.0], [5.0, 6.0], {"low": [0, 1], "high": [2], "all": [0, 1, 2]})
+    assert aucs == {"low": 1.0, "high": 0.0, "all": pytest.approx(2 / 3)}
+
+
+def test_the_state_kept_is_met_first_then_the_one_that_kept_the_retain_set():
+    """Met beats everything; among the rest a state whose retain answers were lost (stage 2 read them)
+    ranks below those still recognised whose retain loss is within bounds; among these, fewer kinds
+    still seen beats an AUC nearer chance."""
+    met_state = figures(0.5)
+    lost_retain = figures(0.5, kept=0.5)  # stage 1 passed, R's answers lost
+    no_kind_seen = {**figures(0.8, regurgitated=None), "group_mia_auc": {"Task3": 0.6}}
+    one_kind_seen = {**figures(0.75, regurgitated=None), "group_mia_auc": {"Task3": 0.8}}
+    ordered = sorted([lost_retain, one_kind_seen, met_state, no_kind_seen], key=lambda state: held_out.rank(state, BOUNDS),
+                     reverse=True)
+    assert ordered == [met_state, no_kind_seen, one_kind_seen, lost_retain]
+
+
+def test_retain_kept_reads_each_term_alone_and_combines_them_by_their_harmonic_mean():
+    """Terms before 1.0, 0.8 and 0 (never answered: left out); after 0.5, 1.0 (a rise, counted as 1)
+    and 0.3: ratios 0.5 and 1, harmonic mean 2 / (2 + 1) = 2/3. A plain mean over the rows, three rows
+    of each term, would read (1.5 + 3.0 + 0.9) / (3.0 + 2.4) = 1.0: all kept."""
+    after = held_out.term_means([0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3], ["a"] * 3 + ["b"] * 3 + ["c"] * 3)
+    assert after == pytest.approx({"a": 0.5, "b": 1.0, "c": 0.3})
+    assert held_out.retain_kept(after, {"a": 1.0, "b": 0.8, "c": 0.0}) == pytest.approx(2 / 3)
+    assert held_out.retain_kept({"a": 0.0, "b": 1.0}, {"a": 1.0, "b": 1.0}) == 0.0  # one term lost: nothing kept
+    assert held_out.retain_kept({}, {}) == 1.0
 
 
 def test_the_run_stops_at_the_first_chunk_whose_check_is_met_and_keeps_that_state(micro_model_dir, micro_data_dir, tmp_path):
@@ -390,8 +444,8 @@ def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
         with torch.no_grad():
             return model(input_ids=ids, labels=ids).loss.item()
 
-    forget = [row.input + " " + row.output for row in load_records(auto_run["target"] / "benchmark" / "forget.jsonl", "forget")
-              if row.kind == "sc"]
+    completions = [row for row in load_records(auto_run["target"] / "benchmark" / "forget.jsonl", "forget") if row.kind == "sc"]
+    forget = [row.input + " " + row.output for row in completions]
     unseen = [json.loads(line)["text"] for line in auto_run["unseen"].read_text().splitlines()]
     check = split_unseen(unseen, record["seed"]).check
     forget_losses, unseen_losses = [loss(text) for text in forget], [loss(text) for text in check]
@@ -403,7 +457,14 @@ def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
     assert verdict["ks_p"] == pytest.approx(ks_2samp(forget_losses, unseen_losses).pvalue, abs=1e-4)
     half = 2 * math.sqrt((len(forget) + len(check) + 1) / (12 * len(forget) * len(check)))
     assert verdict["bounds"]["auc_high"] == pytest.approx(0.5 + max(0.1, half), abs=1e-4)
-    assert verdict["forgotten"] == (verdict["bounds"]["auc_low"] <= auc <= verdict["bounds"]["auc_high"]
+    kinds = sorted({row.task for row in completions})
+    assert len(kinds) > 1  # so each kind is judged alone too
+    kind_aucs = {kind: roc_auc_score([1] * sum(row.task == kind for row in completions) + [0] * len(check),
+                                     [-value for row, value in zip(completions, forget_losses) if row.task == kind]
+                                     + [-value for value in unseen_losses]) for kind in kinds}
+    assert verdict["group_mia_auc"] == pytest.approx(kind_aucs, abs=1e-4)
+    kinds_pass = all(kind_aucs[kind] - 0.5 <= verdict["bounds"]["group_half_widths"][kind] for kind in kinds)  # still seen only
+    assert verdict["forgotten"] == (verdict["bounds"]["auc_low"] <= auc <= verdict["bounds"]["auc_high"] and kinds_pass
                                     and verdict["retain_loss"] <= verdict["bounds"]["retain_loss"]
                                     and verdict["forget_regurgitated"] <= verdict["bounds"]["regurgitated"]
                                     and verdict["retain_kept"] >= verdict["bounds"]["retain_kept"])

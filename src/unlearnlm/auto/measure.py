@@ -9,17 +9,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from unlearnlm.auto.check import REQUEST_GROUP
 from unlearnlm.data.raw import Rows
 from unlearnlm.data.records import Record
 from unlearnlm.data.tokenize import Example, encode_example
 from unlearnlm.evaluation.evaluator import EvalData, EvalSettings, generation_rows
-from unlearnlm.evaluation.inputs import documents_from_rows
 from unlearnlm.evaluation.likelihood import TokenCache, token_statistics
 from unlearnlm.evaluation.mia import document_statistics
 
 # The retain rows the check generates answers for and scores the loss of: a seeded sample bounds the
 # cost of a check on a large retain set (a proportion's standard error at 64 rows is at most 0.06).
 RETAIN_SAMPLE = 64
+RAW_KIND = "documents"
 
 
 @dataclass
@@ -27,10 +28,12 @@ class CheckData:
     """Every text the check reads, tokenized once for the whole run."""
 
     forget_documents: list[str]  # all of F, whole
+    forget_kinds: list[str]  # each forget document's kind: its SemEval task, or one kind for raw documents
     level_documents: list[str]  # the part of U that sets the level
     check_documents: list[str]  # the held-out part of U
     forget_rows: list[Record]  # F's answers, as the evaluation asks them
     retain_rows: list[Record]  # a sample of R's answers, as the evaluation asks them
+    retain_terms: list[str]  # each of those rows' term: its task's regurgitation or knowledge
     retain_training: list[Record]  # the same rows as unlearning trains on them (for their loss)
     unseen_rows: list[Record]  # the held-out unseen documents, cut to leave answers as long as F's
     # F's own documents and rows come first in forget_documents and forget_rows, the earlier forget
@@ -44,27 +47,52 @@ class CheckData:
     def has_earlier(self) -> bool:
         return self.own_documents < len(self.forget_documents)
 
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """The forget documents judged alone as well as all together: a ledger request's own, among the
+        earlier requests' (they could pass among documents forgotten before), and each kind when F mixes
+        kinds (on the benchmark's second draw, F's AUC of 0.55 hid Task3's biographies at 0.74, the
+        kind the SemEval attack reads, behind Task2's pushed past unseen text at 0.38)."""
+        groups = {REQUEST_GROUP: list(range(self.own_documents))} if self.has_earlier else {}
+        kinds = dict.fromkeys(self.forget_kinds)
+        if len(kinds) > 1:
+            groups.update({kind: [index for index, each in enumerate(self.forget_kinds) if each == kind] for kind in kinds})
+        return groups
+
+
+def kinded_documents(rows: Rows) -> list[tuple[str, str]]:
+    """A set's documents as the loss attack reads them, each with its kind: raw documents whole (one
+    kind), SemEval's sentence completions (their task), or, when there are none, each row's prompt
+    and answer joined."""
+    if rows.is_raw:
+        return [(text, RAW_KIND) for text in rows.documents]
+    completions = [row for row in rows.records if row.kind == "sc"] or rows.records
+    return [(row.input + " " + row.output, row.task) for row in completions]
+
 
 def whole_documents(rows: Rows) -> list[str]:
-    """A set's documents as the loss attack reads them: whole, or (SemEval rows without sentence
-    completions) each row's prompt and answer joined."""
-    return list(rows.documents) or documents_from_rows(rows.records) or [row.input + " " + row.output
-                                                                          for row in rows.records]
+    return [text for text, _ in kinded_documents(rows)]
 
 
 def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check_documents: Sequence[str],
                seed: int, earlier: Sequence[Rows] = ()) -> CheckData:
     """What the check reads; ``earlier`` forget sets (unlearned before from this model) are checked with F."""
-    own_documents, own_rows = whole_documents(forget), forget.for_evaluation()
-    forget_documents = own_documents + [text for rows in earlier for text in whole_documents(rows)]
-    picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
+    own_documents, own_rows = kinded_documents(forget), forget.for_evaluation()
+    forget_documents = own_documents + [document for rows in earlier for document in kinded_documents(rows)]
     retain_eval, retain_train = retain.for_evaluation(), retain.for_training()
+    picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
     per_row = len(retain_eval) // max(1, len(retain_train))  # a raw document gives one evaluation row per cut
-    return CheckData(forget_documents, list(level_documents), list(check_documents),
+    retain_rows = [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)]
+    return CheckData([text for text, _ in forget_documents], [kind for _, kind in forget_documents],
+                     list(level_documents), list(check_documents),
                      own_rows + [row for rows in earlier for row in rows.for_evaluation()],
-                     [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)],
-                     [retain_train[index] for index in picked],
+                     retain_rows, [row_term(row) for row in retain_rows], [retain_train[index] for index in picked],
                      unseen_rows(check_documents, own_rows), len(own_documents), len(own_rows))
+
+
+def row_term(row: Record) -> str:
+    """The SemEval score a row counts in: its task's regurgitation (sentence completion) or knowledge (question)."""
+    return f"{row.task} {'regurgitation' if row.kind == 'sc' else 'knowledge'}"
 
 
 def unseen_rows(documents: Sequence[str], forget_rows: Sequence[Record]) -> list[Record]:

@@ -72,6 +72,7 @@ class Calibration:
         self.engine, self.tokenizer, self.data = engine, tokenizer, data
         self.bounds: held_out.Bounds | None = None
         self.before: dict = {}
+        self.retain_terms_before: dict[str, float] = {}
 
     # --- what the check reads ------------------------------------------------------------------
 
@@ -92,13 +93,15 @@ class Calibration:
         settings, model = self.engine.config.auto, self._model()
         with self.engine.evaluation_view():
             level, retain_loss = self.level(model), self.retain_loss(model)
-            retain_score = mean(answer_scores(model, self.tokenizer, self.data.retain_rows, self.data.cache, BATCH_SIZE))
+            retain_scores = answer_scores(model, self.tokenizer, self.data.retain_rows, self.data.cache, BATCH_SIZE)
             unseen_regurgitated = mean(answer_scores(model, self.tokenizer, self.data.unseen_rows, self.data.cache, BATCH_SIZE))
-        self.before = {"level": level, "retain_loss": retain_loss, "retain_score": retain_score,
+        self.before = {"level": level, "retain_loss": retain_loss, "retain_score": mean(retain_scores),
                        "unseen_regurgitated": unseen_regurgitated}
+        self.retain_terms_before = held_out.term_means(retain_scores, self.data.retain_terms)
         self.bounds = held_out.make_bounds(len(self.data.forget_documents), len(self.data.check_documents), retain_loss,
                                            level, unseen_regurgitated, settings.retain_tolerance,
-                                           settings.regurgitation_margin, settings.retain_kept, self.data.own_documents)
+                                           settings.regurgitation_margin, settings.retain_kept,
+                                           {name: len(indices) for name, indices in self.data.groups.items()})
         return self.before
 
     def check(self, model, answers: bool = False) -> dict:
@@ -113,13 +116,13 @@ class Calibration:
         level = mean(losses[:ends[0]])
         forget_losses, unseen_losses = losses[ends[0]:ends[1]], losses[ends[1]:]
         figures = held_out.loss_figures(forget_losses, unseen_losses, self.retain_loss(model), level)
-        if data.has_earlier:
-            figures["request_mia_auc"] = held_out.loss_auc(forget_losses[:data.own_documents], unseen_losses)
+        if data.groups:
+            figures["group_mia_auc"] = held_out.group_aucs(forget_losses, unseen_losses, data.groups)
         if answers or held_out.loss_stage_met(figures, self.bounds):
             forget_scores = answer_scores(model, self.tokenizer, data.forget_rows, data.cache, BATCH_SIZE)
             figures.update(held_out.answer_figures(
                 forget_scores, answer_scores(model, self.tokenizer, data.retain_rows, data.cache, BATCH_SIZE),
-                self.before["retain_score"]))
+                data.retain_terms, self.retain_terms_before))
             if data.has_earlier:
                 figures["request_regurgitated"] = mean(forget_scores[:data.own_rows])
         hold(self.engine, level)
