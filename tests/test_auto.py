@@ -179,6 +179,16 @@ def test_each_group_of_forget_documents_must_pass_alone_too(group_figures, met):
     assert held_out.met({**figures(0.5), **group_figures}, BOUNDS) is met
 
 
+def test_the_verdict_names_each_group_outside_its_bound_and_which_side():
+    """A request's own documents pushed past unseen text (0.15, bound 0.5 +- 0.3) and a kind still seen
+    (Task3 at 0.75, bound at most 0.7): not forgotten, both named in the summary and the advice."""
+    state = {**figures(0.5), "group_mia_auc": {held_out.REQUEST_GROUP: 0.15, "Task3": 0.75}, "request_regurgitated": 0.1}
+    verdict = held_out.verdict(state, BOUNDS)
+    assert verdict["forgotten"] is False
+    assert "this request MIA AUC 0.15 (bound 0.5 ± 0.30), Task3 MIA AUC 0.75 (bound at most 0.70)" in verdict["summary"]
+    assert any("this request: pushed past, Task3: still seen" in tip for tip in verdict["advice"])
+
+
 def test_a_groups_auc_bound_is_wider_by_its_fewer_documents():
     """36 documents checked against 32 held-out ones, 12 of them in a group: half-widths
     2 sqrt(69 / (12 * 36 * 32)) = 0.14130 and 2 sqrt(45 / (12 * 12 * 32)) = 0.19764 (Hanley and McNeil)."""
