@@ -204,18 +204,20 @@ def test_the_groups_are_a_requests_own_documents_and_each_kind_when_there_are_se
     from unlearnlm.data.raw import Rows
     from unlearnlm.data.records import Record
 
-    def semeval(tasks: str) -> Rows:
-        return Rows("x", "0", tuple(Record(id=f"{task}-{number}{kind}1", input=f"{task} {number} {kind} a b", output="c d",
-                                           task=task) for number, task in enumerate(tasks.split()) for kind in ("sc", "qa")))
+    def semeval(*tasks: str) -> Rows:
+        return Rows("x", "0", tuple(Record(id=f"t-{number}{kind}1", input=f"{task} {number} {kind} a b", output="c d",
+                                           task=task) for number, task in enumerate(tasks) for kind in ("sc", "qa")))
 
-    mixed, raw = semeval("Task1 Task3 Task3"), Rows("y", "1", documents=("one two three", "four five six"))
+    mixed, raw = semeval("Task1", "Task3", "Task3"), Rows("y", "1", documents=("one two three", "four five six"))
     data = check_data(mixed, raw, ["u v"], ["w x"], 0)
     assert data.forget_kinds == ["Task1", "Task3", "Task3"]
-    assert data.groups == {"Task1": [0], "Task3": [1, 2]}
+    assert data.groups == {"Task1 documents": [0], "Task3 documents": [1, 2]}
     assert check_data(raw, mixed, ["u v"], ["w x"], 0).groups == {}
-    ledger = check_data(semeval("Task3"), raw, ["u v"], ["w x"], 0, earlier=[semeval("Task1 Task3")])
+    ledger = check_data(semeval("Task3"), raw, ["u v"], ["w x"], 0, earlier=[semeval("Task1", "Task3")])
     assert ledger.forget_kinds == ["Task3", "Task1", "Task3"]
-    assert ledger.groups == {held_out.REQUEST_GROUP: [0], "Task3": [0, 2], "Task1": [1]}
+    assert ledger.groups == {held_out.REQUEST_GROUP: [0], "Task3 documents": [0, 2], "Task1 documents": [1]}
+    hostile = check_data(semeval(held_out.REQUEST_GROUP, "Task3"), raw, ["u v"], ["w x"], 0, earlier=[semeval("Task1")])
+    assert len(hostile.groups) == 4  # a task named like the request's group is a kind of its own
 
 
 def test_group_aucs_read_each_group_alone():
@@ -472,8 +474,9 @@ def test_the_verdict_equals_a_recomputation_from_the_documents_losses(auto_run):
     kind_aucs = {kind: roc_auc_score([1] * sum(row.task == kind for row in completions) + [0] * len(check),
                                      [-value for row, value in zip(completions, forget_losses) if row.task == kind]
                                      + [-value for value in unseen_losses]) for kind in kinds}
-    assert verdict["group_mia_auc"] == pytest.approx(kind_aucs, abs=1e-4)
-    kinds_pass = all(kind_aucs[kind] - 0.5 <= verdict["bounds"]["group_half_widths"][kind] for kind in kinds)  # still seen only
+    assert verdict["group_mia_auc"] == pytest.approx({f"{kind} documents": auc for kind, auc in kind_aucs.items()}, abs=1e-4)
+    kinds_pass = all(kind_aucs[kind] - 0.5 <= verdict["bounds"]["group_half_widths"][f"{kind} documents"]
+                     for kind in kinds)  # still seen only
     assert verdict["forgotten"] == (verdict["bounds"]["auc_low"] <= auc <= verdict["bounds"]["auc_high"] and kinds_pass
                                     and verdict["retain_loss"] <= verdict["bounds"]["retain_loss"]
                                     and verdict["forget_regurgitated"] <= verdict["bounds"]["regurgitated"]

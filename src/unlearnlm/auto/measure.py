@@ -56,7 +56,9 @@ class CheckData:
         groups = {REQUEST_GROUP: list(range(self.own_documents))} if self.has_earlier else {}
         kinds = dict.fromkeys(self.forget_kinds)
         if len(kinds) > 1:
-            groups.update({kind: [index for index, each in enumerate(self.forget_kinds) if each == kind] for kind in kinds})
+            # Named apart from the request's group whatever the rows call their task.
+            groups.update({f"{kind} documents": [index for index, each in enumerate(self.forget_kinds) if each == kind]
+                           for kind in kinds})
         return groups
 
 
