@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class CheckData:
     def has_earlier(self) -> bool:
         return self.own_documents < len(self.forget_documents)
 
-    @property
+    @cached_property  # read by every check; the documents and kinds do not change during a run
     def groups(self) -> dict[str, list[int]]:
         """The forget documents judged alone as well as all together: a ledger request's own, among the
         earlier requests' (they could pass among documents forgotten before), and each kind when F mixes
