@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from unlearnlm.data.layouts import mia_file
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, read_rows
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, read_rows
 from unlearnlm.data.records import Record, load_documents, load_records
 from unlearnlm.errors import UserError
 
@@ -27,6 +27,12 @@ def load_general_set(path: str | Path) -> list[Record]:
 def documents_from_rows(rows: Iterable[Record]) -> list[str]:
     """One document per sentence-completion row: ``input + " " + output``, the text a target learns."""
     return [row.input + " " + row.output for row in rows if row.kind == "sc"]
+
+
+def set_documents(rows: Rows) -> list[str]:
+    """A set's documents as the membership attack reads them: raw documents whole, or its SemEval rows'
+    sentence completions."""
+    return list(rows.documents) or documents_from_rows(rows.records)
 
 
 def _first_object(path: Path) -> dict:
@@ -61,7 +67,7 @@ def load_mia_documents(value, role: str = "members", text_key: str = DEFAULT_TEX
     elif all(isinstance(item, str) for item in value):
         return list(value)
     rows = read_rows(value, role, text_key)
-    documents = list(rows.documents) or documents_from_rows(rows.records)
+    documents = set_documents(rows)
     if not documents:
         raise UserError(f"{rows.source}: no sentence-completion rows to build MIA documents from")
     return documents

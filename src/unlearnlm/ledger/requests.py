@@ -229,22 +229,16 @@ def _unlearn(ledger: Ledger, pending: Path, reference: str, config: UnlearnConfi
                    overwrite=partial.exists() and not resume, show_progress=show_progress, redact=True)
 
 
-def _documents(rows: Rows) -> list[str]:
-    from unlearnlm.evaluation.inputs import documents_from_rows
-
-    return list(rows.documents) or documents_from_rows(rows.records)
-
-
 def _evaluate(ledger: Ledger, model_dir: Path, forget_rows: Rows, earlier: dict[int, tuple], log: Log) -> dict:
     """Every score a receipt holds, from one load of the new model."""
     from unlearnlm.audit.run import AuditSettings, extraction_audit, labelled_terms, worst_case
     from unlearnlm.evaluation.evaluator import EvalData, load_model, run_evaluation
-    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents, set_documents
     from unlearnlm.evaluation.scoring import headline
 
     genesis, settings = ledger.genesis, ledger.genesis["evaluation"]
     text_key = settings["text_key"]
-    members = _documents(forget_rows) or None
+    members = set_documents(forget_rows) or None
     data = EvalData(forget_rows.for_evaluation(),
                     read_rows(_checked(genesis["retain"], "retain"), "retain", text_key).for_evaluation(),
                     members, load_mia_documents(_checked(genesis["unseen"], "unseen"), "nonmembers", text_key)
