@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -361,6 +362,41 @@ def test_auto_and_unseen_go_together(micro_model_dir, micro_data_dir, tmp_path, 
                    *[unseen if option == "UNSEEN" else option for option in options])
     assert code == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("fifo", "not a regular file"),
+    ("link loop", "a symbolic link that leads nowhere"),
+    ("duplicate documents", "--unseen document 3 repeats document 1: give each document once"),
+    ("retain_kept above 1", "setting 'auto.retain_kept': must be at most 1, got 2.0"),
+    ("--val-forget and --val-retain", "--config auto checks itself on held-out unseen text: leave out the --val-* sets"),
+    ("--val-general alone", "--config auto checks itself on held-out unseen text: leave out the --val-* sets"),
+])
+def test_bad_auto_input_is_one_line_exit_2_and_nothing_is_written(micro_model_dir, micro_data_dir, tmp_path, capsys, case,
+                                                                  message):
+    texts = [f"unseen text number {index} about a harbour" for index in range(4)]
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": text} for text in texts[:2] + texts])
+    options = []
+    if case == "fifo":  # read, it would block forever
+        unseen = tmp_path / "fifo.jsonl"
+        os.mkfifo(unseen)
+    elif case == "link loop":
+        unseen = tmp_path / "loop.jsonl"
+        unseen.symlink_to(tmp_path / "loop2.jsonl")
+        (tmp_path / "loop2.jsonl").symlink_to(unseen)
+    elif case != "duplicate documents":
+        unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": text} for text in texts])
+        options = {"retain_kept above 1": ["--set", "auto.retain_kept=2"],
+                   "--val-forget and --val-retain": ["--val-forget", micro_data_dir / "forget.jsonl", "--val-retain",
+                                                     micro_data_dir / "retain.jsonl"],
+                   "--val-general alone": ["--val-general", micro_data_dir / "retain.jsonl"]}[case]
+    code = run_cli("unlearn", "--model", micro_model_dir, "--forget", micro_data_dir / "forget.jsonl", "--retain",
+                   micro_data_dir / "retain.jsonl", "--unseen", unseen, "--config", "auto", "--out", tmp_path / "out",
+                   *options)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*partial*"))
 
 
 def test_the_target_writes_unseen_pool_documents_that_share_no_text_with_any_set(micro_target):

@@ -257,6 +257,87 @@ def test_bad_input_is_one_line_exit_2(case, ledger, ledger_inputs, tmp_path, cap
     assert not (tmp_path / "new").exists() and not (ledger / ".pending").exists()
 
 
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("already a ledger", "already a ledger"),
+    ("three unseen documents", "--unseen: 3 documents"),
+    ("duplicate unseen documents", "--unseen document 5 repeats document 1"),
+    ("unseen shares text with retain", "shares text with the retain set"),
+    ("out under a file", "is a file, not a directory"),
+])
+def test_init_refuses_in_one_line_before_scoring(case, message, ledger, micro_model_dir, ledger_inputs, tmp_path, capsys):
+    inputs, out = dict(ledger_inputs), tmp_path / "new"
+    documents = [json.loads(line)["text"] for line in ledger_inputs["unseen"].read_text().splitlines()]
+    retain = json.loads(ledger_inputs["retain"].read_text().splitlines()[0])
+    texts = {"three unseen documents": documents[:3], "duplicate unseen documents": documents + documents[:1],
+             "unseen shares text with retain": documents + [retain["input"] + " " + retain["output"]]}.get(case)
+    if texts:
+        inputs["unseen"] = tmp_path / "unseen.jsonl"
+        inputs["unseen"].write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    if case == "already a ledger":
+        out = ledger
+    elif case == "out under a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "L"
+    before = (ledger / "ledger.json").read_bytes()
+    capsys.readouterr()
+    assert run_cli(*init_args(micro_model_dir, inputs, out)) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "new").exists() and (ledger / "ledger.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("ledger.json a list", "ledger.json: not a JSON object (a list)"),
+    ("ledger.json without original", "ledger.json: no original"),
+    ("receipt a list", "0001/receipt.json: not a JSON object (a list)"),
+])
+@pytest.mark.parametrize("command", ["verify", "show"])
+def test_a_damaged_ledger_file_is_one_line_exit_2(case, message, command, ledger, capsys):
+    path = ledger / ("requests/0001/receipt.json" if case == "receipt a list" else "ledger.json")
+    value = json.loads(path.read_text())
+    value.pop("original", None)
+    path.write_text(json.dumps([1] if "list" in case else value))
+    capsys.readouterr()
+    assert run_cli("ledger", command, ledger) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("stray", ["2", "00003", "0000", "notes.txt", "backup", "requests a file"])
+def test_verify_refuses_what_is_not_a_request_directory_in_requests(stray, ledger, capsys):
+    if stray == "requests a file":
+        shutil.rmtree(ledger / "requests")
+        (ledger / "requests").write_text("x")
+        expected = "requests: not a directory"
+    else:
+        (ledger / "requests" / stray).mkdir() if "." not in stray else (ledger / "requests" / stray).write_text("x")
+        expected = f"requests/{stray}: not a request directory"
+    assert expected in verify_failure(ledger, capsys)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("the forget set of request 1 again", "the same forget set as request 1"),
+    ("forget is the retain set", "the forget and retain sets are the same data"),
+    ("forget shares text with U", "shares text with the forget set"),
+    ("forget shares text with U, a preset", "shares text with the forget set"),
+])
+def test_add_refuses_in_one_line_and_writes_nothing(case, message, ledger, ledger_inputs, tmp_path, capsys):
+    forget = {"the forget set of request 1 again": tmp_path / "copy.jsonl",
+              "forget is the retain set": ledger_inputs["retain"]}.get(case, tmp_path / "unseen_rows.jsonl")
+    shutil.copy(ledger_inputs["forget1"], tmp_path / "copy.jsonl")
+    (tmp_path / "unseen_rows.jsonl").write_text(ledger_inputs["unseen"].read_text())
+    before = sorted(path.relative_to(ledger) for path in ledger.rglob("*"))
+    capsys.readouterr()
+    assert run_cli("ledger", "add", ledger, "--forget", forget,
+                   *(ADD_SETTINGS if case.endswith("a preset") else AUTO_SETTINGS)) == 2
+    assert message in one_error_line(capsys)
+    assert sorted(path.relative_to(ledger) for path in ledger.rglob("*")) == before  # no .pending
+
+
 @pytest.mark.slow
 def test_a_kill_during_add_leaves_a_ledger_that_verifies_and_the_same_add_finishes(ledger, ledger_inputs, tmp_path):
     """SIGKILL while the unlearning writes its first checkpoint; the same ``add`` again resumes."""

@@ -68,6 +68,9 @@ class OptimSettings:
     time_budget_s: Optional[float] = bounded(None, above=0)
 
 
+VALIDATION_SETS = ("forget", "retain", "members", "nonmembers", "general")  # the --val-* options
+
+
 @dataclass
 class ValidationSettings:
     """Checkpoint selection: score held-out sets during unlearning and keep the best state."""
@@ -114,8 +117,9 @@ class AutoSettings:
     retain_tolerance: float = bounded(0.1, above=0, below=1)
     # F's answers may be regurgitated as much as held-out unseen text's continuations, plus this.
     regurgitation_margin: float = bounded(0.1, at_least=0, below=1)
-    # R's answers must keep this fraction of their score before unlearning.
-    retain_kept: float = bounded(0.9, above=0)
+    # R's answers must keep this fraction of their score before unlearning (each term's ratio is capped at 1,
+    # so more than 1 could never be met).
+    retain_kept: float = bounded(0.9, above=0, at_most=1)
     # The learning rate to train at, instead of probing for one (a ledger passes on the rate its first
     # request probed, docs/ledger.md); None: probe.
     rate: Optional[float] = bounded(None, above=0)
@@ -243,6 +247,8 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
                         "(without a layer selection every weight trains)")
     if resolved.save == "adapter" and not resolved.lora.enabled:
         raise UserError("setting 'save'='adapter' needs LoRA (lora.enabled=true); without it save the merged model")
+    if resolved.auto.enabled and any(getattr(resolved.validation, name) is not None for name in VALIDATION_SETS):
+        raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
     _check_validation_metric(resolved.validation)
     return resolved
 

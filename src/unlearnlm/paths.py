@@ -89,6 +89,9 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Pa
     try:
         if target.exists() and not target.is_dir():
             raise UserError(f"{out}: exists and is not a directory")
+        holder = next(place for place in target.parents if place.exists())
+        if not holder.is_dir():  # found now, not when the output is created after the work
+            raise UserError(f"--out {out}: {holder} is a file, not a directory")
         if target.is_dir() and any(target.iterdir()):
             if not is_our_output(target):
                 raise UserError(f"{out}: directory is not empty and holds no unlearnlm output "

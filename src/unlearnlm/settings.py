@@ -17,14 +17,14 @@ from unlearnlm.errors import UserError
 
 
 def bounded(default: Any, *, at_least: float | None = None, above: float | None = None,
-            below: float | None = None) -> Any:
+            below: float | None = None, at_most: float | None = None) -> Any:
     """A dataclass field whose value (or each item of a list value) must lie in the given range.
 
     Checked when the config loads, so a bad value fails in a second with the key's name, not
     after a model has loaded or, worse, after training (a zero chunk size, a negative rate).
     """
-    limits = {name: value for name, value in (("at_least", at_least), ("above", above), ("below", below))
-              if value is not None}
+    limits = {name: value for name, value in (("at_least", at_least), ("above", above), ("below", below),
+                                              ("at_most", at_most)) if value is not None}
     return field(default=default, metadata={"bounds": limits})
 
 
@@ -107,3 +107,5 @@ def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
             raise UserError(f"setting {key!r}: must be above {bounds['above']}, got {item!r}")
         if "below" in bounds and item >= bounds["below"]:
             raise UserError(f"setting {key!r}: must be below {bounds['below']}, got {item!r}")
+        if "at_most" in bounds and item > bounds["at_most"]:
+            raise UserError(f"setting {key!r}: must be at most {bounds['at_most']}, got {item!r}")

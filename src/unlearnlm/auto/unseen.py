@@ -9,7 +9,7 @@ itself, so it is refused before any model loads.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from unlearnlm.data.overlap import SHARED_WORDS, shared_text
@@ -31,6 +31,11 @@ def read_unseen(value: RowsInput, text_key: str = DEFAULT_TEXT_KEY) -> list[str]
     """U as documents: raw ``{text}`` rows, MIA ``{document}`` rows, or SemEval rows (their
     sentence completions, ``input + " " + output``), from a path, a Hub split or in memory."""
     documents = load_mia_documents(value, "nonmembers", text_key)
+    first = {}
+    for index, document in enumerate(documents):
+        earlier = first.setdefault(document, index)
+        if earlier != index:  # a copy could land in both halves: the held-out check would read the level's text
+            raise UserError(f"--unseen document {index + 1} repeats document {earlier + 1}: give each document once")
     if len(documents) < MIN_UNSEEN:
         raise UserError(f"--unseen: {len(documents)} documents; the level and the held-out check need at least "
                         f"{MIN_UNSEEN} (more make the check's bound tighter, docs/methods.md)")
@@ -43,8 +48,13 @@ def set_texts(rows: Rows) -> list[str]:
 
 
 def refuse_overlap(unseen: Sequence[str], forget: Rows, retain: Rows, earlier: Sequence[Rows] = ()) -> None:
-    for name, rows in (("forget", forget), ("retain", retain), *((f"earlier forget ({rows.source})", rows)
-                                                                 for rows in earlier)):
+    refuse_shared(unseen, (("forget", forget), ("retain", retain),
+                           *((f"earlier forget ({rows.source})", rows) for rows in earlier)))
+
+
+def refuse_shared(unseen: Sequence[str], sets: Iterable[tuple[str, Rows]]) -> None:
+    """Refuse U if it shares text with any of the named sets."""
+    for name, rows in sets:
         index = shared_text(unseen, set_texts(rows))
         if index is not None:
             raise UserError(f"--unseen document {index + 1} shares text with the {name} set ({SHARED_WORDS} words or "

@@ -152,7 +152,11 @@ def data_files(path: str | Path, split: str = "forget") -> list[Path]:
     if path.is_dir():
         return _resolve_directory(path, split)
     if path.exists():
+        if not path.is_file():  # a FIFO or a device would block the read, or never end it
+            raise UserError(f"{path}: not a regular file (a FIFO, device or socket); give a .jsonl or .parquet file")
         return [path]
+    if path.is_symlink():
+        raise UserError(f"{path}: a symbolic link that leads nowhere (its target is missing, or the links loop)")
     if parse_hub_split(path):
         return hub_split_files(str(path))
     raise UserError(f"{path}: no such file or directory (nor a Hub data set split ORG/NAME:SPLIT)")

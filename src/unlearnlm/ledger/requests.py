@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, read_rows
+from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, read_rows, refuse_shared_rows
 from unlearnlm.data.records import content_sha256
 from unlearnlm.errors import UserError
 from unlearnlm.ledger.receipt import build_receipt, receipt_markdown
@@ -87,13 +87,18 @@ def init_ledger(model: str | Path, retain: str | Path, unseen: str | Path, out: 
     the retain set R, unseen documents U (the MIA's nonmembers) and optionally a general set G
     (utility). The original model's retain and utility scores are recorded: later requests' drift
     is measured against them. Returns the genesis record (``ledger.json``)."""
-    from unlearnlm.evaluation.inputs import load_general_set, load_mia_documents
+    from unlearnlm.auto.unseen import read_unseen, refuse_shared
+    from unlearnlm.evaluation.inputs import load_general_set
     from unlearnlm.hub import resolve_model
     from unlearnlm.paths import check_output_dir
 
+    if (Path(out) / GENESIS).is_file():
+        raise UserError(f"{out}: already a ledger (add a request with `unlearnlm ledger add {out} --forget F`)")
     source = resolve_model(model)
     retain_rows = read_rows(retain, "retain", text_key)
-    unseen_documents = load_mia_documents(unseen, "nonmembers", text_key)
+    # U as --config auto, every add's default, needs it: at least 4 documents, each once, none of R's text.
+    unseen_documents = read_unseen(unseen, text_key)
+    refuse_shared(unseen_documents, [("retain", retain_rows)])
     general = load_general_set(utility) if utility is not None else None
     out = check_output_dir(out, False, inputs=[source.path, retain, unseen, utility])
     if source.is_adapter:
@@ -165,6 +170,24 @@ def _earlier_forget_set(ledger: Ledger, number: int, text_key: str) -> tuple[Row
     if rows.sha256 != recorded:
         return None, f"the file at its reference now has sha256 {rows.sha256}, not the request's"
     return rows, None
+
+
+def _refuse_request(ledger: Ledger, forget_rows: Rows, earlier: dict[int, tuple], auto: bool, text_key: str) -> None:
+    """What would make the request fail or mean nothing, refused before any of its work is written: the
+    forget set of an earlier request again (while that request's own file is there), a forget set sharing
+    rows with R, or text with U (the MIA's nonmembers and auto's level would read the request itself)."""
+    from unlearnlm.auto.unseen import read_unseen, refuse_overlap
+    from unlearnlm.evaluation.inputs import load_mia_documents
+
+    for number, (rows, _) in earlier.items():  # still available: re-scored, and settled by auto, with every request
+        if rows is not None and rows.sha256 == forget_rows.sha256:
+            raise UserError(f"{forget_rows.source}: the same forget set as request {number} (sha256 "
+                            f"{forget_rows.sha256[:12]}), already unlearned; later receipts re-score it")
+    retain_rows = read_rows(_checked(ledger.genesis["retain"], "retain"), "retain", text_key)
+    refuse_shared_rows(forget_rows, retain_rows)
+    unseen = _checked(ledger.genesis["unseen"], "unseen")
+    documents = read_unseen(unseen, text_key) if auto else load_mia_documents(unseen, "nonmembers", text_key)
+    refuse_overlap(documents, forget_rows, retain_rows, [rows for rows, _ in earlier.values() if rows is not None])
 
 
 def _pending(ledger: Ledger, key: dict, log: Log) -> Path:
@@ -288,6 +311,7 @@ def add_request(ledger_dir: str | Path, forget: str | Path, config: str | None =
         number = ledger.count() + 1
         earlier = {i: _earlier_forget_set(ledger, i, text_key) for i in range(1, number)}
         available = [i for i, (rows, _) in earlier.items() if rows is not None]
+        _refuse_request(ledger, forget_rows, earlier, resolved.auto.enabled, text_key)
         key = {"request": number, "forget_sha256": forget_rows.sha256, "config": config, "overrides": list(overrides),
                "previous_receipt_sha256": ledger.last_receipt_sha256(),
                "rate_source": _rate_source(ledger, resolved, recalibrate), "settled_with": available}

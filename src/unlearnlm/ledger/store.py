@@ -41,6 +41,7 @@ REFERENCE = "forget_reference.json"
 MODEL = "model"
 DISCARDED = ".model.discarded"  # an earlier model on its way out: renamed first, then removed
 FORMAT = "unlearnlm-ledger/1"
+GENESIS_KEYS = ("original", "retain", "unseen", "general", "keep_models", "evaluation")  # what the commands read
 
 
 class LedgerMismatch(UserError):
@@ -93,11 +94,14 @@ class Ledger:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LedgerMismatch(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LedgerMismatch(f"{path}: unreadable ({err})") from None
+    if not isinstance(value, dict):
+        raise LedgerMismatch(f"{path}: not a JSON object (a {type(value).__name__})")
+    return value
 
 
 def self_sha256(receipt: dict) -> str:
@@ -117,11 +121,16 @@ def write_json(data: dict, path: Path) -> None:
     os.replace(staging, path)
 
 
+def is_request_name(name: str) -> bool:
+    """``0001``, ``0002``, ...: the names ``Ledger.request_dir`` gives (not ``1``, ``00001`` or ``0000``)."""
+    return name.isdecimal() and int(name) > 0 and name == f"{int(name):04d}"
+
+
 def request_numbers(root: Path) -> list[int]:
     directory = root / REQUESTS
     if not directory.is_dir():
         return []
-    return sorted(int(entry.name) for entry in directory.iterdir() if entry.is_dir() and entry.name.isdigit())
+    return sorted(int(entry.name) for entry in directory.iterdir() if entry.is_dir() and is_request_name(entry.name))
 
 
 def open_ledger(root: str | Path) -> Ledger:
@@ -131,6 +140,9 @@ def open_ledger(root: str | Path) -> Ledger:
     genesis = read_json(root / GENESIS)
     if genesis.get("format") != FORMAT:
         raise UserError(f"{root / GENESIS}: not a ledger of this version (format {genesis.get('format')!r})")
+    missing = [key for key in GENESIS_KEYS if key not in genesis]
+    if missing:
+        raise LedgerMismatch(f"{root / GENESIS}: no {', '.join(missing)} (the file was edited)")
     return Ledger(root, genesis)
 
 
@@ -203,6 +215,11 @@ def verify(root: str | Path) -> dict:
     ledger = open_ledger(root)
     original = ledger.genesis["original"]
     _check_weights(Path(original["path"]), original["weights_sha256"], "the original model")
+    requests = ledger.requests_dir
+    _check(requests.is_dir() or not requests.exists(), f"{requests}: not a directory")
+    for entry in sorted(requests.iterdir()) if requests.is_dir() else ():
+        _check(entry.is_dir() and is_request_name(entry.name),
+               f"{entry}: not a request directory (requests are directories named 0001, 0002, ...)")
     numbers = request_numbers(ledger.root)
     for expected, number in enumerate(numbers, start=1):
         _check(number == expected, f"{ledger.request_dir(expected)}: request {expected} is missing "
