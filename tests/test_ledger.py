@@ -319,6 +319,12 @@ def test_verify_refuses_what_is_not_a_request_directory_in_requests(stray, ledge
     assert expected in verify_failure(ledger, capsys)
 
 
+def test_verify_passes_over_hidden_files_in_requests(ledger, capsys):
+    """A file manager's .DS_Store, or an editor's swap file, is no request and no tampering."""
+    (ledger / "requests" / ".DS_Store").write_text("x")
+    assert run_cli("ledger", "verify", ledger) == 0
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("the forget set of request 1 again", "the same forget set as request 1"),
     ("forget is the retain set", "the forget and retain sets are the same data"),

@@ -218,6 +218,8 @@ def verify(root: str | Path) -> dict:
     requests = ledger.requests_dir
     _check(requests.is_dir() or not requests.exists(), f"{requests}: not a directory")
     for entry in sorted(requests.iterdir()) if requests.is_dir() else ():
+        if entry.name.startswith("."):  # a file manager's or an editor's (.DS_Store, .nfs...): not a request's
+            continue
         _check(entry.is_dir() and is_request_name(entry.name),
                f"{entry}: not a request directory (requests are directories named 0001, 0002, ...)")
     numbers = request_numbers(ledger.root)
