@@ -78,7 +78,8 @@ def verify_command(ledger: LedgerDir) -> None:
     from unlearnlm.ledger.store import verify
 
     result = verify(ledger)
-    typer.echo(f"ok: {result['requests']} requests, chain head {result['head']}, current model "
+    count = result["requests"]
+    typer.echo(f"ok: {count} request{'' if count == 1 else 's'}, chain head {result['head']}, current model "
                f"{result['current_model']}")
 
 
