@@ -311,9 +311,9 @@ def test_settling_passes_each_cover_every_forget_row_and_fresh_retain_rows_and_s
     assert "after settle 2" in summary.stopped_reason
 
 
-def test_shares_are_proportional_to_the_distances_in_whole_steps_by_largest_remainder():
-    """6 steps over distances 0.5, 0, 0.5, 1.5 (sum 2.5): exactly 1.2, 0, 1.2, 3.6; whole 1, 0, 1, 3 and
-    the step left to the largest remainder (0.6). No distance at all: even, the remainder to the first."""
+def test_shares_are_proportional_to_the_weights_in_whole_steps_by_largest_remainder():
+    """6 steps over weights 0.5, 0, 0.5, 1.5 (sum 2.5): exactly 1.2, 0, 1.2, 3.6; whole 1, 0, 1, 3 and
+    the step left to the largest remainder (0.6). No weight at all: even, the remainder to the first."""
     from unlearnlm.auto.settle import shares, spread
 
     assert shares([0.5, 0.0, 0.5, 1.5], 6) == [1, 0, 1, 4]
@@ -340,9 +340,10 @@ def test_a_documents_rows_are_its_completion_and_its_questions_and_earlier_sets_
 
 def test_a_settling_pass_shares_its_forget_steps_by_each_documents_distance_from_the_level(
         micro_model_dir, micro_data_dir, tmp_path):
-    """The check before the pass reads the first document 1 nat below the level, the second 0.5 above
-    it, the others at it: of the pass's forget steps, 2/3 go to the first document's rows and 1/3 to the
-    second's, in turns, each going round its rows; the retain steps do not change."""
+    """The check before the pass reads the first of the 6 documents (2 rows each) 1 nat below the level,
+    the second 0.5 above it, the others at it: distances plus their mean 0.25 are 1.25, 0.75 and 0.25
+    four times (sum 3), so the pass's 12 forget steps go 5, 3, 1, 1, 1, 1, taken in turns, each
+    document going round its rows; the retain steps do not change."""
     from unlearnlm.auto.measure import document_rows
     from unlearnlm.auto.settle import arrange, document_examples, settle_phases
     from unlearnlm.config import load_config
@@ -364,8 +365,8 @@ def test_a_settling_pass_shares_its_forget_steps_by_each_documents_distance_from
     forget = [item.index for item in arranged.items if item.role == FORGET]
     assert len(forget) == 12 and [item for item in arranged.items if item.role == RETAIN] == \
         [item for item in passes[0].items if item.role == RETAIN]
-    first, second = (itertools_cycle(examples[0], 8), itertools_cycle(examples[1], 4))
-    assert forget == [first[0], second[0], first[1], second[1], first[2], second[2], first[3], second[3], *first[4:]]
+    assert examples[:3] == [[0, 1], [2, 3], [4, 5]] and len(examples) == 6
+    assert forget == [0, 2, 4, 6, 8, 10, 1, 3, 0, 2, 1, 0]
     assert arrange(passes[0], [figures(0.9)], examples) is passes[0]  # a check with no document losses
     assert arrange(engine.phases[0], [check], examples) is engine.phases[0]  # a chunk
 
@@ -375,10 +376,6 @@ def test_a_settling_pass_shares_its_forget_steps_by_each_documents_distance_from
     engine.validator, engine.selection = (lambda model: check), held_out_selection()
     engine.run()
     assert [[item.index for item in phase.items if item.role == FORGET] for phase in engine.phases[-2:]] == [forget, forget]
-
-
-def itertools_cycle(values: list[int], count: int) -> list[int]:
-    return [values[index % len(values)] for index in range(count)]
 
 
 def held_out_selection():
