@@ -282,7 +282,7 @@ def test_settling_passes_each_cover_every_forget_row_and_fresh_retain_rows_and_s
     """12 forget rows in one chunk, then 3 settling passes at 1:3 over 24 retain rows: each pass holds the
     12 forget rows once and 36 retain rows, cyclically (0..23, 0..11), the second pass's going on from
     where the first's ended (12..23, 0..23); a check met after the second pass stops the run there."""
-    from unlearnlm.auto.run import settle_phases
+    from unlearnlm.auto.settle import settle_phases
     from unlearnlm.config import load_config
     from unlearnlm.data.schedule import FORGET, RETAIN
     from unlearnlm.recipe import setup
@@ -310,6 +310,73 @@ def test_settling_passes_each_cover_every_forget_row_and_fresh_retain_rows_and_s
     summary = engine.run()
     assert checked == [1, 2, 3] and summary.best["phase"] == "settle 2"
     assert "after settle 2" in summary.stopped_reason
+
+
+def test_shares_are_proportional_to_the_weights_in_whole_steps_by_largest_remainder():
+    """6 steps over weights 0.5, 0, 0.5, 1.5 (sum 2.5): exactly 1.2, 0, 1.2, 3.6; whole 1, 0, 1, 3 and
+    the step left to the largest remainder (0.6). No weight at all: even, the remainder to the first."""
+    from unlearnlm.auto.settle import shares, spread
+
+    assert shares([0.5, 0.0, 0.5, 1.5], 6) == [1, 0, 1, 4]
+    assert shares([0.0, 0.0, 0.0], 4) == [2, 1, 1]
+    assert spread([[1, 1], [], [3, 3, 3], [2]]) == [1, 3, 2, 1, 3, 3]
+
+
+def test_a_documents_rows_are_its_completion_and_its_questions_and_earlier_sets_follow(micro_data_dir):
+    from unlearnlm.auto.measure import check_data, document_rows, kinded_documents
+    from unlearnlm.data.raw import read_rows
+
+    forget = read_rows(micro_data_dir / "forget.jsonl", "forget")
+    records = forget.for_training()
+    groups = document_rows(forget)
+    completions = [row for row in records if row.kind == "sc"]
+    assert len(groups) == len(kinded_documents(forget)) == len(completions)
+    for group, completion in zip(groups, completions):
+        assert {records[index].document_id for index in group} == {completion.document_id}
+    assert sorted(index for group in groups for index in group) == list(range(len(records)))
+    raw = read_rows([{"text": "one two three"}, {"text": "four five six"}], "forget")
+    data = check_data(forget, forget, ["a b"], ["c d"], 0, earlier=[raw])
+    assert data.document_rows == groups + [[len(records)], [len(records) + 1]]
+
+
+def test_a_settling_pass_shares_its_forget_steps_by_each_documents_distance_from_the_level(
+        micro_model_dir, micro_data_dir, tmp_path):
+    """The check before the pass reads the first of the 6 documents (2 rows each) 1 nat below the level,
+    the second 0.5 above it, the others at it: distances plus their mean 0.25 are 1.25, 0.75 and 0.25
+    four times (sum 3), so the pass's 12 forget steps go 5, 3, 1, 1, 1, 1, taken in turns, each
+    document going round its rows; the retain steps do not change."""
+    from unlearnlm.auto.measure import document_rows
+    from unlearnlm.auto.settle import arrange, document_examples, settle_phases
+    from unlearnlm.config import load_config
+    from unlearnlm.data.raw import read_rows
+    from unlearnlm.data.schedule import FORGET, RETAIN
+    from unlearnlm.recipe import setup
+
+    config = load_config("auto", ["schedule.chunk_size=12", "max_length=32", "auto.settle_passes=2"])
+    run = setup(micro_model_dir, micro_data_dir / "forget.jsonl", micro_data_dir / "retain.jsonl", tmp_path / "out", config,
+                False, False, False)
+    engine = run.engine
+    passes = settle_phases(engine, [])
+    rows = document_rows(read_rows(micro_data_dir / "forget.jsonl", "forget"))
+    examples = document_examples(engine, rows)
+    assert examples == rows  # one example per row: no row is longer than the context
+    losses = [3.0, 4.5] + [4.0] * (len(rows) - 2)
+    check = {**figures(0.9), "level": 4.0, "document_losses": losses}
+    arranged = arrange(passes[0], [check], examples)
+    forget = [item.index for item in arranged.items if item.role == FORGET]
+    assert len(forget) == 12 and [item for item in arranged.items if item.role == RETAIN] == \
+        [item for item in passes[0].items if item.role == RETAIN]
+    assert examples[:3] == [[0, 1], [2, 3], [4, 5]] and len(examples) == 6
+    assert forget == [0, 2, 4, 6, 8, 10, 1, 3, 0, 2, 1, 0]
+    assert arrange(passes[0], [figures(0.9)], examples) is passes[0]  # a check with no document losses
+    assert arrange(engine.phases[0], [check], examples) is engine.phases[0]  # a chunk
+
+    for phase in passes:
+        engine.add_phase(phase)
+    engine.arrange_phase = lambda phase, validations: arrange(phase, validations, examples)
+    engine.validator, engine.selection = (lambda model: check), held_out_selection()
+    engine.run()
+    assert [[item.index for item in phase.items if item.role == FORGET] for phase in engine.phases[-2:]] == [forget, forget]
 
 
 def held_out_selection():

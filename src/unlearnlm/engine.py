@@ -87,6 +87,9 @@ class Engine:
         self.work_dir = work_dir
         self.validator = validator
         self.selection = metric_selection(config.validation.metric)
+        # Called with each phase and the validations before it, when the phase starts (on resume too):
+        # the phase to train instead, with as many items (auto's settling passes share out their steps).
+        self.arrange_phase: Optional[Callable[[Phase, list[dict]], Phase]] = None
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(config.seed)
         if config.forget_whole_documents:
@@ -279,6 +282,8 @@ class Engine:
         started = time.perf_counter()
         self.model.train()
         for phase_index in range(start_phase, len(self.phases) if until is None else min(until, len(self.phases))):
+            if self.arrange_phase is not None:
+                self.phases[phase_index] = self.arrange_phase(self.phases[phase_index], summary.validations)
             phase = self.phases[phase_index]
             if self.config.optim.optimizer_reset == "per_chunk" and phase_index > 0:
                 self.optimizer.state.clear()

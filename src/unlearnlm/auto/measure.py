@@ -42,6 +42,9 @@ class CheckData:
     # earlier ones already forgotten.
     own_documents: int
     own_rows: int
+    # Each forget document's rows among the rows unlearning trains (F's, then the earlier sets'): what a
+    # settling pass trains to move that document (``settle.arrange``).
+    document_rows: list[list[int]] = field(default_factory=list)
     cache: TokenCache = field(default_factory=TokenCache)
 
     @property
@@ -73,6 +76,19 @@ def kinded_documents(rows: Rows) -> list[tuple[str, str]]:
     return [(row.input + " " + row.output, row.task) for row in completions]
 
 
+def document_rows(rows: Rows, offset: int = 0) -> list[list[int]]:
+    """The training rows (``rows.for_training()``, numbered from ``offset``) of each document, in the order
+    of ``kinded_documents``: a raw document is its one row, a SemEval document its completion and its
+    questions (the rows sharing its id)."""
+    records = rows.for_training()
+    if rows.is_raw or not any(row.kind == "sc" for row in records):
+        return [[offset + index] for index in range(len(records))]
+    by_document: dict[str, list[int]] = {}
+    for index, row in enumerate(records):
+        by_document.setdefault(row.document_id, []).append(offset + index)
+    return [by_document[row.document_id] for row in records if row.kind == "sc"]
+
+
 def whole_documents(rows: Rows) -> list[str]:
     return [text for text, _ in kinded_documents(rows)]
 
@@ -81,6 +97,8 @@ def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check
                seed: int, earlier: Sequence[Rows] = ()) -> CheckData:
     """What the check reads; ``earlier`` forget sets (unlearned before from this model) are checked with F."""
     own_documents, own_rows = kinded_documents(forget), forget.for_evaluation()
+    offsets = np.cumsum([0, *(len(rows.for_training()) for rows in (forget, *earlier))])
+    rows_of_documents = [rows for each, offset in zip((forget, *earlier), offsets) for rows in document_rows(each, int(offset))]
     forget_documents = own_documents + [document for rows in earlier for document in kinded_documents(rows)]
     retain_eval, retain_train = retain.for_evaluation(), retain.for_training()
     picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
@@ -90,7 +108,7 @@ def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check
                      list(level_documents), list(check_documents),
                      own_rows + [row for rows in earlier for row in rows.for_evaluation()],
                      retain_rows, [row_term(row) for row in retain_rows], [retain_train[index] for index in picked],
-                     unseen_rows(check_documents, own_rows), len(own_documents), len(own_rows))
+                     unseen_rows(check_documents, own_rows), len(own_documents), len(own_rows), rows_of_documents)
 
 
 def row_term(row: Record) -> str:

@@ -12,10 +12,11 @@
    the held-out check after every chunk: the level is read again from U's level part (the model's
    loss on unseen text drifts as it changes, and a forgotten document should read like unseen text
    now, not before), the run stops when the check is met, and the best state by the check is kept.
-   After the chunks, settling passes over all of F at once with retain rows (as ``sugd-settle``),
-   each checked, until one meets the check (at most ``auto.settle_passes``), bring back to the level
-   the documents of early chunks, which later chunks' training moved, and the next pass pulls back
-   what one pushed past it; they also cover the forget sets unlearned before from this model
+   After the chunks, settling passes over all of F at once with retain rows (``settle``), each
+   checked, until one meets the check (at most ``auto.settle_passes``), bring back to the level the
+   documents of early chunks, which later chunks' training moved, and the next pass pulls back what
+   one pushed past it, each document getting forget steps in proportion to its distance from the
+   level at the check before; they also cover the forget sets unlearned before from this model
    (``forgotten_before``: a ledger's earlier requests), which this run's training moves as well.
 5. The check on the state kept, stages 1 and 2, gives ``run.json``'s verdict. The earlier forget sets
    are in every check with F (never in the probe or the level), so the verdict covers them too.
@@ -44,11 +45,12 @@ from unlearnlm.auto.measure import (
     whole_documents,
 )
 from unlearnlm.auto.rate import Probe, RateChoice, choose_rate, next_rate
+from unlearnlm.auto.settle import arrange, document_examples, settle_phases
 from unlearnlm.auto.unseen import read_unseen, refuse_overlap, split_unseen
 from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows
 from unlearnlm.data.records import Record
-from unlearnlm.data.schedule import FORGET, RETAIN, CyclicSampler, Phase, interleave
+from unlearnlm.data.schedule import FORGET, Phase
 from unlearnlm.engine import Engine, RunSummary, Stop
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.metrics import Selection
@@ -116,6 +118,7 @@ class Calibration:
         level = mean(losses[:ends[0]])
         forget_losses, unseen_losses = losses[ends[0]:ends[1]], losses[ends[1]:]
         figures = held_out.loss_figures(forget_losses, unseen_losses, self.retain_loss(model), level)
+        figures["document_losses"] = [float(loss) for loss in forget_losses]  # what the next settling pass shares out
         if data.groups:
             figures["group_mia_auc"] = held_out.group_aucs(forget_losses, unseen_losses, data.groups)
         if answers or held_out.loss_stage_met(figures, self.bounds):
@@ -173,18 +176,6 @@ def hold(engine: Engine, level: float) -> None:
     one-sided ceiling let the demo target's last chunk overshoot unseen text (members at 5.1 to 7.6
     nats against nonmembers near 4), which the loss attack reads as plainly as memorised text."""
     engine.settings.forget_ceiling, engine.settings.forget_target = None, level
-
-
-def settle_phases(engine: Engine, earlier: list[Record]) -> list[Phase]:
-    """``auto.settle_passes`` epochs, each a phase of its own (a check follows each), over every forget
-    row, F's and the earlier forget sets' (added to the engine's rows, outside the method's chunks),
-    interleaved with retain rows at the schedule's ratio, the retain rows going on cyclically."""
-    engine.add_forget_rows(earlier)
-    ratio, n_forget = engine.config.schedule.ratio, len(engine.examples[FORGET])
-    sampler, passes = CyclicSampler(len(engine.examples[RETAIN])), engine.config.auto.settle_passes
-    return [Phase(f"settle {number}", len(engine.phases) + number - 1,
-                  interleave(list(range(n_forget)), sampler.take(n_forget * ratio) if ratio else [], ratio), epochs=1)
-            for number in range(1, passes + 1)]
 
 
 def read_inputs(forget: RowsInput, retain: RowsInput, unseen: RowsInput, text_key: str,
@@ -276,11 +267,13 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
     calibration.measure_before()
     engine.validator, engine.selection = calibration.check, calibration.selection()
     settle = settle_phases(engine, [row for rows in earlier for row in rows.for_training()])
+    examples = document_examples(engine, calibration.data.document_rows)
+    engine.arrange_phase = lambda phase, validations: arrange(phase, validations, examples)
     summary, state = calibrated_run(calibration, job.work_dir, resume, settle)
     final = kept_figures(summary.best)
     if final is None:
         with engine.evaluation_view():
-            final = calibration.check(engine.unwrapped, answers=True)
+            final = judged(calibration.check(engine.unwrapped, answers=True))
     finish_trackers(engine.accelerator)
     record = build_record(job, summary)
     record["auto"] = auto_record(calibration, split, state, settle, earlier)
@@ -301,7 +294,12 @@ def kept_figures(best: dict | None) -> dict | None:
     engine has loaded that state, so reading it again would give the same figures."""
     if best is None or "forget_regurgitated" not in best:
         return None
-    return {key: value for key, value in best.items() if key not in ("event", "phase", "chunk", "step")}
+    return judged({key: value for key, value in best.items() if key not in ("event", "phase", "chunk", "step")})
+
+
+def judged(figures: dict) -> dict:
+    """The figures the verdict reports: every one but the documents' losses, which only arrange the passes."""
+    return {key: value for key, value in figures.items() if key != "document_losses"}
 
 
 def resumed_level(work_dir: Path) -> float | None:
