@@ -70,7 +70,8 @@ def spread(streams: Sequence[Sequence[int]]) -> list[int]:
 def forget_slots(document_examples: Sequence[Sequence[int]], weights: Sequence[float], steps: int) -> list[int]:
     """The forget examples a pass trains, ``steps`` of them: each document's share (``shares``), going
     round its examples (a SemEval document's completion and questions, a long raw document's windows)."""
-    streams = [list(itertools.islice(itertools.cycle(examples), share)) if examples else []
+    weights = [weight if examples else 0.0 for examples, weight in zip(document_examples, weights)]
+    streams = [list(itertools.islice(itertools.cycle(examples), share))
                for examples, share in zip(document_examples, shares(weights, steps))]
     return spread(streams)
 
