@@ -75,9 +75,6 @@ class Calibration:
         self.bounds: held_out.Bounds | None = None
         self.before: dict = {}
         self.retain_terms_before: dict[str, float] = {}
-        self.phase: str | None = None  # the phase training now (``start``)
-        self.last_chunk: str | None = None  # the method's last chunk, after which every forget row was trained
-        self.examples: list[list[int]] = []  # each forget document's examples (``settle.document_examples``)
 
     # --- what the check reads ------------------------------------------------------------------
 
@@ -110,11 +107,8 @@ class Calibration:
         return self.before
 
     def check(self, model, answers: bool = False) -> dict:
-        """The held-out check; stage 2 (generations) when stage 1 passes, after the last chunk, or with
-        ``answers``. It also moves the forget ceiling to the level read now, on every process alike (the
-        losses are gathered). After the last chunk, because the rank counts a state whose answers were
-        not read as keeping R: on the demo's target, the last chunk's state was kept over settling
-        passes that kept R's answers at 79% and 88%, and its own, read for the verdict, kept 84%."""
+        """The held-out check; stage 2 (generations) when stage 1 passes or ``answers``. It also moves
+        the forget ceiling to the level read now, on every process alike (the losses are gathered)."""
         data = self.data
         # One pass over the three sets: length-sorted together, their batches are padded less.
         parts = (data.level_documents, data.forget_documents, data.check_documents)
@@ -127,7 +121,7 @@ class Calibration:
         figures["document_losses"] = [float(loss) for loss in forget_losses]  # what the next settling pass shares out
         if data.groups:
             figures["group_mia_auc"] = held_out.group_aucs(forget_losses, unseen_losses, data.groups)
-        if answers or held_out.loss_stage_met(figures, self.bounds) or self.phase == self.last_chunk:
+        if answers or held_out.loss_stage_met(figures, self.bounds):
             forget_scores = answer_scores(model, self.tokenizer, data.forget_rows, data.cache, BATCH_SIZE)
             figures.update(held_out.answer_figures(
                 forget_scores, answer_scores(model, self.tokenizer, data.retain_rows, data.cache, BATCH_SIZE),
@@ -160,12 +154,6 @@ class Calibration:
 
     def choose_rate(self) -> RateChoice:
         return choose_rate(self.probe, self.before["level"], self.bounds.retain_loss)
-
-    def start(self, phase: Phase, validations: list[dict]) -> Phase:
-        """The engine's hook at the start of each phase of the run: the phase to train (a settling pass
-        shares out its forget steps, ``settle.arrange``), noted for the check after it."""
-        self.phase = phase.name
-        return arrange(phase, validations, self.examples)
 
     def selection(self) -> Selection:
         bounds = self.bounds
@@ -278,10 +266,9 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
                                                                 split.check, config.seed, earlier))
     calibration.measure_before()
     engine.validator, engine.selection = calibration.check, calibration.selection()
-    calibration.last_chunk = engine.phases[-1].name
     settle = settle_phases(engine, [row for rows in earlier for row in rows.for_training()])
-    calibration.examples = document_examples(engine, calibration.data.document_rows)
-    engine.arrange_phase = calibration.start
+    examples = document_examples(engine, calibration.data.document_rows)
+    engine.arrange_phase = lambda phase, validations: arrange(phase, validations, examples)
     summary, state = calibrated_run(calibration, job.work_dir, resume, settle)
     final = kept_figures(summary.best)
     if final is None:
