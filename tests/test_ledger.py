@@ -345,12 +345,17 @@ def test_add_refuses_in_one_line_and_writes_nothing(case, message, ledger, ledge
 
 
 @pytest.mark.slow
-def test_a_kill_during_add_leaves_a_ledger_that_verifies_and_the_same_add_finishes(ledger, ledger_inputs, tmp_path):
-    """SIGKILL while the unlearning writes its first checkpoint; the same ``add`` again resumes."""
+def test_a_kill_during_add_leaves_a_ledger_that_verifies_and_the_same_add_finishes(ledger, tmp_path):
+    """SIGKILL while the unlearning writes its first checkpoint; the same ``add`` again resumes. The third
+    request is raw documents of its own (an earlier request's set again is refused)."""
     pause = tmp_path / "paused"
     env = {**os.environ, "UNLEARNLM_TEST_PAUSE_AT": "written:1", "UNLEARNLM_TEST_PAUSE_FILE": str(pause),
            "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "unlearnlm", "ledger", "add", str(ledger), "--forget", str(ledger_inputs["forget1"]),
+    forget = tmp_path / "march.jsonl"
+    forget.write_text("".join(json.dumps({"text": text}) + "\n" for text in (
+        "Ilse Marrow kept the accounts of a small brewery and wrote letters to her sister every Sunday evening.",
+        "The customer record lists a flat on Quay Street, a phone number and two orders of winter tyres.")))
+    args = [sys.executable, "-m", "unlearnlm", "ledger", "add", str(ledger), "--forget", str(forget),
             "--config", "demo", "--set", "optim.max_steps=2", "--set", "max_length=32", "--set", "schedule.chunk_size=2"]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -71,6 +71,12 @@ class RunSummary:
     validations: list[dict] = field(default_factory=list)
 
 
+def example_row(example: Example) -> int:
+    """The index of the row an example was encoded from: its key is the role's initial and that index
+    (``f12``), with the window's number for a long raw document's windows (``f12w3``; ``Engine._encode``)."""
+    return int(example.meta["key"][1:].partition("w")[0])
+
+
 class Engine:
     """Runs a method's schedule on a model. Build it once; ``run`` resumes from ``state/`` if asked."""
 

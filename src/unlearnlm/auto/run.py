@@ -51,7 +51,7 @@ from unlearnlm.config import UnlearnConfig
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows
 from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, Phase
-from unlearnlm.engine import Engine, RunSummary, Stop
+from unlearnlm.engine import Engine, RunSummary, Stop, example_row
 from unlearnlm.errors import UserError
 from unlearnlm.evaluation.metrics import Selection
 from unlearnlm.paths import write_aside
@@ -164,10 +164,9 @@ class Calibration:
 
 def trained_rows(engine: Engine, phase: int) -> list[Record]:
     """The forget rows a chunk trains, once each. A schedule's items index examples, and a raw document
-    longer than the context is several examples (its windows), each keyed by its row: ``f<row>`` or
-    ``f<row>w<window>`` (``Engine._encode``)."""
-    keys = (engine.examples[FORGET][item.index].meta["key"] for item in engine.phases[phase].items if item.role == FORGET)
-    rows = dict.fromkeys(int(key[1:].partition("w")[0]) for key in keys)
+    longer than the context is several examples (its windows), each of its row (``example_row``)."""
+    examples = engine.examples[FORGET]
+    rows = dict.fromkeys(example_row(examples[item.index]) for item in engine.phases[phase].items if item.role == FORGET)
     return [engine.rows[FORGET][index] for index in rows]
 
 

@@ -30,11 +30,12 @@ import numpy as np
 
 from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, RETAIN, CyclicSampler, Item, Phase, interleave
+from unlearnlm.engine import Engine, example_row
 
 SETTLE = "settle"  # the passes' names: "settle 1", "settle 2", ...
 
 
-def settle_phases(engine, earlier: list[Record]) -> list[Phase]:
+def settle_phases(engine: Engine, earlier: list[Record]) -> list[Phase]:
     """``auto.settle_passes`` epochs, each a phase of its own (a check follows each), over every forget
     row, F's and the earlier forget sets' (added to the engine's rows, outside the method's chunks),
     interleaved with retain rows at the schedule's ratio, the retain rows going on cyclically. Each
@@ -76,11 +77,11 @@ def forget_slots(document_examples: Sequence[Sequence[int]], weights: Sequence[f
     return spread(streams)
 
 
-def document_examples(engine, document_rows: Sequence[Sequence[int]]) -> list[list[int]]:
+def document_examples(engine: Engine, document_rows: Sequence[Sequence[int]]) -> list[list[int]]:
     """Each forget document's examples in the engine, from its rows (``CheckData.document_rows``)."""
     of_row: dict[int, list[int]] = {}
     for index, example in enumerate(engine.examples[FORGET]):
-        of_row.setdefault(int(example.meta["key"][1:].partition("w")[0]), []).append(index)
+        of_row.setdefault(example_row(example), []).append(index)
     return [[index for row in rows for index in of_row.get(row, [])] for rows in document_rows]
 
 
