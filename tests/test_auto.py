@@ -323,15 +323,17 @@ def test_shares_are_proportional_to_the_weights_in_whole_steps_by_largest_remain
 
 
 def test_a_documents_rows_are_its_completion_and_its_questions_and_earlier_sets_follow(micro_data_dir):
-    from unlearnlm.auto.measure import check_data, document_rows, kinded_documents
+    from unlearnlm.auto.measure import check_data, kinded_documents
     from unlearnlm.data.raw import read_rows
 
     forget = read_rows(micro_data_dir / "forget.jsonl", "forget")
     records = forget.for_training()
-    groups = document_rows(forget)
+    documents = kinded_documents(forget)
+    groups = [rows for _, _, rows in documents]
     completions = [row for row in records if row.kind == "sc"]
-    assert len(groups) == len(kinded_documents(forget)) == len(completions)
-    for group, completion in zip(groups, completions):
+    assert len(groups) == len(completions)
+    for (text, kind, group), completion in zip(documents, completions):
+        assert text == completion.input + " " + completion.output and kind == completion.task
         assert {records[index].document_id for index in group} == {completion.document_id}
     assert sorted(index for group in groups for index in group) == list(range(len(records)))
     raw = read_rows([{"text": "one two three"}, {"text": "four five six"}], "forget")
@@ -345,7 +347,7 @@ def test_a_settling_pass_shares_its_forget_steps_by_each_documents_distance_from
     the second 0.5 above it, the others at it: distances plus their mean 0.25 are 1.25, 0.75 and 0.25
     four times (sum 3), so the pass's 12 forget steps go 5, 3, 1, 1, 1, 1, taken in turns, each
     document going round its rows; the retain steps do not change."""
-    from unlearnlm.auto.measure import document_rows
+    from unlearnlm.auto.measure import kinded_documents
     from unlearnlm.auto.settle import arrange, document_examples, settle_phases
     from unlearnlm.config import load_config
     from unlearnlm.data.raw import read_rows
@@ -357,7 +359,7 @@ def test_a_settling_pass_shares_its_forget_steps_by_each_documents_distance_from
                 False, False, False)
     engine = run.engine
     passes = settle_phases(engine, [])
-    rows = document_rows(read_rows(micro_data_dir / "forget.jsonl", "forget"))
+    rows = [rows for _, _, rows in kinded_documents(read_rows(micro_data_dir / "forget.jsonl", "forget"))]
     examples = document_examples(engine, rows)
     assert examples == rows  # one example per row: no row is longer than the context
     losses = [3.0, 4.5] + [4.0] * (len(rows) - 2)

@@ -247,10 +247,16 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
                         "(without a layer selection every weight trains)")
     if resolved.save == "adapter" and not resolved.lora.enabled:
         raise UserError("setting 'save'='adapter' needs LoRA (lora.enabled=true); without it save the merged model")
-    if resolved.auto.enabled and any(getattr(resolved.validation, name) is not None for name in VALIDATION_SETS):
-        raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
+    refuse_validation_with_auto(resolved)
     _check_validation_metric(resolved.validation)
     return resolved
+
+
+def refuse_validation_with_auto(config: UnlearnConfig) -> None:
+    """Auto checks itself on held-out unseen text; any --val-* set beside it is an error (also for a
+    configuration built in Python, which does not pass through ``load_config``)."""
+    if config.auto.enabled and any(getattr(config.validation, name) is not None for name in VALIDATION_SETS):
+        raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
 
 
 def _check_validation_metric(plan: ValidationSettings) -> None:

@@ -66,49 +66,43 @@ class CheckData:
         return groups
 
 
-def kinded_documents(rows: Rows) -> list[tuple[str, str]]:
-    """A set's documents as the loss attack reads them, each with its kind: raw documents whole (one
-    kind), SemEval's sentence completions (their task), or, when there are none, each row's prompt
-    and answer joined."""
-    if rows.is_raw:
-        return [(text, RAW_KIND) for text in rows.documents]
-    completions = [row for row in rows.records if row.kind == "sc"] or rows.records
-    return [(row.input + " " + row.output, row.task) for row in completions]
-
-
-def document_rows(rows: Rows, offset: int = 0) -> list[list[int]]:
-    """The training rows (``rows.for_training()``, numbered from ``offset``) of each document, in the order
-    of ``kinded_documents``: a raw document is its one row, a SemEval document its completion and its
-    questions (the rows sharing its id)."""
+def kinded_documents(rows: Rows, offset: int = 0) -> list[tuple[str, str, list[int]]]:
+    """A set's documents as the loss attack reads them, each with its kind and its training rows
+    (``rows.for_training()``, numbered from ``offset``): raw documents whole (one kind, one row each),
+    SemEval's sentence completions (their task; the document's rows are the completion and its
+    questions, sharing its id), or, when there are none, each row's prompt and answer joined."""
     records = rows.for_training()
-    if rows.is_raw or not any(row.kind == "sc" for row in records):
-        return [[offset + index] for index in range(len(records))]
+    if rows.is_raw:
+        return [(text, RAW_KIND, [offset + index]) for index, text in enumerate(rows.documents)]
+    if not any(row.kind == "sc" for row in records):
+        return [(row.input + " " + row.output, row.task, [offset + index]) for index, row in enumerate(records)]
     by_document: dict[str, list[int]] = {}
     for index, row in enumerate(records):
         by_document.setdefault(row.document_id, []).append(offset + index)
-    return [by_document[row.document_id] for row in records if row.kind == "sc"]
+    return [(row.input + " " + row.output, row.task, by_document[row.document_id]) for row in records if row.kind == "sc"]
 
 
 def whole_documents(rows: Rows) -> list[str]:
-    return [text for text, _ in kinded_documents(rows)]
+    return [text for text, _, _ in kinded_documents(rows)]
 
 
 def check_data(forget: Rows, retain: Rows, level_documents: Sequence[str], check_documents: Sequence[str],
                seed: int, earlier: Sequence[Rows] = ()) -> CheckData:
     """What the check reads; ``earlier`` forget sets (unlearned before from this model) are checked with F."""
-    own_documents, own_rows = kinded_documents(forget), forget.for_evaluation()
+    own_rows = forget.for_evaluation()
     offsets = np.cumsum([0, *(len(rows.for_training()) for rows in (forget, *earlier))])
-    rows_of_documents = [rows for each, offset in zip((forget, *earlier), offsets) for rows in document_rows(each, int(offset))]
-    forget_documents = own_documents + [document for rows in earlier for document in kinded_documents(rows)]
+    own_documents, *earlier_documents = (kinded_documents(rows, int(offset)) for rows, offset in zip((forget, *earlier), offsets))
+    forget_documents = own_documents + [document for documents in earlier_documents for document in documents]
     retain_eval, retain_train = retain.for_evaluation(), retain.for_training()
     picked = sorted(random.Random(f"unlearnlm-check:{seed}").sample(range(len(retain)), min(RETAIN_SAMPLE, len(retain))))
     per_row = len(retain_eval) // max(1, len(retain_train))  # a raw document gives one evaluation row per cut
     retain_rows = [retain_eval[index * per_row + cut] for index in picked for cut in range(per_row)]
-    return CheckData([text for text, _ in forget_documents], [kind for _, kind in forget_documents],
+    return CheckData([text for text, _, _ in forget_documents], [kind for _, kind, _ in forget_documents],
                      list(level_documents), list(check_documents),
                      own_rows + [row for rows in earlier for row in rows.for_evaluation()],
                      retain_rows, [row_term(row) for row in retain_rows], [retain_train[index] for index in picked],
-                     unseen_rows(check_documents, own_rows), len(own_documents), len(own_rows), rows_of_documents)
+                     unseen_rows(check_documents, own_rows), len(own_documents), len(own_rows),
+                     [document_rows for _, _, document_rows in forget_documents])
 
 
 def row_term(row: Record) -> str:

@@ -47,7 +47,7 @@ from unlearnlm.auto.measure import (
 from unlearnlm.auto.rate import Probe, RateChoice, choose_rate, next_rate
 from unlearnlm.auto.settle import arrange, document_examples, settle_phases
 from unlearnlm.auto.unseen import read_unseen, refuse_overlap, split_unseen
-from unlearnlm.config import UnlearnConfig
+from unlearnlm.config import UnlearnConfig, refuse_validation_with_auto
 from unlearnlm.data.raw import DEFAULT_TEXT_KEY, Rows, RowsInput, read_rows
 from unlearnlm.data.records import Record
 from unlearnlm.data.schedule import FORGET, Phase
@@ -251,8 +251,7 @@ def unlearn_auto(model, forget: RowsInput, retain: RowsInput, unseen: RowsInput,
                  forgotten_before: Sequence[RowsInput] = ()) -> dict:
     """Calibrate, unlearn and judge; returns ``run.json`` with its ``verdict``. ``forgotten_before``:
     forget sets unlearned before from this model, settled and checked with F."""
-    if config.validation.enabled:
-        raise UserError("--config auto checks itself on held-out unseen text: leave out the --val-* sets")
+    refuse_validation_with_auto(config)
     documents, earlier = read_inputs(forget, retain, unseen, text_key, forgotten_before)
     split = split_unseen(documents, config.seed)
     job = setup(model, forget, retain, Path(out), config, resume, overwrite, show_progress, text_key, redact)
@@ -293,12 +292,14 @@ def kept_figures(best: dict | None) -> dict | None:
     engine has loaded that state, so reading it again would give the same figures."""
     if best is None or "forget_regurgitated" not in best:
         return None
-    return judged({key: value for key, value in best.items() if key not in ("event", "phase", "chunk", "step")})
+    return judged(best)
 
 
 def judged(figures: dict) -> dict:
-    """The figures the verdict reports: every one but the documents' losses, which only arrange the passes."""
-    return {key: value for key, value in figures.items() if key != "document_losses"}
+    """The figures the verdict reports: not the log's place in the run, nor the documents' losses, which
+    only arrange the settling passes."""
+    return {key: value for key, value in figures.items()
+            if key not in ("event", "phase", "chunk", "step", "document_losses")}
 
 
 def resumed_level(work_dir: Path) -> float | None:
